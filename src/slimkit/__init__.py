@@ -1,0 +1,24 @@
+"""slimkit: make trained PyTorch models smaller and faster, and prove it with measured numbers.
+
+Importing slimkit imports torch but not onnx, onnxruntime, matplotlib or transformers.
+"""
+
+__version__ = "0.1.0"
+
+from .analyze import count_macs, count_params, measure_latency, profile
+from .data import Splits, calibration_subset, load_data, make_loader
+from .errors import SlimkitError
+from .export import export_onnx
+from .modelfile import load, new_model, save
+from .models import ZOO, build_model
+from .pipeline import run_recipe
+from .recipe import Recipe, load_recipe, parse_recipe
+from .stages import Stage, StageContext, register_stage
+from .train import TrainConfig, evaluate, fit, train_model
+
+__all__ = [
+    "ZOO", "Recipe", "SlimkitError", "Splits", "Stage", "StageContext", "TrainConfig", "__version__",
+    "build_model", "calibration_subset", "count_macs", "count_params", "evaluate", "export_onnx", "fit",
+    "load", "load_data", "load_recipe", "make_loader", "measure_latency", "new_model", "parse_recipe",
+    "profile", "register_stage", "run_recipe", "save", "train_model",
+]

@@ -1,0 +1,236 @@
+"""The ``slimkit`` command line: a thin layer over the Python API.
+
+User errors (``SlimkitError``, bad options) print one line and exit non-zero;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import SlimkitError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Make trained PyTorch models smaller and faster, with measured bytes, milliseconds and accuracy.",
+)
+
+DataOpt = typer.Option(None, "--data", help="'digits', an .npz file or an image folder (default: the model's own data)")
+TrustOpt = typer.Option(False, "--trust-code", help="allow a model directory to import the Python factory it names")
+ArchOpt = typer.Option(None, "--arch", help="zoo architecture of a bare weights file (.safetensors/.pt)")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"slimkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks of errors"),
+) -> None:
+    """slimkit: model compression with real, measured gains."""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _load_for_data(path: Path, arch: Optional[str], trust_code: bool, data: Optional[str]):
+    from .data import load_data
+    from .modelfile import load
+
+    model = load(path, arch=arch, trust_code=trust_code)
+    spec = data or model.slimkit_meta.get("data")
+    splits = load_data(spec) if spec else None
+    return model, splits
+
+
+def _input_shape(model, splits) -> tuple[int, ...]:
+    if splits is not None:
+        return splits.input_shape
+    shape = model.slimkit_meta.get("input_shape")
+    if not shape:
+        raise SlimkitError("the model does not record its input shape; pass --data")
+    return tuple(shape)
+
+
+@app.command()
+def zoo() -> None:
+    """List the built-in models."""
+    from .models import ZOO
+
+    for name, entry in ZOO.items():
+        typer.echo(f"{name:12s} {entry.description}")
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", help="zoo model name (see 'slimkit zoo')"),
+    out: Path = typer.Option(..., "--out", help="run directory to create (model/, metrics.json, checkpoint/)"),
+    data: str = typer.Option("digits", "--data", help="'digits', an .npz file or an image folder"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="default: the zoo model's tuned value"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="continue from out/checkpoint/last.pt"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a zoo model; keeps the best-on-validation weights, checkpoints every epoch."""
+    from .data import load_data
+    from .models import ZOO
+    from .train import build_seeded, default_train_config, train_model
+
+    if model not in ZOO:
+        raise SlimkitError(f"unknown zoo model {model!r}; choose one of {', '.join(ZOO)}")
+    splits = load_data(data, seed=seed)
+    try:
+        cfg = default_train_config(model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    except ValueError as exc:
+        raise SlimkitError(f"invalid training option: {exc}") from None
+    net = build_seeded(model, seed, splits)
+    metrics = train_model(net, splits, cfg, out, resume=resume, progress=progress, description=f"train {model}")
+    typer.echo(f"{model}: test accuracy {metrics['test_accuracy']:.4f} "
+               f"(val {metrics['val_accuracy']:.4f}, best epoch {metrics['best_epoch']}) -> {out / 'model'}")
+
+
+@app.command()
+def analyze(
+    path: Path = typer.Argument(..., help="model directory, run directory, or weights file (with --arch)"),
+    data: Optional[str] = DataOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    threads: int = typer.Option(1, "--threads", min=1, help="threads for latency runs (torch and ONNX Runtime)"),
+    latency: bool = typer.Option(True, "--latency/--no-latency"),
+    arch: Optional[str] = ArchOpt,
+    trust_code: bool = TrustOpt,
+) -> None:
+    """Profile a model: params, MACs, bytes on disk, test accuracy, latency (torch and ONNX Runtime)."""
+    from .analyze import profile
+    from .data import make_loader
+    from .modelfile import resolve_model_dir
+    from .train import evaluate
+
+    model, splits = _load_for_data(path, arch, trust_code, data)
+    score = (lambda m: evaluate(m, make_loader(splits, "test", 256))["accuracy"]) if splits else None
+    result = profile(model, _input_shape(model, splits), model_path=resolve_model_dir(path), score_fn=score,
+                     latency=latency, threads=threads)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from .io import human_bytes
+
+    table = Table(title=f"slimkit analyze {path}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("params", f"{result['params']:,}")
+    table.add_row("non-zero params", f"{result['nonzero_params']:,}")
+    table.add_row("MACs per sample", f"{result['macs']:,}")
+    table.add_row("dense fp32 bytes (computed)", f"{result['dense_fp32_bytes']:,}")
+    table.add_row("file bytes (on disk)", f"{result['file_bytes']:,} ({human_bytes(result['file_bytes'])})")
+    if result["accuracy"] is not None:
+        table.add_row("test accuracy", f"{100 * result['accuracy']:.2f}%")
+    for key, ms in result.get("latency_ms", {}).items():
+        table.add_row(f"latency {key} (ms, {threads} thread{'s' if threads > 1 else ''})", f"{ms:.3f}")
+    Console().print(table)
+
+
+@app.command()
+def export(
+    path: Path = typer.Argument(..., help="model directory or run directory"),
+    out: Path = typer.Option(..., "--out", help="file to write"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch)"),
+    data: Optional[str] = DataOpt,
+    arch: Optional[str] = ArchOpt,
+    trust_code: bool = TrustOpt,
+) -> None:
+    """Export to a deployment format; the result is checked against torch on the test split."""
+    import torch
+
+    from .export import export_onnx
+
+    if fmt != "onnx":
+        raise SlimkitError(f"--format {fmt!r}: supported formats: onnx")
+    model, splits = _load_for_data(path, arch, trust_code, data)
+    if splits is not None:
+        check = splits.x_test
+    else:
+        check = torch.randn(64, *_input_shape(model, splits), generator=torch.Generator().manual_seed(0))
+    result = export_onnx(model, out, check[:2], verify_on=check)
+    typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime vs torch on {result.samples_checked} "
+               f"samples: max abs diff {result.max_abs_diff:.2e}")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe"),
+    out: Path = typer.Option(..., "--out", help="run directory (model/, report.json, report.html)"),
+    resume: bool = typer.Option(False, "--resume", help="reuse finished stages and continue interrupted training"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run a recipe: train or load, compress stage by stage, evaluate, report."""
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+
+    spec = load_recipe(recipe)
+    console = _console()
+    report = run_recipe(spec, out, resume=resume, progress=progress, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    _print_summary(report)
+    typer.echo(f"report: {out / 'report.html'}")
+
+
+def _print_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    b, f, s = report["baseline"], report["final"], report["summary"]
+    table = Table(title=f"{report['recipe']['name']}: baseline vs final")
+    for col in ("", "baseline", "final", "ratio"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("test accuracy", f"{100 * b['accuracy']:.2f}%", f"{100 * f['accuracy']:.2f}%",
+                  f"{100 * s['accuracy_delta']:+.2f} pts")
+    table.add_row("params", f"{b['params']:,}", f"{f['params']:,}", f"{s['params_ratio']:.2f}x")
+    table.add_row("MACs", f"{b['macs']:,}", f"{f['macs']:,}", f"{s['macs_ratio']:.2f}x")
+    table.add_row("file bytes", f"{b['file_bytes']:,}", f"{f['file_bytes']:,}", f"{s['compression_ratio']:.2f}x")
+    for key, speedup in s.get("speedup", {}).items():
+        table.add_row(f"latency {key} (ms)", f"{b['latency_ms'][key]:.3f}", f"{f['latency_ms'][key]:.3f}",
+                      f"{speedup:.2f}x")
+    Console().print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: run the CLI, turning errors into one line and an exit code.
+
+    Usage errors, ``--help`` and ``--version`` are handled by typer itself (``SystemExit``).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="slimkit")
+    except (SlimkitError, KeyboardInterrupt) as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc or 'interrupted'}", err=True)
+        return 2 if isinstance(exc, SlimkitError) else 130
+    except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if debug:
+            raise
+        typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

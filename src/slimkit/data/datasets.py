@@ -1,0 +1,212 @@
+"""Every ``--data`` spec ends up here as a :class:`Splits` of in-memory tensors.
+
+Data the built-in models use is small, so keeping it in memory is both the
+fastest and the most reproducible choice: batches come from a seeded
+generator, never from worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..errors import SlimkitError
+from .augment import shift_collate
+
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train/val/test tensors of one dataset; ``x`` is ``N x C x H x W`` float32, ``y`` int64."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(), self.y_val.max(), self.y_test.max())) + 1
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if which not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {which!r}")
+        return getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
+
+
+def make_loader(
+    splits: Splits, which: str, batch_size: int = 64, shuffle: bool = False, seed: int = 0, augment: bool = False
+) -> DataLoader:
+    """A loader over one split; shuffling uses its own seeded generator (no global RNG).
+
+    ``augment`` applies random one-pixel shifts (for image training sets).
+    """
+    x, y = splits.split(which)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator,
+        collate_fn=shift_collate if augment else None,
+    )
+
+
+def calibration_subset(splits: Splits, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` training inputs chosen with a seeded permutation, for calibrating observers."""
+    if n <= 0:
+        raise ValueError(f"calibration size must be positive, got {n}")
+    x = splits.x_train
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: min(n, len(x))]
+    return x[idx]
+
+
+def load_data(spec: str | os.PathLike, seed: int = 0) -> Splits:
+    """``digits``, a ``.npz`` file, or a folder of images with one sub-folder per class."""
+    text = str(spec)
+    if text == "digits":
+        return _digits(seed)
+    path = Path(text)
+    if path.is_dir():
+        return _image_folder(path, seed)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise SlimkitError(f"{path}: data file not found")
+        return _npz(path, seed)
+    raise SlimkitError(
+        f"data {text!r}: expected 'digits', an existing .npz file or a folder of class sub-folders"
+    )
+
+
+def _digits(seed: int) -> Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
+    return _split_and_normalize("digits", x, digits.target.astype(np.int64), seed)
+
+
+def _split_and_normalize(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> Splits:
+    """Stratified 60/20/20 split, then standardize with the training split's statistics."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    if len(x) < 10 or (counts[counts > 0] < 3).any():
+        raise SlimkitError(f"{name}: too few samples to split (need at least 3 per class)")
+    x_train, x_rest, y_train, y_rest = train_test_split(
+        x, y, train_size=SPLIT_FRACTIONS[0], stratify=y, random_state=seed
+    )
+    x_val, x_test, y_val, y_test = train_test_split(
+        x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=seed
+    )
+    return _as_splits(name, (x_train, y_train, x_val, y_val, x_test, y_test), normalize=True)
+
+
+def _as_splits(name: str, arrays: tuple[np.ndarray, ...], normalize: bool) -> Splits:
+    x_train, y_train, x_val, y_val, x_test, y_test = arrays
+    if normalize:
+        mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
+        x_train, x_val, x_test = ((a - mean) / std for a in (x_train, x_val, x_test))
+
+    def tx(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def ty(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+
+    return Splits(name, tx(x_train), ty(y_train), tx(x_val), ty(y_val), tx(x_test), ty(y_test))
+
+
+NPZ_SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def _npz(path: Path, seed: int) -> Splits:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except ValueError as exc:
+        raise SlimkitError(f"{path}: unreadable .npz ({exc}); object arrays are refused") from None
+    except (OSError, EOFError) as exc:
+        raise SlimkitError(f"{path}: unreadable .npz ({exc})") from None
+    keys = set(arrays)
+    if keys >= set(NPZ_SPLIT_KEYS):
+        splits = tuple(_image_array(arrays[k], path, k) if k.startswith("x") else _labels(arrays[k], path, k)
+                       for k in NPZ_SPLIT_KEYS)
+        for part in ("train", "val", "test"):
+            if len(splits[NPZ_SPLIT_KEYS.index(f"x_{part}")]) != len(splits[NPZ_SPLIT_KEYS.index(f"y_{part}")]):
+                raise SlimkitError(f"{path}: x_{part} and y_{part} have different lengths")
+        shapes = {s.shape[1:] for s in splits[0::2]}
+        if len(shapes) != 1:
+            raise SlimkitError(f"{path}: x_train, x_val and x_test have different sample shapes {sorted(shapes)}")
+        return _as_splits(path.name, splits, normalize=False)
+    if keys >= {"x", "y"}:
+        x, y = _image_array(arrays["x"], path, "x"), _labels(arrays["y"], path, "y")
+        if len(x) != len(y):
+            raise SlimkitError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+        return _split_and_normalize(path.name, x, y, seed)
+    present = [k for k in NPZ_SPLIT_KEYS if k in keys]
+    missing = [k for k in NPZ_SPLIT_KEYS if k not in keys]
+    if present:
+        raise SlimkitError(f"{path}: missing {', '.join(missing)} (an .npz needs all of {', '.join(NPZ_SPLIT_KEYS)}, or x and y)")
+    raise SlimkitError(f"{path}: expected arrays {', '.join(NPZ_SPLIT_KEYS)} or x and y, found {sorted(keys) or 'none'}")
+
+
+def _image_array(a: np.ndarray, path: Path, key: str) -> np.ndarray:
+    if not np.issubdtype(a.dtype, np.number):
+        raise SlimkitError(f"{path}: {key} must be numeric, got dtype {a.dtype}")
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim == 2:
+        a = a[:, None, None, :]
+    if a.ndim != 4:
+        raise SlimkitError(f"{path}: {key} must have shape N x C x H x W (or N x H x W, N x F), got {a.shape}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise SlimkitError(f"{path}: {key} contains NaN or Inf")
+    return a
+
+
+def _labels(a: np.ndarray, path: Path, key: str) -> np.ndarray:
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise SlimkitError(f"{path}: {key} must be a 1-D integer array of class labels, got {a.dtype} {a.shape}")
+    if len(a) and a.min() < 0:
+        raise SlimkitError(f"{path}: {key} has negative class labels")
+    return a.astype(np.int64)
+
+
+def _image_folder(root: Path, seed: int) -> Splits:
+    """One sub-folder per class, sorted by name; images are converted to grayscale, equal sizes required."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise SlimkitError(f"{root}: an image folder needs at least two class sub-folders, found {len(classes)}")
+    xs, ys, size = [], [], None
+    for label, folder in enumerate(classes):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SlimkitError(f"{folder}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for file in files:
+            try:
+                with Image.open(file) as img:
+                    arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as exc:
+                raise SlimkitError(f"{file}: not a readable image ({exc})") from None
+            if size is None:
+                size = arr.shape
+            elif arr.shape != size:
+                raise SlimkitError(f"{file}: image is {arr.shape[1]}x{arr.shape[0]}, the others are {size[1]}x{size[0]}")
+            xs.append(arr)
+            ys.append(label)
+    return _split_and_normalize(root.name, np.stack(xs)[:, None], np.asarray(ys, dtype=np.int64), seed)

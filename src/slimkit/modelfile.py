@@ -1,0 +1,94 @@
+"""Load and save models: model directories, bare safetensors and pickled state dicts.
+
+``load`` never unpickles arbitrary objects: ``.pt``/``.pth`` files go through
+``torch.load(weights_only=True)`` and must hold a state dict for an
+architecture the caller names. Loaded modules carry their metadata in
+``model.slimkit_meta`` so they can be saved again with the same architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import SlimkitError
+from .io import (
+    META_FILE,
+    WEIGHTS_FILE,
+    load_state_into,
+    read_meta,
+    read_pickled_state_dict,
+    read_safetensors,
+    save_model,
+)
+from .models.arch import build_model
+from .plan import replay_plan
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+
+
+def load(path: str | os.PathLike, arch: dict[str, Any] | str | None = None, trust_code: bool = False) -> nn.Module:
+    """Load a model directory, or a weights file for ``arch`` (a zoo name or an architecture spec)."""
+    path = resolve_model_dir(path)
+    if path.is_dir():
+        meta = read_meta(path)
+        if arch is not None:
+            raise SlimkitError(f"{path}: a model directory names its own architecture; do not pass one")
+        state = read_safetensors(path / WEIGHTS_FILE)
+    elif path.is_file():
+        if arch is None:
+            raise SlimkitError(f"{path}: a bare weights file needs its architecture (for example --arch lenet5)")
+        meta = {"architecture": _arch_spec(arch), "plan": []}
+        state = read_safetensors(path) if path.suffix == ".safetensors" else _pickled(path)
+    else:
+        raise SlimkitError(f"{path}: no such model directory or file")
+    model = build_model(meta.get("architecture", {}), trust_code=trust_code)
+    model = replay_plan(model, meta.get("plan", []), str(path))
+    load_state_into(model, state, str(path))
+    model.eval()
+    model.slimkit_meta = meta
+    return model
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory, or a run directory (training or recipe output) holding ``model/``."""
+    path = Path(path)
+    if path.is_dir() and not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
+        return path / "model"
+    return path
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Save as a model directory; ``meta`` defaults to what the model was loaded or built with."""
+    meta = copy.deepcopy(meta if meta is not None else getattr(model, "slimkit_meta", None))
+    if not meta or "architecture" not in meta:
+        raise SlimkitError(
+            "cannot save a model whose architecture is unknown: pass meta={'architecture': {...}} "
+            "or build it with slimkit.build_model"
+        )
+    meta.setdefault("plan", [])
+    meta.pop("format", None)
+    meta.pop("version", None)
+    return save_model(model, out_dir, meta)
+
+
+def new_model(arch: dict[str, Any] | str, trust_code: bool = False, **meta: Any) -> nn.Module:
+    """Build a fresh model and attach the metadata that lets it be saved and reloaded."""
+    spec = _arch_spec(arch)
+    model = build_model(spec, trust_code=trust_code)
+    model.slimkit_meta = {"architecture": spec, "plan": [], **meta}
+    return model
+
+
+def _arch_spec(arch: dict[str, Any] | str) -> dict[str, Any]:
+    return {"zoo": arch, "args": {}} if isinstance(arch, str) else dict(arch)
+
+
+def _pickled(path: Path):
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise SlimkitError(f"{path}: unknown weights format; expected .safetensors or one of {sorted(PICKLE_SUFFIXES)}")
+    return read_pickled_state_dict(path)

@@ -1,0 +1,83 @@
+"""Rebuild an ``nn.Module`` from the architecture spec stored in ``slimkit.json``.
+
+Three kinds, one key each:
+
+* ``{"zoo": "lenet5", "args": {...}}`` - a built-in model;
+* ``{"factory": "package.module:function", "args": {...}}`` - the user's own
+  class or function; importing it runs code, so it needs ``trust_code=True``
+  (a model directory from elsewhere must not be able to name ``os:system``);
+* ``{"huggingface": "/local/dir", "task": "base"|"sequence-classification"}`` -
+  a local Hugging Face directory, loaded offline (needs the ``hf`` extra).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import SlimkitError
+from .zoo import ZOO
+
+HF_TASKS = ("base", "sequence-classification")
+
+
+def build_model(arch: dict[str, Any], trust_code: bool = False) -> nn.Module:
+    if not isinstance(arch, dict):
+        raise SlimkitError(f"architecture must be a mapping, got {type(arch).__name__}")
+    kinds = [k for k in ("zoo", "factory", "huggingface") if k in arch]
+    if len(kinds) != 1:
+        raise SlimkitError(f"architecture needs exactly one of 'zoo', 'factory', 'huggingface', got {sorted(arch)}")
+    args = arch.get("args", {})
+    if not isinstance(args, dict):
+        raise SlimkitError(f"architecture 'args' must be a mapping, got {type(args).__name__}")
+    kind = kinds[0]
+    if kind == "zoo":
+        return _zoo(arch["zoo"], args)
+    if kind == "factory":
+        return _factory(arch["factory"], args, trust_code)
+    return _huggingface(arch["huggingface"], arch.get("task", "base"))
+
+
+def _zoo(name: str, args: dict[str, Any]) -> nn.Module:
+    if name not in ZOO:
+        raise SlimkitError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO)}")
+    try:
+        return ZOO[name].build(**args)
+    except TypeError as exc:
+        raise SlimkitError(f"zoo model {name!r}: bad arguments {args} ({exc})") from None
+
+
+def _factory(target: str, args: dict[str, Any], trust_code: bool) -> nn.Module:
+    if not trust_code:
+        raise SlimkitError(
+            f"architecture names Python code {target!r}; importing it runs that code. "
+            "Pass trust_code=True (CLI: --trust-code) if you trust this model directory."
+        )
+    module_name, _, attr = str(target).partition(":")
+    if not module_name or not attr:
+        raise SlimkitError(f"factory {target!r}: expected 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SlimkitError(f"factory {target!r}: cannot import ({exc})") from None
+    model = fn(**args)
+    if not isinstance(model, nn.Module):
+        raise SlimkitError(f"factory {target!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _huggingface(directory: str, task: str) -> nn.Module:
+    if task not in HF_TASKS:
+        raise SlimkitError(f"huggingface task {task!r}: choose one of {', '.join(HF_TASKS)}")
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise SlimkitError(f"{path}: not a local Hugging Face model directory (no config.json)")
+    try:
+        import transformers
+    except ImportError:
+        raise SlimkitError("loading Hugging Face models needs the 'hf' extra: pip install 'slimkit[hf]'") from None
+    cls = transformers.AutoModel if task == "base" else transformers.AutoModelForSequenceClassification
+    return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

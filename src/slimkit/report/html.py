@@ -1,0 +1,97 @@
+"""A single self-contained HTML report rendered from ``report.json`` (plots embedded as PNG data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from typing import Any
+
+from ..io import human_bytes, write_text_atomic
+from . import plots
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1f2933;padding:0 1rem}
+h1{margin-bottom:.2rem}.sub{color:#616e7c;margin-top:0}
+table{border-collapse:collapse;margin:1rem 0;font-size:.92rem}
+th,td{border-bottom:1px solid #e4e7eb;padding:.35rem .8rem;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f5f7fa}
+.good{color:#199473;font-weight:600}.bad{color:#cf1124;font-weight:600}
+.note{color:#616e7c;font-size:.85rem}img{max-width:100%;border:1px solid #e4e7eb;margin:.5rem 0}
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _ratio(x: float | None) -> str:
+    if x is None:
+        return "-"
+    cls = "good" if x > 1.005 else ("bad" if x < 0.995 else "")
+    return f'<span class="{cls}">{x:.2f}x</span>'
+
+
+def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    b, f, s = report["baseline"], report["final"], report["summary"]
+    delta = s["accuracy_delta"]
+    rows = [
+        ["test accuracy", _pct(b["accuracy"]), _pct(f["accuracy"]),
+         f'<span class="{"bad" if delta < -0.005 else "good"}">{100 * delta:+.2f} pts</span>'],
+        ["parameters", f"{b['params']:,}", f"{f['params']:,}", _ratio(s["params_ratio"])],
+        ["non-zero parameters", f"{b['nonzero_params']:,}", f"{f['nonzero_params']:,}",
+         _ratio(b["nonzero_params"] / max(1, f["nonzero_params"]))],
+        ["MACs per sample", f"{b['macs']:,}", f"{f['macs']:,}", _ratio(s["macs_ratio"])],
+        ["file bytes (on disk)", f"{b['file_bytes']:,} ({human_bytes(b['file_bytes'])})",
+         f"{f['file_bytes']:,} ({human_bytes(f['file_bytes'])})", _ratio(s["compression_ratio"])],
+    ]
+    for key, speedup in s.get("speedup", {}).items():
+        runtime, batch = key.split("_b")
+        label = f"latency {'torch eager' if runtime == 'torch' else 'ONNX Runtime'}, batch {batch}"
+        rows.append([label, f"{b['latency_ms'][key]:.3f} ms", f"{f['latency_ms'][key]:.3f} ms", _ratio(speedup)])
+    return rows
+
+
+def render_html(report: dict[str, Any]) -> str:
+    stages = report["stages"]
+    stage_rows = [[html.escape(s["name"]), _pct(s["accuracy"]), f"{s['params']:,}", f"{s['nonzero_params']:,}",
+                   f"{s['macs']:,}", f"{s['file_bytes']:,}", f"{s['seconds']:.1f}"] for s in stages]
+    recipe = report["recipe"]
+    threads = report["final"].get("threads")
+    parts = [
+        f"<h1>slimkit report: {html.escape(str(recipe.get('name')))}</h1>",
+        f'<p class="sub">data <b>{html.escape(report["data"]["name"])}</b> '
+        f'({report["data"]["train"]}/{report["data"]["val"]}/{report["data"]["test"]} train/val/test), '
+        f"slimkit {html.escape(report['slimkit_version'])}, {html.escape(report['created'])}</p>",
+        "<h2>Summary: baseline vs final</h2>",
+        _table(["", "baseline", "final", "change"], _summary_rows(report)),
+        '<p class="note">' + "<br>".join(f"<b>{html.escape(k)}</b>: {html.escape(v)}"
+                                         for k, v in report["provenance"].items())
+        + (f"<br><b>threads</b>: {threads}" if threads else "") + "</p>",
+        "<h2>Stages</h2>",
+        _table(["stage", "accuracy", "params", "non-zero", "MACs", "file bytes", "seconds"], stage_rows),
+        "<h2>Accuracy vs size</h2>", _img(plots.accuracy_vs_size(stages), "accuracy vs size"),
+        "<h2>Parameters per layer</h2>",
+        _img(plots.layer_params(report["layers"]["baseline"], report["layers"]["final"]), "parameters per layer"),
+    ]
+    if report["histograms"]:
+        parts += ["<h2>Weight histograms</h2>", _img(plots.weight_histograms(report["histograms"]), "weight histograms")]
+    artifacts = [[html.escape(k), html.escape(str(v))] for k, v in report["artifacts"].items()]
+    parts += ["<h2>Artifacts</h2>", _table(["artifact", "value"], artifacts)]
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>slimkit report</title>'
+            f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def write_html(report: dict[str, Any], path: str | os.PathLike) -> None:
+    write_text_atomic(path, render_html(report))

@@ -1,0 +1,76 @@
+"""Report plots, rendered with matplotlib's Agg backend to PNG bytes (imported lazily)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+MAX_HISTOGRAMS = 12
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def accuracy_vs_size(stages: list[dict[str, Any]]) -> bytes:
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    sizes = [s["file_bytes"] / 1024 for s in stages]
+    accs = [100 * s["accuracy"] for s in stages]
+    ax.plot(sizes, accs, "-", color="#9aa5b1", zorder=1)
+    ax.scatter(sizes, accs, c=range(len(stages)), cmap="viridis", s=60, zorder=2)
+    for size, acc, stage in zip(sizes, accs, stages):
+        ax.annotate(stage["name"], (size, acc), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model file size on disk (KiB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs size, after each stage")
+    ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
+def layer_params(baseline: list[dict[str, Any]], final: list[dict[str, Any]]) -> bytes:
+    names = [row["name"] for row in baseline] + [r["name"] for r in final if r["name"] not in {b["name"] for b in baseline}]
+    base = {r["name"]: r for r in baseline}
+    fin = {r["name"]: r for r in final}
+    fig = _figure(7.0, max(2.5, 0.28 * len(names) + 1.2))
+    ax = fig.add_subplot()
+    ys = range(len(names))
+    ax.barh([y - 0.2 for y in ys], [base.get(n, {}).get("params", 0) for n in names], height=0.4,
+            label="baseline", color="#9aa5b1")
+    ax.barh([y + 0.2 for y in ys], [fin.get(n, {}).get("nonzero_params", 0) for n in names], height=0.4,
+            label="final (non-zero)", color="#2f7ed8")
+    ax.set_yticks(list(ys), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_title("Parameters per layer")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def weight_histograms(histograms: list[dict[str, Any]]) -> bytes:
+    shown = histograms[:MAX_HISTOGRAMS]
+    cols = 3
+    rows = max(1, -(-len(shown) // cols))
+    fig = _figure(9.0, 2.0 * rows + 0.4)
+    for i, hist in enumerate(shown):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        edges = hist["edges"]
+        ax.stairs(hist["counts"], edges, fill=True, color="#2f7ed8")
+        zeros = f", {hist['zeros']} zeros" if hist["zeros"] else ""
+        ax.set_title(f"{hist['name']}{zeros}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("Weight distributions of the final model (non-zero weights)", fontsize=10)
+    return _png(fig)

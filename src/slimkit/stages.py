@@ -1,0 +1,65 @@
+"""Recipe stages: a registry keyed on the ``type`` of each stage config.
+
+A stage is a frozen config class with a ``type`` literal and an ``apply``
+method. Adding a compression method to recipes is one class plus
+``@register_stage``; the recipe loader, the runner and the report need no
+change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+from .config import Config
+from .data import Splits
+
+_STAGES: dict[str, type["Stage"]] = {}
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides the model: data, the run folder, and the run's settings."""
+
+    splits: Splits
+    out_dir: Path
+    stage_dir: Path
+    seed: int
+    score_fn: Callable[[nn.Module], float]
+    resume: bool = False
+    progress: bool = True
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+class Stage(Config):
+    type: str
+    # True when the stage writes an artifact instead of changing the model (the runner skips re-measuring).
+    changes_model: ClassVar[bool] = True
+
+    def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
+        raise NotImplementedError
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    name = cls.model_fields["type"].default
+    if not isinstance(name, str):
+        raise TypeError(f"{cls.__name__}.type needs a string default naming the stage")
+    if name in _STAGES:
+        raise ValueError(f"stage type {name!r} is already registered by {_STAGES[name].__name__}")
+    _STAGES[name] = cls
+    return cls
+
+
+def stage_types() -> dict[str, type[Stage]]:
+    """All registered stage types (importing the built-in ones on first use)."""
+    from .export import stage as _export_stage  # noqa: F401
+    from .train import stage as _train_stage  # noqa: F401
+
+    return dict(_STAGES)
+
+
+def stage_config(data: dict[str, Any]) -> Stage:
+    return stage_types()[data["type"]].model_validate(data)

@@ -1,0 +1,229 @@
+"""One training loop: seeded, checkpointed every epoch, resumable to the same weights.
+
+The loop owns no global state: it runs inside ``torch.random.fork_rng`` so the
+caller's RNG is untouched, and it saves the global and the loader's RNG
+states in each checkpoint, so a resumed run draws the same batches and
+dropout masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..config import Config
+from ..errors import SlimkitError
+from ..io import atomic_path
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[nn.Module], float]
+CHECKPOINT_FILE = "last.pt"
+
+
+class TrainConfig(Config):
+    epochs: int = Field(30, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    best_score: float
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn | None = None) -> dict[str, float]:
+    """Top-1 accuracy and mean loss over ``loader``; the model's train/eval mode is restored."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    try:
+        for x, y in loader:
+            logits = model(x)
+            loss_sum += float(loss_fn(logits, y)) * len(y)
+            correct += int((logits.argmax(dim=-1) == y).sum())
+            total += len(y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise SlimkitError("evaluation data is empty")
+    return {"accuracy": correct / total, "loss": loss_sum / total}
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable[Batch],
+    val_loader: Iterable[Batch] | None,
+    cfg: TrainConfig,
+    *,
+    score_fn: ScoreFn | None = None,
+    loss_fn: LossFn | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place and leave it holding its best-on-validation weights.
+
+    ``score_fn(model) -> float`` (higher is better) selects the best epoch; it
+    defaults to accuracy on ``val_loader``. ``train_loader`` may be any
+    re-iterable of ``(x, y)`` batches; with ``loss_fn`` the targets can be
+    anything the loss accepts.
+    """
+    loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if score_fn is None:
+        if val_loader is None:
+            raise SlimkitError("fit needs val_loader or score_fn to choose the best epoch")
+        score_fn = lambda m: evaluate(m, val_loader, loss_fn)["accuracy"]  # noqa: E731
+    try:
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = sum(1 for _ in train_loader)
+    if steps_per_epoch == 0:
+        raise SlimkitError("training data is empty")
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    sampler_gen: torch.Generator | None = getattr(train_loader, "generator", None)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        opt = _make_optimizer(model, cfg)
+        sched = _make_scheduler(opt, cfg, steps_per_epoch)
+        start_epoch = 0
+        result = TrainResult(best_score=-math.inf, best_epoch=-1)
+        best_state = copy.deepcopy(model.state_dict())
+        if resume and ckpt_path is not None and ckpt_path.is_file():
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            if sampler_gen is not None and state.get("sampler_rng") is not None:
+                sampler_gen.set_state(state["sampler_rng"])
+            best_state = state["best_model"]
+            result = TrainResult(state["best_score"], state["best_epoch"], state["history"])
+            start_epoch = state["epoch"] + 1
+        elif result.best_epoch < 0 and cfg.epochs == 0:
+            result.best_score = float(score_fn(model))
+
+        with _progress(progress, description, cfg.epochs, start_epoch) as advance:
+            for epoch in range(start_epoch, cfg.epochs):
+                train_loss = _train_one_epoch(model, train_loader, opt, sched, loss_fn, cfg)
+                score = float(score_fn(model))
+                record = {"epoch": epoch, "train_loss": train_loss, "val_score": score, "lr": sched.get_last_lr()[0]}
+                result.history.append(record)
+                if score > result.best_score:
+                    result.best_score, result.best_epoch = score, epoch
+                    best_state = copy.deepcopy(model.state_dict())
+                if ckpt_path is not None:
+                    _save_checkpoint(ckpt_path, model, opt, sched, sampler_gen, best_state, result, epoch)
+                advance(f"loss {train_loss:.4f}  val {score:.4f}  best {result.best_score:.4f}")
+        model.load_state_dict(best_state)
+    model.eval()
+    return result
+
+
+def _train_one_epoch(model, loader, opt, sched, loss_fn, cfg: TrainConfig) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for x, y in loader:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise SlimkitError(f"training diverged: loss is {loss.item()} (try a lower lr)")
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total / max(1, count)
+
+
+def _save_checkpoint(path: Path, model, opt, sched, sampler_gen, best_state, result: TrainResult, epoch: int) -> None:
+    state: dict[str, Any] = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": torch.get_rng_state(),
+        "sampler_rng": sampler_gen.get_state() if sampler_gen is not None else None,
+        "best_model": best_state,
+        "best_score": result.best_score,
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "epoch": epoch,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+class _progress:
+    """A rich progress bar over epochs, or nothing when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool, description: str, total: int, done: int):
+        self.enabled, self.description, self.total, self.done = enabled, description, total, done
+        self._bar = None
+
+    def __enter__(self) -> Callable[[str], None]:
+        if self.enabled and self.total > self.done:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("{task.fields[status]}"), transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total, completed=self.done, status="")
+        return self._advance
+
+    def _advance(self, status: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, status=status)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
