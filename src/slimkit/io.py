@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -153,12 +154,13 @@ def read_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SlimkitError(
             f"{path}: refused: not a plain tensor state dict loadable with weights_only=True "
-            f"({first_line}). Save weights with safetensors or model.state_dict()."
+            f"({_unpickle_reason(exc)}). Save weights with safetensors or model.state_dict()."
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -166,6 +168,13 @@ def read_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise SlimkitError(f"{path}: expected a dict of tensors (a state_dict), got {type(obj).__name__}")
     check_finite(obj, str(path))
     return obj
+
+
+def _unpickle_reason(exc: Exception) -> str:
+    """The informative line of torch's long weights-only error (e.g. 'Unsupported global: ...')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith("Unsupported") or "Unsupported global" in line]
+    return reasons[0].removeprefix("WeightsUnpickler error:").strip() if reasons else (lines or [type(exc).__name__])[0]
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -225,10 +225,13 @@ class ZooEntry:
 
 ZOO: dict[str, ZooEntry] = {
     "lenet300": ZooEntry(LeNet300, "MLP 64-300-100-10 (LeNet-300-100)", {"epochs": 30, "lr": 1e-3}),
-    "lenet5": ZooEntry(LeNet5, "2 conv + 3 fc (LeNet-5 style)", {"epochs": 40, "lr": 2e-3, "augment": True}),
+    "lenet5": ZooEntry(
+        LeNet5, "2 conv + 3 fc (LeNet-5 style)", {"epochs": 60, "lr": 3e-3, "label_smoothing": 0.1, "augment": True}
+    ),
     "resnet8": ZooEntry(ResNet8, "residual CNN, BatchNorm, downsampling shortcuts", {"epochs": 30, "lr": 2e-3}),
     "mobilenetv2": ZooEntry(
-        MobileNetV2, "inverted residuals, depthwise convs, BatchNorm", {"epochs": 40, "lr": 3e-3, "augment": True}
+        MobileNetV2, "inverted residuals, depthwise convs, BatchNorm",
+        {"epochs": 60, "lr": 5e-3, "warmup_epochs": 3, "augment": True},
     ),
     "vit": ZooEntry(
         ViT,

@@ -30,8 +30,11 @@ def accuracy_vs_size(stages: list[dict[str, Any]]) -> bytes:
     accs = [100 * s["accuracy"] for s in stages]
     ax.plot(sizes, accs, "-", color="#9aa5b1", zorder=1)
     ax.scatter(sizes, accs, c=range(len(stages)), cmap="viridis", s=60, zorder=2)
+    labels: dict[tuple[float, float], list[str]] = {}
     for size, acc, stage in zip(sizes, accs, stages):
-        ax.annotate(stage["name"], (size, acc), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        labels.setdefault((size, acc), []).append(stage["name"])
+    for (size, acc), names in labels.items():
+        ax.annotate(", ".join(names), (size, acc), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model file size on disk (KiB, log scale)")
     ax.set_ylabel("test accuracy (%)")

@@ -7,6 +7,7 @@ that takes a model directory also takes a run directory (it uses ``model/``).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,14 @@ def train_model(
     """Fit ``model`` on ``splits``, save the best-on-val weights and metrics under ``out_dir``."""
     out = Path(out_dir)
     train, val = train_loaders(splits, cfg)
+    started = time.perf_counter()
     result: TrainResult = fit(
         model, train, val, cfg, checkpoint_dir=out / CHECKPOINT_SUBDIR, resume=resume,
         progress=progress, description=description,
     )
+    seconds = time.perf_counter() - started
     metrics = {**split_metrics(model, splits), "best_epoch": result.best_epoch, "epochs": cfg.epochs,
+               "train_seconds": seconds,
                "config": cfg.to_dict(), "history": result.history}
     save(model, out / MODEL_SUBDIR)
     write_json_atomic(out / METRICS_FILE, metrics)

@@ -1,0 +1,28 @@
+# The two set-up commands: `make demo` runs the built-in example, `make test` runs the tests.
+# Each creates .venv on first use. torch is pinned here (a CPU build) so that pip does not
+# fetch a multi-GB CUDA build; the package itself only asks for torch>=2.4.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.slimkit-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/slimkit run recipes/baseline.yaml --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/zoo.py
+
+clean:
+	rm -rf runs benchmarks/results

@@ -1,0 +1,61 @@
+import json
+import re
+
+import pytest
+
+from slimkit import load, parse_recipe, run_recipe
+
+RECIPE = {
+    "name": "tiny",
+    "data": "digits",
+    "model": {"zoo": "lenet300", "train": {"epochs": 3, "lr": 2e-3}},
+    "stages": [{"type": "finetune", "epochs": 1}, {"type": "export", "format": "onnx"}],
+    "evaluate": {"latency": True, "threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    run_recipe(parse_recipe(RECIPE), out, progress=False)
+    return out
+
+
+def test_run_writes_model_report_and_onnx(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["baseline", "0:finetune", "1:export"]
+    assert report["final"]["file_bytes"] == sum(p.stat().st_size for p in (run_dir / "model").iterdir())
+    assert report["summary"]["compression_ratio"] == pytest.approx(
+        report["baseline"]["file_bytes"] / report["final"]["file_bytes"])
+    assert set(report["summary"]["speedup"]) == {"torch_b1", "torch_b64", "ort_b1", "ort_b64"}
+    assert (run_dir / "model.onnx").is_file() and report["artifacts"]["onnx"] == "model.onnx"
+    assert load(run_dir / "model") is not None
+    assert sum(h["counts"] and sum(h["counts"]) for h in report["histograms"]) == 64 * 300 + 300 * 100 + 100 * 10
+
+
+def test_html_report_is_self_contained(run_dir):
+    html = (run_dir / "report.html").read_text()
+    assert "baseline vs final" in html and "<table>" in html
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 3
+    assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from the network
+
+
+def test_resume_reuses_finished_stages(run_dir):
+    before = (run_dir / "stages" / "00-finetune" / "model" / "model.safetensors").stat().st_mtime_ns
+    messages = []
+    report = run_recipe(parse_recipe({**RECIPE, "evaluate": {"latency": False}}), run_dir, resume=True,
+                        progress=False, log=messages.append)
+    assert "baseline: already trained, loading it" in messages
+    assert any("stage 0 (finetune): already done" in m for m in messages)
+    assert (run_dir / "stages" / "00-finetune" / "model" / "model.safetensors").stat().st_mtime_ns == before
+    assert report["stages"][1]["accuracy"] == json.loads((run_dir / "stages/00-finetune/stage.json").read_text())["metrics"]["accuracy"]
+
+
+def test_loaded_baseline_is_not_modified(run_dir, tmp_path):
+    model_dir = run_dir / "baseline" / "model"
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    recipe = parse_recipe({"model": {"path": str(model_dir)}, "stages": [{"type": "finetune", "epochs": 1}],
+                           "evaluate": {"latency": False}})
+    report = run_recipe(recipe, tmp_path / "out", progress=False)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert report["baseline"]["model_dir"] == str(model_dir)
