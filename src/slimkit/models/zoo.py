@@ -236,6 +236,6 @@ ZOO: dict[str, ZooEntry] = {
     "vit": ZooEntry(
         ViT,
         "vision transformer: 2x2 patches, 4 blocks, 4 heads",
-        {"epochs": 100, "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 5, "augment": True},
+        {"epochs": 100, "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 5, "label_smoothing": 0.1, "augment": True},
     ),
 }
