@@ -17,18 +17,18 @@ from pathlib import Path
 import torch
 
 import slimkit
-from slimkit import ZOO, evaluate, load, load_data, make_loader, profile
+from slimkit import ZOO, Task, load, load_data, profile
 from slimkit.io import write_json_atomic
 from slimkit.train import build_seeded, default_train_config, train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def trained(name: str, splits, retrain: bool) -> tuple[Path, float]:
+def trained(name: str, task: Task, retrain: bool) -> tuple[Path, float]:
     """Train ``name`` with its defaults into results/zoo/NAME (reused unless --retrain)."""
     run = RESULTS / "zoo" / name
     if retrain or not (run / "model" / "slimkit.json").is_file():
-        train_model(build_seeded(name, 0, splits), splits, default_train_config(name, seed=0), run, progress=False)
+        train_model(build_seeded(name, 0, task), task, default_train_config(name, seed=0), run, progress=False)
     return run, json.loads((run / "metrics.json").read_text())["train_seconds"]
 
 
@@ -39,14 +39,13 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
 
-    splits = load_data("digits")
-    test = make_loader(splits, "test", 256)
+    task = Task.classification(load_data("digits"))
     rows = []
     for name in args.models.split(","):
-        run, train_seconds = trained(name, splits, args.retrain)
+        run, train_seconds = trained(name, task, args.retrain)
         model = load(run)
-        result = profile(model, splits.input_shape, model_path=run / "model",
-                         score_fn=lambda m: evaluate(m, test)["accuracy"], threads=args.threads)
+        result = profile(model, task.input_shape, model_path=run / "model", score_fn=task.test_score,
+                         threads=args.threads)
         result.update(model=name, train_seconds=train_seconds)
         rows.append(result)
         print(f"measured {name}", flush=True)

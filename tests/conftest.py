@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slimkit import load_data, new_model, save
+from slimkit import Task, load_data, new_model, save
 from slimkit.train import TrainConfig, build_seeded, train_model
 
 
@@ -14,8 +14,9 @@ def digits():
 def trained_run(digits, tmp_path_factory):
     """A lenet300 trained briefly into a run directory (run/model, run/metrics.json)."""
     out = tmp_path_factory.mktemp("run")
-    model = build_seeded("lenet300", 0, digits)
-    train_model(model, digits, TrainConfig(epochs=8, lr=2e-3), out, progress=False)
+    task = Task.classification(digits)
+    model = build_seeded("lenet300", 0, task)
+    train_model(model, task, TrainConfig(epochs=8, lr=2e-3), out, progress=False)
     return out
 
 

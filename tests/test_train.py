@@ -2,15 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from slimkit import SlimkitError, TrainConfig, ZOO, evaluate, fit, make_loader
+from slimkit import SlimkitError, Task, TrainConfig, ZOO, evaluate, fit, make_loader
 from slimkit.train import build_seeded, default_train_config, train_model
-from slimkit.train.run import train_loaders
 
 
 def _fit(digits, cfg, **kw):
-    model = build_seeded("lenet5", 0, digits)
-    train, val = train_loaders(digits, cfg)
-    result = fit(model, train, val, cfg, progress=False, **kw)
+    task = Task.classification(digits)
+    model = build_seeded("lenet5", 0, task)
+    result = fit(model, task.train_batches(cfg), make_loader(digits, "val", 256), cfg, progress=False, **kw)
     return model, result
 
 
@@ -37,8 +36,8 @@ def test_resume_after_interruption_reaches_identical_weights(digits, tmp_path):
     calls = {"n": 0}
 
     def dies_in_epoch_three(model):
-        calls["n"] += 1
-        if calls["n"] == 3:
+        calls["n"] += 1  # call 1 scores the starting weights, call k + 1 ends epoch k - 1
+        if calls["n"] == 4:
             raise Interrupt
         return evaluate(model, val)["accuracy"]
 
@@ -57,12 +56,24 @@ def test_model_ends_with_best_validation_weights(digits):
     cfg = TrainConfig(epochs=3, lr=2e-3)
     model, result = _fit(digits, cfg)
     best = max(h["val_score"] for h in result.history)
-    assert result.best_score == best
+    assert result.best_score == best and result.best_epoch >= 0
     assert evaluate(model, make_loader(digits, "val", 256))["accuracy"] == pytest.approx(best)
 
 
+def test_fine_tuning_never_returns_worse_weights_than_it_started_with(digits):
+    model, _ = _fit(digits, TrainConfig(epochs=3, lr=2e-3))
+    val = make_loader(digits, "val", 256)
+    start = evaluate(model, val)["accuracy"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(model, Task.classification(digits).train_batches(TrainConfig()), val,
+                 TrainConfig(epochs=2, lr=5.0, optimizer="sgd", grad_clip=1.0), progress=False)
+    assert all(h["val_score"] < start for h in result.history)  # a destructive learning rate
+    assert result.best_epoch == -1 and result.best_score == start
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_evaluate_matches_float64_reference(digits):
-    model = build_seeded("lenet300", 0, digits).eval()
+    model = build_seeded("lenet300", 0, Task.classification(digits)).eval()
     got = evaluate(model, make_loader(digits, "test", 100))
     with torch.no_grad():
         logits = model.double()(digits.x_test.double())
@@ -108,6 +119,7 @@ FLOORS = {"lenet300": 0.95, "vit": 0.95, "lenet5": 0.97, "resnet8": 0.97, "mobil
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_model_with_default_training_meets_its_accuracy_floor(digits, tmp_path, name):
-    model = build_seeded(name, 0, digits)
-    metrics = train_model(model, digits, default_train_config(name, seed=0), tmp_path, progress=False)
+    task = Task.classification(digits)
+    model = build_seeded(name, 0, task)
+    metrics = train_model(model, task, default_train_config(name, seed=0), tmp_path, progress=False)
     assert metrics["test_accuracy"] >= FLOORS[name]

@@ -14,10 +14,11 @@ from .models import ZOO, build_model
 from .pipeline import run_recipe
 from .recipe import Recipe, load_recipe, parse_recipe
 from .stages import Stage, StageContext, register_stage
+from .task import Task
 from .train import TrainConfig, evaluate, fit, train_model
 
 __all__ = [
-    "ZOO", "Recipe", "SlimkitError", "Splits", "Stage", "StageContext", "TrainConfig", "__version__",
+    "ZOO", "Recipe", "SlimkitError", "Splits", "Stage", "StageContext", "Task", "TrainConfig", "__version__",
     "build_model", "calibration_subset", "count_macs", "count_params", "evaluate", "export_onnx", "fit",
     "load", "load_data", "load_recipe", "make_loader", "measure_latency", "new_model", "parse_recipe",
     "profile", "register_stage", "run_recipe", "save", "train_model",

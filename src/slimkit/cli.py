@@ -89,17 +89,18 @@ def train(
     """Train a zoo model; keeps the best-on-validation weights, checkpoints every epoch."""
     from .data import load_data
     from .models import ZOO
+    from .task import Task
     from .train import build_seeded, default_train_config, train_model
 
     if model not in ZOO:
         raise SlimkitError(f"unknown zoo model {model!r}; choose one of {', '.join(ZOO)}")
-    splits = load_data(data, seed=seed)
+    task = Task.classification(load_data(data, seed=seed))
     try:
         cfg = default_train_config(model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     except ValueError as exc:
         raise SlimkitError(f"invalid training option: {exc}") from None
-    net = build_seeded(model, seed, splits)
-    metrics = train_model(net, splits, cfg, out, resume=resume, progress=progress, description=f"train {model}")
+    net = build_seeded(model, seed, task)
+    metrics = train_model(net, task, cfg, out, resume=resume, progress=progress, description=f"train {model}")
     typer.echo(f"{model}: test accuracy {metrics['test_accuracy']:.4f} "
                f"(val {metrics['val_accuracy']:.4f}, best epoch {metrics['best_epoch']}) -> {out / 'model'}")
 
@@ -199,8 +200,12 @@ def _print_summary(report: dict) -> None:
     table = Table(title=f"{report['recipe']['name']}: baseline vs final")
     for col in ("", "baseline", "final", "ratio"):
         table.add_column(col, justify="right" if col else "left")
-    table.add_row("test accuracy", f"{100 * b['accuracy']:.2f}%", f"{100 * f['accuracy']:.2f}%",
-                  f"{100 * s['accuracy_delta']:+.2f} pts")
+    metric = report["data"]["metric"]
+    if metric == "accuracy":
+        table.add_row("test accuracy", f"{100 * b['accuracy']:.2f}%", f"{100 * f['accuracy']:.2f}%",
+                      f"{100 * s['accuracy_delta']:+.2f} pts")
+    else:
+        table.add_row(f"test {metric}", f"{b['accuracy']:.4g}", f"{f['accuracy']:.4g}", f"{s['accuracy_delta']:+.4g}")
     table.add_row("params", f"{b['params']:,}", f"{f['params']:,}", f"{s['params_ratio']:.2f}x")
     table.add_row("MACs", f"{b['macs']:,}", f"{f['macs']:,}", f"{s['macs_ratio']:.2f}x")
     table.add_row("file bytes", f"{b['file_bytes']:,}", f"{f['file_bytes']:,}", f"{s['compression_ratio']:.2f}x")

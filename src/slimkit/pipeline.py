@@ -24,12 +24,13 @@ from torch import nn
 
 from . import __version__
 from .analyze import count_macs, count_params, layer_stats, measure_latency
-from .data import Splits, load_data, make_loader
+from .data import load_data
 from .io import dir_bytes, read_meta, write_json_atomic
 from .modelfile import load, save
 from .recipe import Recipe
 from .stages import StageContext
-from .train import build_seeded, default_train_config, evaluate, train_model
+from .task import Task
+from .train import build_seeded, default_train_config, train_model
 from .train.run import MODEL_SUBDIR
 
 STAGE_RECORD = "stage.json"
@@ -42,21 +43,19 @@ def run_recipe(
     *,
     resume: bool = False,
     progress: bool = True,
-    splits: Splits | None = None,
-    score_fn: Callable[[nn.Module], float] | None = None,
+    task: Task | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
-    """Execute ``recipe`` into ``out_dir`` and return the report (also written as JSON and HTML)."""
-    out = Path(out_dir)
-    splits = splits or load_data(recipe.data, seed=recipe.seed)
-    if score_fn is None:
-        test_loader = make_loader(splits, "test", 256)
-        score_fn = lambda m: evaluate(m, test_loader)["accuracy"]  # noqa: E731
-    val_loader = make_loader(splits, "val", 256)
+    """Execute ``recipe`` into ``out_dir`` and return the report (also written as JSON and HTML).
 
-    model, baseline_dir = _baseline(recipe, splits, out, resume, progress, log)
-    entries = [_measure("baseline", model, baseline_dir, splits, score_fn, 0.0)]
-    log(f"baseline: accuracy {entries[0]['accuracy']:.4f}, {entries[0]['file_bytes']} bytes")
+    ``task`` replaces the recipe's ``data`` with the caller's own loaders and scores.
+    """
+    out = Path(out_dir)
+    task = task or Task.classification(load_data(recipe.data, seed=recipe.seed))
+
+    model, baseline_dir = _baseline(recipe, task, out, resume, progress, log)
+    entries = [_measure("baseline", model, baseline_dir, task, 0.0)]
+    log(f"baseline: {task.metric} {entries[0]['accuracy']:.4f}, {entries[0]['file_bytes']} bytes")
     baseline_model = model
     artifacts: dict[str, str] = {}
 
@@ -70,28 +69,28 @@ def run_recipe(
             artifacts.update(done.get("artifacts", {}))
             entries.append(done["metrics"])
             continue
-        ctx = StageContext(splits, out, stage_dir, recipe.seed,
-                           lambda m: evaluate(m, val_loader)["accuracy"], resume, progress, artifacts)
+        ctx = StageContext(task, out, stage_dir, recipe.seed, resume, progress, artifacts)
         started = time.perf_counter()
         model = stage.apply(_copy_for_stage(model, baseline_model), ctx)
         seconds = time.perf_counter() - started
         if stage.changes_model:
             save(model, stage_dir / MODEL_SUBDIR)
         measured_dir = stage_dir / MODEL_SUBDIR if stage.changes_model else _last_model_dir(entries, baseline_dir)
-        entry = _measure(f"{i}:{stage.type}", model, measured_dir, splits, score_fn, seconds)
+        entry = _measure(f"{i}:{stage.type}", model, measured_dir, task, seconds)
         entry["config"] = stage.to_dict()
         entries.append(entry)
         write_json_atomic(record, {"config": stage.to_dict(), "metrics": entry, "artifacts": dict(artifacts)})
-        log(f"stage {i} ({stage.type}): accuracy {entry['accuracy']:.4f}, {entry['file_bytes']} bytes, {seconds:.1f}s")
+        log(f"stage {i} ({stage.type}): {task.metric} {entry['accuracy']:.4f}, {entry['file_bytes']} bytes, "
+            f"{seconds:.1f}s")
 
     save(model, out / MODEL_SUBDIR)
-    final = _measure("final", model, out / MODEL_SUBDIR, splits, score_fn, 0.0)
-    report = _report(recipe, splits, entries, final, baseline_model, model, artifacts, out)
+    final = _measure("final", model, out / MODEL_SUBDIR, task, 0.0)
+    report = _report(recipe, task, entries, final, baseline_model, model, artifacts, out)
     if recipe.evaluate.latency:
         log("measuring latency (torch eager and ONNX Runtime, batch 1 and 64)")
         onnx_final = out / artifacts["onnx"] if "onnx" in artifacts else None
-        report["baseline"].update(measure_latency(baseline_model, splits.input_shape, recipe.evaluate.threads))
-        report["final"].update(measure_latency(model, splits.input_shape, recipe.evaluate.threads, onnx_path=onnx_final))
+        report["baseline"].update(measure_latency(baseline_model, task.input_shape, recipe.evaluate.threads))
+        report["final"].update(measure_latency(model, task.input_shape, recipe.evaluate.threads, onnx_path=onnx_final))
         report["summary"]["speedup"] = {
             k: report["baseline"]["latency_ms"][k] / report["final"]["latency_ms"][k]
             for k in report["final"]["latency_ms"]
@@ -103,7 +102,7 @@ def run_recipe(
     return report
 
 
-def _baseline(recipe: Recipe, splits: Splits, out: Path, resume: bool, progress: bool, log) -> tuple[nn.Module, Path]:
+def _baseline(recipe: Recipe, task: Task, out: Path, resume: bool, progress: bool, log) -> tuple[nn.Module, Path]:
     section = recipe.model
     if section.path is not None:
         model = load(section.path, trust_code=section.trust_code)
@@ -114,9 +113,9 @@ def _baseline(recipe: Recipe, splits: Splits, out: Path, resume: bool, progress:
         return load(base / MODEL_SUBDIR, trust_code=section.trust_code), base / MODEL_SUBDIR
     overrides = section.train.model_dump(include=section.train.model_fields_set)
     cfg = default_train_config(section.zoo, **{"seed": recipe.seed, **overrides})
-    model = build_seeded({"zoo": section.zoo, "args": section.args}, cfg.seed, splits, section.trust_code)
+    model = build_seeded({"zoo": section.zoo, "args": section.args}, cfg.seed, task, section.trust_code)
     log(f"training {section.zoo} for {cfg.epochs} epochs")
-    train_model(model, splits, cfg, base, resume=resume, progress=progress, description=f"train {section.zoo}")
+    train_model(model, task, cfg, base, resume=resume, progress=progress, description=f"train {section.zoo}")
     return model, base / MODEL_SUBDIR
 
 
@@ -143,11 +142,11 @@ def _last_model_dir(entries: list[dict[str, Any]], baseline_dir: Path) -> Path:
     return baseline_dir
 
 
-def _measure(name: str, model: nn.Module, model_dir: Path, splits: Splits, score_fn, seconds: float) -> dict[str, Any]:
+def _measure(name: str, model: nn.Module, model_dir: Path, task: Task, seconds: float) -> dict[str, Any]:
     params, nonzero = count_params(model)
-    macs, _ = count_macs(model, splits.input_shape)
+    macs, _ = count_macs(model, task.input_shape)
     return {
-        "name": name, "accuracy": float(score_fn(model)), "params": params, "nonzero_params": nonzero,
+        "name": name, "accuracy": float(task.test_score(model)), "params": params, "nonzero_params": nonzero,
         "macs": macs, "file_bytes": dir_bytes(model_dir), "model_dir": str(model_dir), "seconds": seconds,
     }
 
@@ -172,15 +171,14 @@ def _histograms(model: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
-def _report(recipe, splits, entries, final, baseline_model, model, artifacts, out: Path) -> dict[str, Any]:
+def _report(recipe, task: Task, entries, final, baseline_model, model, artifacts, out: Path) -> dict[str, Any]:
     base = entries[0]
     meta = read_meta(out / MODEL_SUBDIR)
     return {
         "slimkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "recipe": recipe.to_dict(),
-        "data": {"name": splits.name, "train": len(splits.y_train), "val": len(splits.y_val),
-                 "test": len(splits.y_test), "input_shape": list(splits.input_shape)},
+        "data": {"name": task.name, "metric": task.metric, "input_shape": list(task.input_shape), **task.describe},
         "architecture": meta.get("architecture"),
         "baseline": dict(base),
         "final": dict(final),
@@ -191,11 +189,11 @@ def _report(recipe, splits, entries, final, baseline_model, model, artifacts, ou
             "macs_ratio": base["macs"] / max(1, final["macs"]),
         },
         "stages": entries,
-        "layers": {"baseline": _layers(baseline_model, splits.input_shape), "final": _layers(model, splits.input_shape)},
+        "layers": {"baseline": _layers(baseline_model, task.input_shape), "final": _layers(model, task.input_shape)},
         "histograms": _histograms(model),
         "artifacts": {"model": MODEL_SUBDIR, **artifacts},
         "provenance": {
-            "accuracy": "measured on the held-out test split (stages select on the validation split)",
+            "accuracy": f"{task.metric} measured on the held-out test data (stages select on validation data)",
             "file_bytes": "measured: bytes of the model directory on disk",
             "params/macs": "counted (MACs in a real forward pass, per sample)",
             "latency_ms": "measured: median of repeated runs after warm-up, baseline and final in the same process",

@@ -10,25 +10,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from .config import Config
-from .data import Splits
+
+if TYPE_CHECKING:
+    from .task import Task
 
 _STAGES: dict[str, type["Stage"]] = {}
 
 
 @dataclass
 class StageContext:
-    """What a stage may use besides the model: data, the run folder, and the run's settings."""
+    """What a stage may use besides the model: the task, the run folder, and the run's settings."""
 
-    splits: Splits
+    task: "Task"
     out_dir: Path
     stage_dir: Path
     seed: int
-    score_fn: Callable[[nn.Module], float]
     resume: bool = False
     progress: bool = True
     artifacts: dict[str, str] = field(default_factory=dict)

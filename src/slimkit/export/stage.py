@@ -20,8 +20,8 @@ class ExportStage(Stage):
     changes_model: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
-        x_test = ctx.splits.x_test
-        result = export_onnx(model, ctx.out_dir / self.filename, x_test[:2], verify_on=x_test, atol=self.atol)
+        x = ctx.task.example_inputs
+        result = export_onnx(model, ctx.out_dir / self.filename, x[:2], verify_on=x, atol=self.atol)
         ctx.artifacts[self.format] = self.filename
         ctx.artifacts[f"{self.format}_max_abs_diff"] = f"{result.max_abs_diff:.3g}"
         return model

@@ -31,23 +31,29 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+def _score(x: float, metric: str) -> str:
+    return f"{100 * x:.2f}%" if metric == "accuracy" else f"{x:.4g}"
 
 
-def _ratio(x: float | None) -> str:
+def _score_delta(delta: float, metric: str) -> str:
+    text = f"{100 * delta:+.2f} pts" if metric == "accuracy" else f"{delta:+.4g}"
+    return f'<span class="{"bad" if delta < 0 else "good"}">{text}</span>'
+
+
+def _ratio(x: float | None, noise: float = 0.0) -> str:
+    """A ratio where above 1 is better; changes within ``noise`` (e.g. timing jitter) are not coloured."""
     if x is None:
         return "-"
-    cls = "good" if x > 1.005 else ("bad" if x < 0.995 else "")
+    cls = "good" if x > 1 + noise + 1e-9 else ("bad" if x < 1 - noise - 1e-9 else "")
     return f'<span class="{cls}">{x:.2f}x</span>'
 
 
 def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
     b, f, s = report["baseline"], report["final"], report["summary"]
-    delta = s["accuracy_delta"]
+    metric = report["data"]["metric"]
     rows = [
-        ["test accuracy", _pct(b["accuracy"]), _pct(f["accuracy"]),
-         f'<span class="{"bad" if delta < -0.005 else "good"}">{100 * delta:+.2f} pts</span>'],
+        [f"test {metric}", _score(b["accuracy"], metric), _score(f["accuracy"], metric),
+         _score_delta(s["accuracy_delta"], metric)],
         ["parameters", f"{b['params']:,}", f"{f['params']:,}", _ratio(s["params_ratio"])],
         ["non-zero parameters", f"{b['nonzero_params']:,}", f"{f['nonzero_params']:,}",
          _ratio(b["nonzero_params"] / max(1, f["nonzero_params"]))],
@@ -58,20 +64,22 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
     for key, speedup in s.get("speedup", {}).items():
         runtime, batch = key.split("_b")
         label = f"latency {'torch eager' if runtime == 'torch' else 'ONNX Runtime'}, batch {batch}"
-        rows.append([label, f"{b['latency_ms'][key]:.3f} ms", f"{f['latency_ms'][key]:.3f} ms", _ratio(speedup)])
+        rows.append([label, f"{b['latency_ms'][key]:.3f} ms", f"{f['latency_ms'][key]:.3f} ms", _ratio(speedup, noise=0.05)])
     return rows
 
 
 def render_html(report: dict[str, Any]) -> str:
     stages = report["stages"]
-    stage_rows = [[html.escape(s["name"]), _pct(s["accuracy"]), f"{s['params']:,}", f"{s['nonzero_params']:,}",
+    metric = report["data"]["metric"]
+    stage_rows = [[html.escape(s["name"]), _score(s["accuracy"], metric), f"{s['params']:,}", f"{s['nonzero_params']:,}",
                    f"{s['macs']:,}", f"{s['file_bytes']:,}", f"{s['seconds']:.1f}"] for s in stages]
     recipe = report["recipe"]
     threads = report["final"].get("threads")
+    data = report["data"]
+    sizes = f" ({data['train']}/{data['val']}/{data['test']} train/val/test)" if "test" in data else ""
     parts = [
         f"<h1>slimkit report: {html.escape(str(recipe.get('name')))}</h1>",
-        f'<p class="sub">data <b>{html.escape(report["data"]["name"])}</b> '
-        f'({report["data"]["train"]}/{report["data"]["val"]}/{report["data"]["test"]} train/val/test), '
+        f'<p class="sub">data <b>{html.escape(data["name"])}</b>{sizes}, '
         f"slimkit {html.escape(report['slimkit_version'])}, {html.escape(report['created'])}</p>",
         "<h2>Summary: baseline vs final</h2>",
         _table(["", "baseline", "final", "change"], _summary_rows(report)),
@@ -79,7 +87,7 @@ def render_html(report: dict[str, Any]) -> str:
                                          for k, v in report["provenance"].items())
         + (f"<br><b>threads</b>: {threads}" if threads else "") + "</p>",
         "<h2>Stages</h2>",
-        _table(["stage", "accuracy", "params", "non-zero", "MACs", "file bytes", "seconds"], stage_rows),
+        _table(["stage", data["metric"], "params", "non-zero", "MACs", "file bytes", "seconds"], stage_rows),
         "<h2>Accuracy vs size</h2>", _img(plots.accuracy_vs_size(stages), "accuracy vs size"),
         "<h2>Parameters per layer</h2>",
         _img(plots.layer_params(report["layers"]["baseline"], report["layers"]["final"]), "parameters per layer"),

@@ -146,7 +146,8 @@ def fit(
             best_state = state["best_model"]
             result = TrainResult(state["best_score"], state["best_epoch"], state["history"])
             start_epoch = state["epoch"] + 1
-        elif result.best_epoch < 0 and cfg.epochs == 0:
+        else:
+            # the starting weights compete too: recovery never returns a model worse on validation
             result.best_score = float(score_fn(model))
 
         with _progress(progress, description, cfg.epochs, start_epoch) as advance:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
 from .loop import TrainConfig, fit
-from .run import CHECKPOINT_SUBDIR, train_loaders
+from .run import CHECKPOINT_SUBDIR
 
 
 @register_stage
@@ -23,7 +23,8 @@ class FinetuneStage(Stage, TrainConfig):
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         cfg = self.train_config()
-        train, val = train_loaders(ctx.splits, cfg)
-        fit(model, train, val, cfg, score_fn=ctx.score_fn, checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR,
-            resume=ctx.resume, progress=ctx.progress, description="finetune")
+        task = ctx.task
+        fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
+            checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
+            description="finetune")
         return model
