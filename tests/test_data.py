@@ -130,3 +130,12 @@ def test_loader_shuffle_is_seeded(digits):
     a = [y for _, y in make_loader(digits, "train", 64, shuffle=True, seed=3)]
     b = [y for _, y in make_loader(digits, "train", 64, shuffle=True, seed=3)]
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_iterating_a_loader_leaves_the_global_rng_alone(digits):
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for which, shuffle in (("val", False), ("train", True)):
+        for _ in make_loader(digits, which, 256, shuffle=shuffle):
+            pass
+    assert torch.equal(torch.get_rng_state(), before)

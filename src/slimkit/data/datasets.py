@@ -56,7 +56,9 @@ def make_loader(
     ``augment`` applies random one-pixel shifts (for image training sets).
     """
     x, y = splits.split(which)
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    # Always a private generator: DataLoader draws a seed from it on every iteration, and without one it
+    # would draw from the global RNG, so merely evaluating would change later dropout and augmentation.
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator,
         collate_fn=shift_collate if augment else None,
