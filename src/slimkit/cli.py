@@ -175,6 +175,35 @@ def export(
 
 
 @app.command()
+def prune(
+    path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
+    out: Path = typer.Option(..., "--out", help="run directory for the pruned model and its report"),
+    method: str = typer.Option("l1", "--method", help="importance: l1, l2, taylor or random"),
+    sparsity: float = typer.Option(..., "--sparsity", help="fraction of the selected weights to zero"),
+    nm: Optional[str] = typer.Option(None, "--nm", help="N:M pattern along the input dimension, e.g. 2:4"),
+    global_scope: bool = typer.Option(False, "--global", help="one threshold across layers, not per layer"),
+    schedule: str = typer.Option("one-shot", "--schedule", help="one-shot, iterative or agp"),
+    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="recovery epochs (agp/iterative: required)"),
+    exclude: list[str] = typer.Option([], "--exclude", help="layer name glob to leave dense (repeatable)"),
+    data: Optional[str] = DataOpt,
+    latency: bool = typer.Option(False, "--latency/--no-latency", help="also measure latency in the report"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    trust_code: bool = TrustOpt,
+) -> None:
+    """Prune weights (unstructured or N:M); the result is stored sparse and measured against the input."""
+    from .modelfile import load
+
+    source = load(path, trust_code=trust_code)
+    stage = {"type": "prune", "method": method, "sparsity": sparsity, "nm": nm, "schedule": schedule,
+             "scope": "global" if global_scope else "layer", "exclude": exclude,
+             "finetune": {"epochs": finetune_epochs}}
+    recipe = {"name": f"prune {path}", "data": data or source.slimkit_meta.get("data", "digits"),
+              "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
+              "evaluate": {"latency": latency}}
+    _run_and_summarize(recipe, out, progress)
+
+
+@app.command()
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe"),
     out: Path = typer.Option(..., "--out", help="run directory (model/, report.json, report.html)"),
@@ -182,12 +211,20 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Run a recipe: train or load, compress stage by stage, evaluate, report."""
-    from .pipeline import run_recipe
     from .recipe import load_recipe
 
-    spec = load_recipe(recipe)
+    _run_and_summarize(load_recipe(recipe), out, progress, resume)
+
+
+def _run_and_summarize(recipe, out: Path, progress: bool, resume: bool = False) -> None:
+    from .pipeline import run_recipe
+    from .recipe import parse_recipe
+
+    if isinstance(recipe, dict):
+        recipe = parse_recipe(recipe, "options")
     console = _console()
-    report = run_recipe(spec, out, resume=resume, progress=progress, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    report = run_recipe(recipe, out, resume=resume, progress=progress,
+                        log=lambda m: console.print(f"[dim]{m}[/dim]"))
     _print_summary(report)
     typer.echo(f"report: {out / 'report.html'}")
 
@@ -207,6 +244,8 @@ def _print_summary(report: dict) -> None:
     else:
         table.add_row(f"test {metric}", f"{b['accuracy']:.4g}", f"{f['accuracy']:.4g}", f"{s['accuracy_delta']:+.4g}")
     table.add_row("params", f"{b['params']:,}", f"{f['params']:,}", f"{s['params_ratio']:.2f}x")
+    table.add_row("non-zero params", f"{b['nonzero_params']:,}", f"{f['nonzero_params']:,}",
+                  f"{b['nonzero_params'] / max(1, f['nonzero_params']):.2f}x")
     table.add_row("MACs", f"{b['macs']:,}", f"{f['macs']:,}", f"{s['macs_ratio']:.2f}x")
     table.add_row("file bytes", f"{b['file_bytes']:,}", f"{f['file_bytes']:,}", f"{s['compression_ratio']:.2f}x")
     for key, speedup in s.get("speedup", {}).items():

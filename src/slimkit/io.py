@@ -103,14 +103,17 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write ``model`` and its metadata as a model directory, atomically."""
+    """Write ``model`` and its metadata as a model directory, atomically; sparse tensors are stored sparse."""
     from safetensors.torch import save_file
+
+    from .codec import encode_state
 
     state = state_dict_for_saving(model)
     check_finite(state, f"model being saved to {out_dir}")
-    full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta}
+    tensors, encodings = encode_state(state)
+    full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta, "tensors": encodings}
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE))
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
     return Path(out_dir)
 

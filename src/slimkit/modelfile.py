@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from .codec import decode_state
 from .errors import SlimkitError
 from .io import (
     META_FILE,
@@ -38,7 +39,7 @@ def load(path: str | os.PathLike, arch: dict[str, Any] | str | None = None, trus
         meta = read_meta(path)
         if arch is not None:
             raise SlimkitError(f"{path}: a model directory names its own architecture; do not pass one")
-        state = read_safetensors(path / WEIGHTS_FILE)
+        state = decode_state(read_safetensors(path / WEIGHTS_FILE), meta.get("tensors", {}), str(path))
     elif path.is_file():
         if arch is None:
             raise SlimkitError(f"{path}: a bare weights file needs its architecture (for example --arch lenet5)")
@@ -71,8 +72,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | No
             "or build it with slimkit.build_model"
         )
     meta.setdefault("plan", [])
-    meta.pop("format", None)
-    meta.pop("version", None)
+    for derived in ("format", "version", "tensors"):
+        meta.pop(derived, None)
     return save_model(model, out_dir, meta)
 
 

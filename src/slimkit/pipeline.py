@@ -26,7 +26,7 @@ from . import __version__
 from .analyze import count_macs, count_params, layer_stats, measure_latency
 from .data import load_data
 from .io import dir_bytes, read_meta, write_json_atomic
-from .modelfile import load, save
+from .modelfile import load, resolve_model_dir, save
 from .recipe import Recipe
 from .stages import StageContext
 from .task import Task
@@ -78,6 +78,7 @@ def run_recipe(
         measured_dir = stage_dir / MODEL_SUBDIR if stage.changes_model else _last_model_dir(entries, baseline_dir)
         entry = _measure(f"{i}:{stage.type}", model, measured_dir, task, seconds)
         entry["config"] = stage.to_dict()
+        entry["notes"] = ctx.notes
         entries.append(entry)
         write_json_atomic(record, {"config": stage.to_dict(), "metrics": entry, "artifacts": dict(artifacts)})
         log(f"stage {i} ({stage.type}): {task.metric} {entry['accuracy']:.4f}, {entry['file_bytes']} bytes, "
@@ -106,7 +107,7 @@ def _baseline(recipe: Recipe, task: Task, out: Path, resume: bool, progress: boo
     section = recipe.model
     if section.path is not None:
         model = load(section.path, trust_code=section.trust_code)
-        return model, Path(section.path)
+        return model, resolve_model_dir(section.path)
     base = out / "baseline"
     if resume and (base / MODEL_SUBDIR / "slimkit.json").is_file() and (base / "metrics.json").is_file():
         log("baseline: already trained, loading it")

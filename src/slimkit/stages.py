@@ -33,6 +33,7 @@ class StageContext:
     resume: bool = False
     progress: bool = True
     artifacts: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)  # what the stage decided, for the report
 
 
 class Stage(Config):
@@ -57,6 +58,7 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 def stage_types() -> dict[str, type[Stage]]:
     """All registered stage types (importing the built-in ones on first use)."""
     from .export import stage as _export_stage  # noqa: F401
+    from .prune import stage as _prune_stage  # noqa: F401
     from .train import stage as _train_stage  # noqa: F401
 
     return dict(_STAGES)

@@ -106,13 +106,15 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     description: str = "train",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place and leave it holding its best-on-validation weights.
 
     ``score_fn(model) -> float`` (higher is better) selects the best epoch; it
     defaults to accuracy on ``val_loader``. ``train_loader`` may be any
     re-iterable of ``(x, y)`` batches; with ``loss_fn`` the targets can be
-    anything the loss accepts.
+    anything the loss accepts. ``on_step(step, total_steps)`` runs after every
+    optimizer step (gradual pruning updates its masks there).
     """
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if score_fn is None:
@@ -152,7 +154,8 @@ def fit(
 
         with _progress(progress, description, cfg.epochs, start_epoch) as advance:
             for epoch in range(start_epoch, cfg.epochs):
-                train_loss = _train_one_epoch(model, train_loader, opt, sched, loss_fn, cfg)
+                train_loss = _train_one_epoch(model, train_loader, opt, sched, loss_fn, cfg,
+                                              on_step, epoch * steps_per_epoch, cfg.epochs * steps_per_epoch)
                 score = float(score_fn(model))
                 record = {"epoch": epoch, "train_loss": train_loss, "val_score": score, "lr": sched.get_last_lr()[0]}
                 result.history.append(record)
@@ -167,10 +170,11 @@ def fit(
     return result
 
 
-def _train_one_epoch(model, loader, opt, sched, loss_fn, cfg: TrainConfig) -> float:
+def _train_one_epoch(model, loader, opt, sched, loss_fn, cfg: TrainConfig, on_step, first_step: int,
+                     total_steps: int) -> float:
     model.train()
     total, count = 0.0, 0
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
@@ -180,6 +184,8 @@ def _train_one_epoch(model, loader, opt, sched, loss_fn, cfg: TrainConfig) -> fl
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
+        if on_step is not None:
+            on_step(first_step + i + 1, total_steps)
         total += loss.item() * len(y)
         count += len(y)
     return total / max(1, count)
