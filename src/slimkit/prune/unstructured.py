@@ -78,9 +78,10 @@ def prune_weights(model: nn.Module, cfg: PruneConfig, task: Task | None = None,
         skipped = {}
     for name, module in layers:
         if name in masks:
-            set_mask(module, masks[name])
+            previous = get_mask(module)
+            set_mask(module, masks[name] if previous is None else masks[name] * previous)
     return {
-        "layers": {name: {"sparsity": 1 - float(m.float().mean()), "weights": m.numel()} for name, m in masks.items()},
+        "layers": {name: {"sparsity": sparsity_of(model, [name]), "weights": m.numel()} for name, m in masks.items()},
         "skipped": skipped,
         "sparsity": sparsity_of(model, [n for n, _ in layers]),
     }
