@@ -147,7 +147,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.head_dim = head_dim
         inner = heads * head_dim
         self.q = nn.Linear(dim, inner)
         self.k = nn.Linear(dim, inner)
@@ -156,13 +156,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
+        heads = self.q.out_features // self.head_dim  # follows the layer, so heads can be pruned away
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
+            return t.reshape(b, n, heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         attn = torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, heads * self.head_dim)
         return self.out(out)
 
 
