@@ -178,8 +178,10 @@ def export(
 def prune(
     path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
     out: Path = typer.Option(..., "--out", help="run directory for the pruned model and its report"),
-    method: str = typer.Option("l1", "--method", help="importance: l1, l2, taylor or random"),
-    sparsity: float = typer.Option(..., "--sparsity", help="fraction of the selected weights to zero"),
+    method: str = typer.Option("l1", "--method", help="importance: l1, l2, bn-scale (structured), taylor, random"),
+    sparsity: float = typer.Option(..., "--sparsity",
+                                   help="fraction of weights to zero; with --structured, of channels/heads per group"),
+    structured: bool = typer.Option(False, "--structured", help="remove whole channels, neurons and heads"),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M pattern along the input dimension, e.g. 2:4"),
     global_scope: bool = typer.Option(False, "--global", help="one threshold across layers, not per layer"),
     schedule: str = typer.Option("one-shot", "--schedule", help="one-shot, iterative or agp"),
@@ -190,11 +192,12 @@ def prune(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     trust_code: bool = TrustOpt,
 ) -> None:
-    """Prune weights (unstructured or N:M); the result is stored sparse and measured against the input."""
+    """Prune: unstructured or N:M (stored sparse), or --structured (a physically smaller model)."""
     from .modelfile import load
 
     source = load(path, trust_code=trust_code)
     stage = {"type": "prune", "method": method, "sparsity": sparsity, "nm": nm, "schedule": schedule,
+             "structured": structured,
              "scope": "global" if global_scope else "layer", "exclude": exclude,
              "finetune": {"epochs": finetune_epochs}}
     recipe = {"name": f"prune {path}", "data": data or source.slimkit_meta.get("data", "digits"),

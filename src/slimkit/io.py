@@ -114,7 +114,8 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any
     full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta, "tensors": encodings}
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
+        # compact: a pruning plan lists channel indices, and every byte of the model counts
+        (tmp / META_FILE).write_text(json.dumps(full_meta, separators=(",", ":")) + "\n", encoding="utf-8")
     return Path(out_dir)
 
 

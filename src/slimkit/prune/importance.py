@@ -33,7 +33,9 @@ def weight_importance(
 ) -> dict[str, torch.Tensor]:
     """Per-weight scores for each selected layer, shaped like its weight."""
     if method not in METHODS:
-        raise SlimkitError(f"unknown importance {method!r} for weight pruning; choose one of {', '.join(METHODS)}")
+        hint = " (bn-scale ranks whole channels: use structured pruning)" if method == "bn-scale" else ""
+        raise SlimkitError(f"importance {method!r} does not apply to single weights{hint}; "
+                           f"choose one of {', '.join(METHODS)}")
     if method == "taylor":
         if model is None or batches is None:
             raise SlimkitError("taylor importance needs the model and a few batches of training data")

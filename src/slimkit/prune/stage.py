@@ -6,8 +6,10 @@
   ``s_t = s_f * (1 - (1 - t / T)^3)``, updated every ``agp_every`` optimizer steps,
   reaching the target after ``agp_ramp`` of the training; the rest recovers.
 
-Masks are removed at the end: the stage returns a model with real zeros,
-which the model directory then stores sparse.
+Unstructured masks are removed at the end: the stage returns a model with real
+zeros, which the model directory then stores sparse. With ``structured: true``
+``sparsity`` is the fraction of channels, neurons or heads removed from each
+prunable group, and the model itself shrinks (one-shot or iterative).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..stages import Stage, StageContext, register_stage
 from ..train.loop import TrainConfig, fit
 from ..train.run import CHECKPOINT_SUBDIR
 from .mask import remove_masks
+from .structured import prune_channels
 from .unstructured import PruneConfig, prune_weights
 
 
@@ -36,12 +39,15 @@ class PruneStage(Stage, PruneConfig):
     steps: int = Field(3, ge=1)
     agp_every: int = Field(10, ge=1)
     agp_ramp: float = Field(0.75, gt=0, le=1)
+    structured: bool = False
     finetune: PruneFinetune = PruneFinetune()
 
     @model_validator(mode="after")
-    def _needs_training(self) -> "PruneStage":
+    def _consistent(self) -> "PruneStage":
         if self.schedule != "one-shot" and self.finetune.epochs == 0:
             raise ValueError(f"schedule {self.schedule!r} prunes while training: set finetune.epochs > 0")
+        if self.structured and (self.nm or self.scope == "global" or self.schedule == "agp" or self.layer_sparsity):
+            raise ValueError("structured pruning takes one ratio per group: no nm, global scope, agp or layer_sparsity")
         return self
 
     def prune_config(self) -> PruneConfig:
@@ -51,12 +57,14 @@ class PruneStage(Stage, PruneConfig):
         cfg, task = self.prune_config(), ctx.task
         train_cfg = TrainConfig(**self.finetune.model_dump())
 
-        def recover(tag: str, on_step=None, score_fn=task.val_score) -> None:
+        def recover(tag: str, on_step=None, score_fn=task.val_score, model: nn.Module = model) -> None:
             if train_cfg.epochs:
                 fit(model, task.train_batches(train_cfg), None, train_cfg, score_fn=score_fn,
                     loss_fn=task.loss_fn, checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR / tag,
                     resume=ctx.resume, progress=ctx.progress, description=f"prune {tag}", on_step=on_step)
 
+        if self.structured:
+            return self._apply_structured(model, ctx, recover)
         if self.schedule == "one-shot":
             result = prune_weights(model, cfg, task)
             recover("finetune")
@@ -83,3 +91,17 @@ class PruneStage(Stage, PruneConfig):
             result = prune_weights(model, cfg, task)  # exact target, whatever the step count
         ctx.notes["prune"] = result
         return remove_masks(model)
+
+    def _apply_structured(self, model: nn.Module, ctx: StageContext, recover) -> nn.Module:
+        task = ctx.task
+        steps = self.steps if self.schedule == "iterative" else 1
+        per_step = 1 - (1 - self.sparsity) ** (1 / steps)  # equal fractions compound to the target
+        kwargs = dict(include=self.include, exclude=self.exclude, loss_fn=task.loss_fn, seed=self.seed,
+                      batches=task.train_batches(TrainConfig(seed=self.seed)) if self.method == "taylor" else None)
+        notes = []
+        for k in range(1, steps + 1):
+            model, step_notes = prune_channels(model, task.example_inputs[:8], per_step, self.method, **kwargs)
+            notes.append(step_notes)
+            recover(f"step{k}", model=model)
+        ctx.notes["prune"] = notes[-1] if steps == 1 else notes
+        return model

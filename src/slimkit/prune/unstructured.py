@@ -24,9 +24,12 @@ from .mask import get_mask, original_weight, set_mask
 
 
 class PruneConfig(Config):
-    """What to prune and how much: ``sparsity`` is the fraction of selected weights set to zero."""
+    """What to prune and how much: ``sparsity`` is the fraction of selected weights set to zero.
 
-    method: Literal["l1", "l2", "taylor", "random"] = "l1"
+    ``bn-scale`` ranks channels by their BatchNorm/LayerNorm scale, so it applies to structured pruning only.
+    """
+
+    method: Literal["l1", "l2", "bn-scale", "taylor", "random"] = "l1"
     sparsity: float = Field(0.5, ge=0, lt=1)
     scope: Literal["layer", "global"] = "layer"
     nm: str | None = None

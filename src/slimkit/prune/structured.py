@@ -1,0 +1,240 @@
+"""Structured pruning: remove whole channels, neurons and heads, so the module itself gets smaller.
+
+Analyze, then apply: :func:`plan_channels` scores each channel group of the
+dependency graph and returns a plan step (plain JSON data: which channels each
+group keeps and which tensor slices they map to); :func:`apply_plan` cuts the
+tensors and updates the layers' size attributes. The same ``apply_plan``
+replays the step when a pruned model is loaded from safetensors + plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from fnmatch import fnmatchcase
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import SlimkitError
+from ..plan import register_plan_op
+from ..train.loop import Batch, LossFn
+from .graph import Group, Member, channel_groups
+
+PLAN_OP = "prune-channels"
+STRUCTURED_METHODS = ("l1", "l2", "bn-scale", "taylor", "random")
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), attr)
+
+
+def _channel_rows(tensor: torch.Tensor, member: Member, channels: int) -> torch.Tensor:
+    """``channels x k`` view of the slices of ``tensor`` that belong to each channel."""
+    moved = tensor.detach().movedim(member.dim, 0)
+    part = moved[member.offset : member.offset + channels * member.rep]
+    return part.reshape(channels, -1)
+
+
+def group_scores(model: nn.Module, group: Group, method: str, grads: dict[str, torch.Tensor] | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One score per channel: each member's per-channel magnitude, mean-normalized, summed over members."""
+    if method == "random":
+        return torch.rand(group.size, generator=generator)
+    total = torch.zeros(group.size, dtype=torch.float64)
+    used = 0
+    for member in group.members:
+        tensor = _tensor(model, member.tensor)
+        if not tensor.is_floating_point() or member.tensor.endswith(("running_mean", "running_var")):
+            continue
+        if method == "bn-scale" and not (member.role == "norm" and member.tensor.endswith(".weight")):
+            continue
+        rows = _channel_rows(tensor, member, group.size).double()
+        if method == "taylor":
+            if grads is None or member.tensor not in grads:
+                continue
+            rows = rows * _channel_rows(grads[member.tensor], member, group.size).double()
+        score = rows.pow(2).sum(1) if method == "l2" else rows.abs().sum(1)
+        total += score / score.mean().clamp_min(1e-12)
+        used += 1
+    if used == 0:
+        raise SlimkitError(f"importance {method!r} has nothing to score in the group of {group.describe()}"
+                           + (" (bn-scale needs a BatchNorm or LayerNorm in the group)" if method == "bn-scale" else ""))
+    return total
+
+
+def _taylor_grads(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn, max_batches: int = 8):
+    params = dict(model.named_parameters())
+    grads = {name: torch.zeros_like(p) for name, p in params.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for i, (x, y) in enumerate(batches):
+            if i >= max_batches:
+                break
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    grads[name] += p.grad.abs()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return grads
+
+
+def _selected(group: Group, include: list[str], exclude: list[str]) -> bool:
+    layers = {m.tensor.rpartition(".")[0] for m in group.members}
+    producers = {m.tensor.rpartition(".")[0] for m in group.producers}
+    if any(fnmatchcase(layer, pattern) for layer in layers for pattern in exclude):
+        return False
+    return any(fnmatchcase(layer, pattern) for layer in producers for pattern in include)
+
+
+def plan_channels(
+    model: nn.Module,
+    example: torch.Tensor,
+    ratio: float,
+    method: str = "l1",
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    batches: Iterable[Batch] | None = None,
+    loss_fn: LossFn | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Choose the channels to keep in every prunable group; returns (plan step, report notes)."""
+    if method not in STRUCTURED_METHODS:
+        raise SlimkitError(f"unknown importance {method!r}; choose one of {', '.join(STRUCTURED_METHODS)}")
+    if not 0 <= ratio < 1:
+        raise SlimkitError(f"structured pruning ratio must be in [0, 1), got {ratio}")
+    groups, pinned = channel_groups(model, example)
+    unsupported = {layers: reasons for layers, reasons in pinned.items() if reasons != ["reaches the model output"]}
+    if unsupported:
+        warnings.warn("structured pruning leaves these channels unpruned: " + "; ".join(
+            f"{layers} ({', '.join(reasons)})" for layers, reasons in unsupported.items()), stacklevel=3)
+    grads = None
+    if method == "taylor":
+        if batches is None:
+            raise SlimkitError("taylor importance needs a few batches of training data")
+        grads = _taylor_grads(model, batches, loss_fn or nn.CrossEntropyLoss())
+    generator = torch.Generator().manual_seed(seed)
+    planned, skipped = [], {}
+    for group in groups:
+        if not _selected(group, include or ["*"], exclude or []):
+            skipped[group.describe()] = "excluded by configuration"
+            continue
+        blocks = group.size // group.block
+        remove = min(int(ratio * blocks), blocks - 1)
+        scores = group_scores(model, group, method, grads, generator)
+        block_scores = scores.reshape(blocks, group.block).sum(1)
+        kept_blocks = torch.sort(torch.argsort(block_scores, descending=True, stable=True)[: blocks - remove]).values
+        keep = (kept_blocks[:, None] * group.block + torch.arange(group.block)[None, :]).reshape(-1)
+        planned.append({
+            "size": group.size, "block": group.block, "keep": keep.tolist(),
+            "members": [[m.tensor, m.dim, m.rep, m.offset] for m in group.members],
+        })
+    step = {"op": PLAN_OP, "method": method, "ratio": ratio, "groups": planned}
+    notes = {"groups": [{"channels": g.describe(), "kept": len(p["keep"])} for g, p in
+                        zip([g for g in groups if _selected(g, include or ["*"], exclude or [])], planned)],
+             "skipped": skipped, "pinned": pinned}
+    return step, notes
+
+
+@register_plan_op(PLAN_OP)
+def apply_plan(model: nn.Module, step: dict[str, Any]) -> nn.Module:
+    """Cut every member tensor down to its kept channels and resize the layers' attributes."""
+    removed: dict[tuple[str, int], set[int]] = {}
+    originals: dict[tuple[str, int], int] = {}
+    for group in step["groups"]:
+        dropped = sorted(set(range(group["size"])) - set(group["keep"]))
+        for tensor, dim, rep, offset in group["members"]:
+            key = (tensor, dim)
+            originals[key] = _tensor(model, tensor).shape[dim]
+            removed.setdefault(key, set()).update(offset + c * rep + j for c in dropped for j in range(rep))
+    touched = set()
+    for (tensor, dim), drop in removed.items():
+        current = _tensor(model, tensor)
+        keep = torch.tensor([i for i in range(originals[(tensor, dim)]) if i not in drop], dtype=torch.long)
+        _replace(model, tensor, current.detach().index_select(dim, keep).clone())
+        touched.add(tensor.rpartition(".")[0])
+    for name in touched:
+        _resync(model.get_submodule(name))
+    return model
+
+
+def _replace(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        module._buffers[attr] = value
+
+
+def _resync(module: nn.Module) -> None:
+    """Make a layer's size attributes agree with its (pruned) tensors."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        out_channels = module.weight.shape[0]
+        if module.groups > 1:  # only depthwise convolutions are pruned (grouped ones are pinned)
+            module.groups = module.in_channels = out_channels
+        else:
+            module.in_channels = module.weight.shape[1]
+        module.out_channels = out_channels
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        source = module.weight if module.weight is not None else module.running_mean
+        module.num_features = source.shape[0]
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (module.weight.shape[0],)
+
+
+def prune_channels(
+    model: nn.Module,
+    example: torch.Tensor,
+    ratio: float,
+    method: str = "l1",
+    **kw: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Plan, apply and verify: returns the physically smaller model and report notes.
+
+    If the pruned model cannot run (a layer whose code hard-codes a width the
+    graph could not see), the groups are applied one by one and each one that
+    breaks the forward pass is skipped with a warning: never a broken model.
+    """
+    step, notes = plan_channels(model, example, ratio, method, **kw)
+    with torch.no_grad():
+        expected = tuple(model.eval()(example[:2]).shape)
+    candidate = apply_plan(copy.deepcopy(model), step)
+    failure = _forward_error(candidate, example, expected)
+    if failure is not None:
+        kept_groups, candidate = [], model
+        for group in step["groups"]:
+            trial = apply_plan(copy.deepcopy(candidate), {**step, "groups": [group]})
+            error = _forward_error(trial, example, expected)
+            if error is None:
+                kept_groups.append(group)
+                candidate = trial
+            else:
+                tensors = sorted({m[0].rpartition(".")[0] for m in group["members"]})
+                warnings.warn(f"structured pruning skipped the group of {', '.join(tensors)}: {error}", stacklevel=2)
+                notes["skipped"][", ".join(tensors)] = error
+        step = {**step, "groups": kept_groups}
+        candidate = apply_plan(copy.deepcopy(model), step)
+    meta = getattr(candidate, "slimkit_meta", None)
+    if meta is not None:
+        candidate.slimkit_meta = {**meta, "plan": [*meta.get("plan", []), step]}
+    return candidate, notes
+
+
+def _forward_error(model: nn.Module, example: torch.Tensor, expected: tuple[int, ...]) -> str | None:
+    try:
+        with torch.no_grad():
+            shape = tuple(model.eval()(example[:2]).shape)
+    except Exception as exc:  # any failure of the pruned forward pass means the group is unsafe
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None if shape == expected else f"output shape changed from {expected} to {shape}"
