@@ -1,0 +1,243 @@
+"""Structured pruning: every zoo model and one test model per coupling pattern."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from slimkit import SlimkitError, ZOO, count_params, load, new_model, save
+from slimkit.prune.graph import channel_groups
+from slimkit.prune.structured import apply_plan, plan_channels, prune_channels
+
+X = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def planned_params(model, step):
+    """Parameter count the plan promises: apply it to a copy and count (independent of module code)."""
+    import copy
+
+    return count_params(apply_plan(copy.deepcopy(model), step))[0]
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_model_prunes_to_a_smaller_working_model_and_reloads(name, tmp_path):
+    torch.manual_seed(0)
+    model = new_model(name).eval()
+    same, _ = prune_channels(model, X, 0.0)
+    assert torch.equal(same(X), model(X))  # ratio 0 is a no-op
+    step, _ = plan_channels(model, X, 0.5)
+    pruned, notes = prune_channels(model, X, 0.5)
+    assert pruned(X).shape == (8, 10)
+    assert count_params(pruned)[0] == planned_params(model, step) < 0.5 * count_params(model)[0]
+    for group in step["groups"]:  # every producer really lost its channels
+        blocks = group["size"] // group["block"]
+        assert len(group["keep"]) == (blocks - int(0.5 * blocks)) * group["block"]
+        for tensor, dim, rep, offset in group["members"]:
+            module, _, attr = tensor.rpartition(".")
+            assert getattr(pruned.get_submodule(module), attr).shape[dim] < getattr(
+                model.get_submodule(module), attr).shape[dim]
+    save(pruned, tmp_path / "m")
+    plan = json.loads((tmp_path / "m" / "slimkit.json").read_text())["plan"]
+    assert [s["op"] for s in plan] == ["prune-channels"]
+    again = load(tmp_path / "m")
+    assert torch.equal(again(X), pruned(X))
+
+
+def test_vit_prunes_whole_heads_and_mlp_units():
+    torch.manual_seed(0)
+    model = new_model("vit").eval()
+    groups, _ = channel_groups(model, X)
+    attn = [g for g in groups if any(m.tensor.endswith("attn.q.weight") for m in g.producers)]
+    assert len(attn) == 4 and all(g.block == 16 and g.size == 64 for g in attn)
+    members = {m.tensor for m in attn[0].members}
+    assert {"blocks.0.attn.q.weight", "blocks.0.attn.k.weight", "blocks.0.attn.v.weight",
+            "blocks.0.attn.out.weight"} <= members
+    residual = [g for g in groups if any(m.tensor == "pos_embed" for m in g.members)]
+    assert len(residual) == 1 and {"cls_token", "patch_embed.weight", "norm.weight", "head.weight"} <= {
+        m.tensor for m in residual[0].members}
+    pruned, _ = prune_channels(model, X, 0.5)
+    assert pruned.blocks[0].attn.q.out_features == 32  # 2 of 4 heads of width 16
+    assert pruned.blocks[0].fc1.out_features == 64
+
+
+def zero_channels(*layers_and_dims, channels):
+    """Make channels dead: zero the producing rows (and biases) and the consuming columns."""
+    with torch.no_grad():
+        for layer, dim in layers_and_dims:
+            layer.weight.index_fill_(dim, torch.tensor(channels), 0.0)
+            if dim == 0 and layer.bias is not None:
+                layer.bias[channels] = 0.0
+
+
+class ConcatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(1, 6, 3, padding=1)
+        self.c = nn.Conv2d(14, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        return self.fc(torch.flatten(F.max_pool2d(F.relu(self.c(y)), 2), 1))
+
+
+class SENet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.se1 = nn.Linear(16, 4)
+        self.se2 = nn.Linear(4, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        s = torch.sigmoid(self.se2(F.relu(self.se1(x.mean((2, 3))))))
+        x = x * s[:, :, None, None]
+        return self.fc(x.mean((2, 3)))
+
+
+class LayerNormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.norm(self.fc1(x.flatten(1)))))
+
+
+def test_concatenation_maps_each_branch_into_the_consumer():
+    torch.manual_seed(0)
+    model = ConcatNet().eval()
+    zero_channels((model.a, 0), channels=[1, 3, 5, 7])
+    zero_channels((model.b, 0), channels=[0, 2, 4])
+    with torch.no_grad():
+        model.c.weight[:, [1, 3, 5, 7]] = 0
+        model.c.weight[:, [8, 10, 12]] = 0
+    pruned, _ = prune_channels(model, X, 0.5, exclude=["fc"])  # keep c's own outputs
+    assert (pruned.a.out_channels, pruned.b.out_channels, pruned.c.in_channels) == (4, 3, 7)
+    torch.testing.assert_close(pruned(X), model(X), rtol=0, atol=1e-5)  # only dead channels left
+
+
+def test_flatten_into_linear_keeps_each_channels_block():
+    torch.manual_seed(0)
+    model = ConcatNet().eval()
+    zero_channels((model.c, 0), channels=[0, 1, 2, 3])
+    with torch.no_grad():
+        model.fc.weight.view(10, 8, 16)[:, :4] = 0
+    pruned, _ = prune_channels(model, X, 0.5, exclude=["a", "b"])
+    assert pruned.c.out_channels == 4 and pruned.fc.in_features == 64
+    torch.testing.assert_close(pruned(X), model(X), rtol=0, atol=1e-5)
+
+
+def test_squeeze_excitation_multiplication_couples_channels():
+    torch.manual_seed(0)
+    model = SENet().eval()
+    groups, _ = channel_groups(model, X)
+    trunk = [g for g in groups if any(m.tensor == "conv.weight" for m in g.members)]
+    assert len(trunk) == 1
+    assert {"conv.weight", "bn.weight", "bn.running_mean", "se1.weight", "se2.weight", "fc.weight"} <= {
+        m.tensor for m in trunk[0].members}
+    pruned, _ = prune_channels(model, X, 0.5)
+    assert (pruned.conv.out_channels, pruned.bn.num_features, pruned.se2.out_features, pruned.fc.in_features) == (
+        8, 8, 8, 8)
+    assert pruned(X).shape == (8, 10)
+
+
+def test_layernorm_is_pruned_with_its_channels():
+    torch.manual_seed(0)
+    model = LayerNormMLP().eval()
+    pruned, _ = prune_channels(model, X, 0.25)
+    assert pruned.norm.normalized_shape == (24,) and pruned.norm.weight.shape == (24,)
+    assert pruned(X).shape == (8, 10)
+
+
+class GroupedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.grouped(F.relu(self.conv1(x))))
+        return self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+
+
+def test_grouped_convolution_is_left_alone_with_a_warning():
+    torch.manual_seed(0)
+    model = GroupedConvNet().eval()
+    with pytest.warns(UserWarning, match=r"grouped convolution \(grouped.weight, groups=2\)"):
+        pruned, notes = prune_channels(model, X, 0.5)
+    assert (pruned.conv1.out_channels, pruned.grouped.out_channels) == (8, 8)
+    assert pruned.fc1.out_features == 16
+    assert pruned(X).shape == (8, 10)
+
+
+class HardCodedHeads(nn.Module):
+    """Attention whose head count is a constant in its code: pruning heads would break its reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.fc1 = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        b = x.shape[0]
+        x = self.embed(x.reshape(b, 8, 8))
+
+        def heads(t):
+            return t.reshape(b, 8, 4, 4).transpose(1, 2)  # 4 heads, hard-coded
+
+        att = torch.softmax(heads(self.q(x)) @ heads(self.k(x)).transpose(-2, -1), dim=-1)
+        x = x + self.o((att @ heads(self.v(x))).transpose(1, 2).reshape(b, 8, 16))
+        return self.out(F.relu(self.fc1(x)).mean(1))
+
+
+def test_a_group_that_breaks_the_forward_pass_is_skipped_with_a_warning():
+    torch.manual_seed(0)
+    model = HardCodedHeads().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned, notes = prune_channels(model, X, 0.5)
+    assert pruned(X).shape == (8, 10)
+    assert pruned.q.out_features == 16  # the heads group was skipped...
+    assert pruned.fc1.out_features == 16 and pruned.embed.out_features == 8  # ...the safe groups were pruned
+    assert any("skipped the group of k, o, q, v" in str(w.message) for w in caught)
+    assert "k, o, q, v" in notes["skipped"]
+
+
+def test_exclude_and_importance_options():
+    torch.manual_seed(0)
+    model = new_model("resnet8").eval()
+    pruned, notes = prune_channels(model, X, 0.5, exclude=["fc"])
+    assert pruned.fc.in_features == 64 and pruned.layer1.conv1.out_channels == 8
+    assert "excluded by configuration" in notes["skipped"].values()
+    bn, _ = prune_channels(model, X, 0.5, method="bn-scale")
+    assert bn(X).shape == (8, 10)
+    with pytest.raises(SlimkitError, match="bn-scale needs a BatchNorm"):
+        prune_channels(new_model("lenet300"), X, 0.5, method="bn-scale")
+    with pytest.raises(SlimkitError, match="taylor importance needs"):
+        prune_channels(model, X, 0.5, method="taylor")
+
+
+def test_untraceable_model_is_a_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) if float(x.sum()) > 0 else -self.fc(x.flatten(1))
+
+    with pytest.raises(SlimkitError, match="cannot trace Branchy"):
+        prune_channels(Branchy(), X, 0.5)
