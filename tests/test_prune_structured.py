@@ -35,7 +35,7 @@ def test_zoo_model_prunes_to_a_smaller_working_model_and_reloads(name, tmp_path)
     for group in step["groups"]:  # every producer really lost its channels
         blocks = group["size"] // group["block"]
         assert len(group["keep"]) == (blocks - int(0.5 * blocks)) * group["block"]
-        for tensor, dim, rep, offset in group["members"]:
+        for tensor, dim, rep, offset, role in group["members"]:
             module, _, attr = tensor.rpartition(".")
             assert getattr(pruned.get_submodule(module), attr).shape[dim] < getattr(
                 model.get_submodule(module), attr).shape[dim]

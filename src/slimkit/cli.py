@@ -206,6 +206,52 @@ def prune(
     _run_and_summarize(recipe, out, progress)
 
 
+@app.command("sensitivity")
+def sensitivity_cmd(
+    path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
+    out: Path = typer.Option(..., "--out", help="folder for sensitivity.json and sensitivity.png"),
+    data: Optional[str] = DataOpt,
+    method: str = typer.Option("l1", "--method", help="importance: l1, l2, taylor, random (bn-scale if structured)"),
+    structured: bool = typer.Option(False, "--structured", help="sweep channel groups instead of weights"),
+    sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities"),
+    exclude: list[str] = typer.Option([], "--exclude", help="layer name glob to skip (repeatable)"),
+    trust_code: bool = TrustOpt,
+) -> None:
+    """Per-layer sensitivity: validation score with each layer (or channel group) pruned alone."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .io import write_json_atomic
+    from .prune.sensitivity import sensitivity
+    from .report.plots import sensitivity_curves
+    from .task import Task
+
+    model, splits = _load_for_data(path, None, trust_code, data)
+    if splits is None:
+        raise SlimkitError("sensitivity needs data: pass --data")
+    try:
+        grid = tuple(float(s) for s in sparsities.split(","))
+    except ValueError:
+        raise SlimkitError(f"--sparsities: expected comma-separated numbers, got {sparsities!r}") from None
+    console = _console()
+    result = sensitivity(model, Task.classification(splits), grid, method, structured, exclude=exclude,
+                         progress=lambda name: console.print(f"[dim]sweeping {name}[/dim]"))
+    write_json_atomic(out / "sensitivity.json", result)
+    from .io import atomic_path
+
+    with atomic_path(out / "sensitivity.png") as tmp:
+        tmp.write_bytes(sensitivity_curves(result))
+    table = Table(title=f"validation {result['metric']} with one layer pruned (unpruned: {result['baseline']:.4f})")
+    table.add_column("layer")
+    table.add_column("params", justify="right")
+    for s in result["sparsities"]:
+        table.add_column(f"{100 * s:g}%", justify="right")
+    for name, info in result["layers"].items():
+        table.add_row(name, f"{info['params']:,}", *(f"{v:.3f}" for v in info["scores"]))
+    Console().print(table)
+    typer.echo(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
+
+
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe"),

@@ -23,6 +23,7 @@ from ..stages import Stage, StageContext, register_stage
 from ..train.loop import TrainConfig, fit
 from ..train.run import CHECKPOINT_SUBDIR
 from .mask import remove_masks
+from .sensitivity import allocate_sparsity, sensitivity
 from .structured import prune_channels
 from .unstructured import PruneConfig, prune_weights
 
@@ -40,6 +41,7 @@ class PruneStage(Stage, PruneConfig):
     agp_every: int = Field(10, ge=1)
     agp_ramp: float = Field(0.75, gt=0, le=1)
     structured: bool = False
+    allocate: Literal["uniform", "sensitivity"] = "uniform"
     finetune: PruneFinetune = PruneFinetune()
 
     @model_validator(mode="after")
@@ -48,6 +50,8 @@ class PruneStage(Stage, PruneConfig):
             raise ValueError(f"schedule {self.schedule!r} prunes while training: set finetune.epochs > 0")
         if self.structured and (self.nm or self.scope == "global" or self.schedule == "agp" or self.layer_sparsity):
             raise ValueError("structured pruning takes one ratio per group: no nm, global scope, agp or layer_sparsity")
+        if self.allocate == "sensitivity" and (self.structured or self.nm or self.scope == "global"):
+            raise ValueError("allocate: sensitivity sets per-layer sparsities: not with structured, nm or global")
         return self
 
     def prune_config(self) -> PruneConfig:
@@ -65,6 +69,10 @@ class PruneStage(Stage, PruneConfig):
 
         if self.structured:
             return self._apply_structured(model, ctx, recover)
+        if self.allocate == "sensitivity":
+            sens = sensitivity(model, task, method=self.method, include=self.include, exclude=self.exclude)
+            ctx.notes["sensitivity"] = sens
+            cfg = cfg.model_copy(update={"layer_sparsity": allocate_sparsity(sens, self.sparsity)})
         if self.schedule == "one-shot":
             result = prune_weights(model, cfg, task)
             recover("finetune")

@@ -134,7 +134,7 @@ def plan_channels(
         keep = (kept_blocks[:, None] * group.block + torch.arange(group.block)[None, :]).reshape(-1)
         planned.append({
             "size": group.size, "block": group.block, "keep": keep.tolist(),
-            "members": [[m.tensor, m.dim, m.rep, m.offset] for m in group.members],
+            "members": [[m.tensor, m.dim, m.rep, m.offset, m.role] for m in group.members],
         })
     step = {"op": PLAN_OP, "method": method, "ratio": ratio, "groups": planned}
     notes = {"groups": [{"channels": g.describe(), "kept": len(p["keep"])} for g, p in
@@ -150,7 +150,7 @@ def apply_plan(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     originals: dict[tuple[str, int], int] = {}
     for group in step["groups"]:
         dropped = sorted(set(range(group["size"])) - set(group["keep"]))
-        for tensor, dim, rep, offset in group["members"]:
+        for tensor, dim, rep, offset, *_ in group["members"]:
             key = (tensor, dim)
             originals[key] = _tensor(model, tensor).shape[dim]
             removed.setdefault(key, set()).update(offset + c * rep + j for c in dropped for j in range(rep))

@@ -94,6 +94,11 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     if report["histograms"]:
         parts += ["<h2>Weight histograms</h2>", _img(plots.weight_histograms(report["histograms"]), "weight histograms")]
+    for stage in stages:
+        sens = stage.get("notes", {}).get("sensitivity")
+        if sens:
+            parts += [f"<h2>Per-layer sensitivity ({html.escape(stage['name'])})</h2>",
+                      _img(plots.sensitivity_curves(sens), "per-layer sensitivity")]
     artifacts = [[html.escape(k), html.escape(str(v))] for k, v in report["artifacts"].items()]
     parts += ["<h2>Artifacts</h2>", _table(["artifact", "value"], artifacts)]
     body = "\n".join(parts)

@@ -8,7 +8,7 @@ from typing import Any
 MAX_HISTOGRAMS = 12
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -17,14 +17,14 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _png(fig) -> bytes:
+def to_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
 def accuracy_vs_size(stages: list[dict[str, Any]]) -> bytes:
-    fig = _figure(6.4, 4.0)
+    fig = figure(6.4, 4.0)
     ax = fig.add_subplot()
     sizes = [s["file_bytes"] / 1024 for s in stages]
     accs = [100 * s["accuracy"] for s in stages]
@@ -40,14 +40,14 @@ def accuracy_vs_size(stages: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs size, after each stage")
     ax.grid(True, alpha=0.3)
-    return _png(fig)
+    return to_png(fig)
 
 
 def layer_params(baseline: list[dict[str, Any]], final: list[dict[str, Any]]) -> bytes:
     names = [row["name"] for row in baseline] + [r["name"] for r in final if r["name"] not in {b["name"] for b in baseline}]
     base = {r["name"]: r for r in baseline}
     fin = {r["name"]: r for r in final}
-    fig = _figure(7.0, max(2.5, 0.28 * len(names) + 1.2))
+    fig = figure(7.0, max(2.5, 0.28 * len(names) + 1.2))
     ax = fig.add_subplot()
     ys = range(len(names))
     ax.barh([y - 0.2 for y in ys], [base.get(n, {}).get("params", 0) for n in names], height=0.4,
@@ -60,14 +60,14 @@ def layer_params(baseline: list[dict[str, Any]], final: list[dict[str, Any]]) ->
     ax.set_xlabel("parameters (log scale)")
     ax.set_title("Parameters per layer")
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return to_png(fig)
 
 
 def weight_histograms(histograms: list[dict[str, Any]]) -> bytes:
     shown = histograms[:MAX_HISTOGRAMS]
     cols = 3
     rows = max(1, -(-len(shown) // cols))
-    fig = _figure(9.0, 2.0 * rows + 0.4)
+    fig = figure(9.0, 2.0 * rows + 0.4)
     for i, hist in enumerate(shown):
         ax = fig.add_subplot(rows, cols, i + 1)
         edges = hist["edges"]
@@ -76,4 +76,21 @@ def weight_histograms(histograms: list[dict[str, Any]]) -> bytes:
         ax.set_title(f"{hist['name']}{zeros}", fontsize=8)
         ax.tick_params(labelsize=6)
     fig.suptitle("Weight distributions of the final model (non-zero weights)", fontsize=10)
-    return _png(fig)
+    return to_png(fig)
+
+
+def sensitivity_curves(sens: dict[str, Any]) -> bytes:
+    """Validation score vs sparsity of each layer (or channel group) pruned alone."""
+    fig = figure(6.4, 4.2)
+    ax = fig.add_subplot()
+    xs = [100 * s for s in sens["sparsities"]]
+    for name, info in sens["layers"].items():
+        ax.plot(xs, info["scores"], marker="o", markersize=3, label=name)
+    ax.axhline(sens["baseline"], color="#9aa5b1", linestyle="--", label="unpruned")
+    kind = "channels removed" if sens["structured"] else "weights pruned"
+    ax.set_xlabel(f"{kind} in that layer alone (%)")
+    ax.set_ylabel(f"validation {sens['metric']}")
+    ax.set_title(f"Per-layer sensitivity ({sens['method']})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return to_png(fig)
