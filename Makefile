@@ -22,7 +22,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python benchmarks/zoo.py
+	$(BIN)/python benchmarks/prune.py
 
 clean:
 	rm -rf runs benchmarks/results

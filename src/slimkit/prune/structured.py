@@ -47,8 +47,8 @@ def group_scores(model: nn.Module, group: Group, method: str, grads: dict[str, t
     used = 0
     for member in group.members:
         tensor = _tensor(model, member.tensor)
-        if not tensor.is_floating_point() or member.tensor.endswith(("running_mean", "running_var")):
-            continue
+        if not tensor.is_floating_point() or member.tensor.endswith(("running_mean", "running_var", ".bias")):
+            continue  # weights carry the importance signal; biases and statistics do not
         if method == "bn-scale" and not (member.role == "norm" and member.tensor.endswith(".weight")):
             continue
         rows = _channel_rows(tensor, member, group.size).double()
