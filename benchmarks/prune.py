@@ -157,12 +157,12 @@ def main() -> None:
     ft = TrainConfig(epochs=epochs, lr=1e-3)
     un = unstructured(task, [0.9, 0.92, 0.95, 0.98], ft)
     print("\n### Unstructured, lenet300 (same fine-tuning: %d epochs, AdamW lr 1e-3)\n" % epochs)
-    print("| method | sparsity | test acc | file bytes | vs dense file |")
+    print("| method | sparsity | test acc | file bytes | dense bytes / file bytes |")
     print("|---|---:|---:|---:|---:|")
     dense = un[0]
     for r in un:
         print(f"| {r['method']} | {100 * r['sparsity']:.0f}% | {100 * r['accuracy']:.2f}% | {r['file_bytes']:,} "
-              f"| {dense['file_bytes'] / r['file_bytes']:.2f}x smaller |")
+              f"| {dense['file_bytes'] / r['file_bytes']:.2f}x |")
 
     st = structured(task, ["resnet8", "mobilenetv2"], 0.5, epochs, args.threads)
     print(f"\n### Structured, 50% of channels per group (same fine-tuning: {epochs} epochs, zoo settings; "
