@@ -35,7 +35,7 @@ def test_zoo_model_prunes_to_a_smaller_working_model_and_reloads(name, tmp_path)
     for group in step["groups"]:  # every producer really lost its channels
         blocks = group["size"] // group["block"]
         assert len(group["keep"]) == (blocks - int(0.5 * blocks)) * group["block"]
-        for tensor, dim, rep, offset, role in group["members"]:
+        for tensor, dim, rep, offset, role, groups in group["members"]:
             module, _, attr = tensor.rpartition(".")
             assert getattr(pruned.get_submodule(module), attr).shape[dim] < getattr(
                 model.get_submodule(module), attr).shape[dim]
@@ -171,14 +171,21 @@ class GroupedConvNet(nn.Module):
         return self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
 
 
-def test_grouped_convolution_is_left_alone_with_a_warning():
+def test_grouped_convolution_prunes_the_same_number_from_each_group():
     torch.manual_seed(0)
     model = GroupedConvNet().eval()
-    with pytest.warns(UserWarning, match=r"grouped convolution \(grouped.weight, groups=2\)"):
-        pruned, notes = prune_channels(model, X, 0.5)
-    assert (pruned.conv1.out_channels, pruned.grouped.out_channels) == (8, 8)
-    assert pruned.fc1.out_features == 16
-    assert pruned(X).shape == (8, 10)
+    dead_in, dead_out = [0, 1, 4, 5], [2, 3, 6, 7]  # two per group of four, on both sides
+    zero_channels((model.conv1, 0), channels=dead_in)
+    zero_channels((model.grouped, 0), channels=dead_out)
+    with torch.no_grad():
+        for q in range(2):  # the grouped weight's columns are per-group input positions
+            model.grouped.weight[4 * q : 4 * q + 4, [c - 4 * q for c in dead_in if 4 * q <= c < 4 * q + 4]] = 0
+        model.fc1.weight[:, dead_out] = 0
+    pruned, _ = prune_channels(model, X, 0.5, exclude=["fc2"])
+    g = pruned.grouped
+    assert (pruned.conv1.out_channels, g.in_channels, g.out_channels, g.groups, g.weight.shape[1]) == (4, 4, 4, 2, 2)
+    assert pruned.fc1.in_features == 4
+    torch.testing.assert_close(pruned(X), model(X), rtol=0, atol=1e-5)
 
 
 class HardCodedHeads(nn.Module):
@@ -241,3 +248,22 @@ def test_untraceable_model_is_a_clear_error():
 
     with pytest.raises(SlimkitError, match="cannot trace Branchy"):
         prune_channels(Branchy(), X, 0.5)
+
+
+def test_an_unknown_op_leaves_its_channels_unpruned_with_a_warning():
+    class CumsumNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(64, 16)
+            self.fc2 = nn.Linear(16, 16)
+            self.fc3 = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = torch.cumsum(F.relu(self.fc1(x.flatten(1))), dim=1)  # mixes channels: not prunable
+            return self.fc3(F.relu(self.fc2(h)))
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="fc1 .*consumed by unsupported op cumsum"):
+        pruned, notes = prune_channels(CumsumNet().eval(), X, 0.5)
+    assert (pruned.fc1.out_features, pruned.fc2.out_features) == (16, 8)
+    assert "fc1" in notes["pinned"]

@@ -33,18 +33,21 @@ class Member:
 
     tensor: str
     dim: int
-    role: str  # "out" (produces the channels), "in" (reads them), "norm", "param"
+    role: str  # "out" (produces the channels), "in" (reads them), "in-grouped", "norm", "param"
     rep: int = 1
     offset: int = 0
+    groups: int = 1  # "in-grouped": the grouped convolution's group count
 
 
 @dataclass
 class Group:
-    """One prunable channel space: ``size`` channels, removed in blocks of ``block`` (a head's width)."""
+    """One prunable channel space: ``size`` channels, removed in blocks of ``block`` (a head's width),
+    the same number from each of ``parts`` equal contiguous parts (the groups of a grouped convolution)."""
 
     size: int
     block: int
     members: list[Member]
+    parts: int = 1
 
     @property
     def producers(self) -> list[Member]:
@@ -59,6 +62,7 @@ class Group:
 class _Space:
     size: int
     block: int = 1
+    parts: int = 1
     members: list[Member] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)  # reasons it must not be pruned
 
@@ -128,6 +132,7 @@ class _Analyzer:
             return
         self.parent[b] = a
         sa.block = max(sa.block, sb.block)
+        sa.parts = math.lcm(sa.parts, sb.parts)
         sa.members += sb.members
         sa.pinned += sb.pinned
 
@@ -255,10 +260,14 @@ class _Analyzer:
         members = [Member(weight, 0, "out")] + ([Member(self.param_name(bias), 0, "out")] if self.param_name(bias) else [])
         self.spaces[out_space].members += members
         depthwise = groups > 1 and in_per_group == 1 and out_channels == groups
-        if groups > 1 and not depthwise:
-            self.pin(out_space, f"grouped convolution ({weight}, groups={groups})")
-            if in_ann is not None:
-                self.pin_value(x, f"grouped convolution ({weight}, groups={groups})")
+        if groups > 1 and not depthwise:  # prune the same number of channels from every group
+            self.spaces[out_space].parts = groups
+            if in_ann is not None and len(in_ann.segments) == 1 and in_ann.rep == 1:
+                space = self.spaces[self.find(in_ann.segments[0][0])]
+                space.parts = math.lcm(space.parts, groups)
+                space.members.append(Member(weight, 1, "in-grouped", groups=groups))
+            elif in_ann is not None:
+                self.pin_value(x, f"grouped convolution {weight} over concatenated or flattened channels")
         elif depthwise:
             if in_ann is not None and len(in_ann.segments) == 1 and in_ann.rep == 1:
                 self.union(in_ann.segments[0][0], out_space)
@@ -533,7 +542,9 @@ class _Analyzer:
             space = self.spaces[root]
             if space.pinned or not any(m.role == "out" for m in space.members):
                 continue
-            out.append(Group(space.size, space.block, list(dict.fromkeys(space.members))))
+            if space.size % (space.parts * space.block):
+                continue  # heads that straddle convolution groups: leave the channels alone
+            out.append(Group(space.size, space.block, list(dict.fromkeys(space.members)), space.parts))
         return out
 
     def pinned(self) -> dict[str, list[str]]:

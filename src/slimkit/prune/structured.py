@@ -33,6 +33,10 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 def _channel_rows(tensor: torch.Tensor, member: Member, channels: int) -> torch.Tensor:
     """``channels x k`` view of the slices of ``tensor`` that belong to each channel."""
+    if member.role == "in-grouped":  # input channel q * per + j is column j of group q's rows
+        g = member.groups
+        w = tensor.detach().reshape(g, tensor.shape[0] // g, tensor.shape[1], -1)
+        return w.transpose(1, 2).reshape(channels, -1)
     moved = tensor.detach().movedim(member.dim, 0)
     part = moved[member.offset : member.offset + channels * member.rep]
     return part.reshape(channels, -1)
@@ -126,15 +130,16 @@ def plan_channels(
         if not _selected(group, include or ["*"], exclude or []):
             skipped[group.describe()] = "excluded by configuration"
             continue
-        blocks = group.size // group.block
-        remove = min(int(ratio * blocks), blocks - 1)
+        per_part = group.size // group.block // group.parts  # blocks in each part
+        remove = min(int(ratio * per_part), per_part - 1)
         scores = group_scores(model, group, method, grads, generator)
-        block_scores = scores.reshape(blocks, group.block).sum(1)
-        kept_blocks = torch.sort(torch.argsort(block_scores, descending=True, stable=True)[: blocks - remove]).values
+        block_scores = scores.reshape(group.parts, per_part, group.block).sum(2)
+        kept = torch.sort(torch.argsort(block_scores, dim=1, descending=True, stable=True)[:, : per_part - remove]).values
+        kept_blocks = (kept + per_part * torch.arange(group.parts)[:, None]).reshape(-1)
         keep = (kept_blocks[:, None] * group.block + torch.arange(group.block)[None, :]).reshape(-1)
         planned.append({
-            "size": group.size, "block": group.block, "keep": keep.tolist(),
-            "members": [[m.tensor, m.dim, m.rep, m.offset, m.role] for m in group.members],
+            "size": group.size, "block": group.block, "parts": group.parts, "keep": keep.tolist(),
+            "members": [[m.tensor, m.dim, m.rep, m.offset, m.role, m.groups] for m in group.members],
         })
     step = {"op": PLAN_OP, "method": method, "ratio": ratio, "groups": planned}
     notes = {"groups": [{"channels": g.describe(), "kept": len(p["keep"])} for g, p in
@@ -148,13 +153,17 @@ def apply_plan(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     """Cut every member tensor down to its kept channels and resize the layers' attributes."""
     removed: dict[tuple[str, int], set[int]] = {}
     originals: dict[tuple[str, int], int] = {}
+    touched = set()
     for group in step["groups"]:
         dropped = sorted(set(range(group["size"])) - set(group["keep"]))
-        for tensor, dim, rep, offset, *_ in group["members"]:
+        for tensor, dim, rep, offset, role, *rest in group["members"]:
+            if role == "in-grouped":  # before any row is removed: the rows still say which group they are in
+                _replace(model, tensor, _grouped_columns(_tensor(model, tensor), group["keep"], rest[0]))
+                touched.add(tensor.rpartition(".")[0])
+                continue
             key = (tensor, dim)
             originals[key] = _tensor(model, tensor).shape[dim]
             removed.setdefault(key, set()).update(offset + c * rep + j for c in dropped for j in range(rep))
-    touched = set()
     for (tensor, dim), drop in removed.items():
         current = _tensor(model, tensor)
         keep = torch.tensor([i for i in range(originals[(tensor, dim)]) if i not in drop], dtype=torch.long)
@@ -163,6 +172,17 @@ def apply_plan(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     for name in touched:
         _resync(model.get_submodule(name))
     return model
+
+
+def _grouped_columns(weight: torch.Tensor, keep: list[int], groups: int) -> torch.Tensor:
+    """A grouped convolution's weight with only the kept input channels of each group."""
+    per = weight.shape[1]
+    rows = weight.shape[0] // groups
+    parts = []
+    for q in range(groups):
+        cols = torch.tensor([c - q * per for c in keep if q * per <= c < (q + 1) * per], dtype=torch.long)
+        parts.append(weight[q * rows : (q + 1) * rows].detach().index_select(1, cols))
+    return torch.cat(parts).clone()
 
 
 def _replace(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -179,10 +199,10 @@ def _resync(module: nn.Module) -> None:
     """Make a layer's size attributes agree with its (pruned) tensors."""
     if isinstance(module, nn.modules.conv._ConvNd):
         out_channels = module.weight.shape[0]
-        if module.groups > 1:  # only depthwise convolutions are pruned (grouped ones are pinned)
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:  # depthwise
             module.groups = module.in_channels = out_channels
         else:
-            module.in_channels = module.weight.shape[1]
+            module.in_channels = module.weight.shape[1] * module.groups
         module.out_channels = out_channels
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
