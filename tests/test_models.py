@@ -54,7 +54,7 @@ def test_macs_mobilenetv2_depthwise_by_hand():
 
 
 def test_macs_vit_counts_attention_matmuls():
-    dim, depth, heads, mlp, tokens = 64, 4, 4, 128, 17
+    dim, depth, mlp, tokens = 64, 4, 128, 17  # 4 heads of 16: head count does not change MACs
     per_block = 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * mlp
     expected = conv_macs(1, dim, 2, 4) + depth * per_block + dim * 10
     macs, per_layer = count_macs(build_model({"zoo": "vit"}), (1, 8, 8))

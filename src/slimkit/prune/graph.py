@@ -247,18 +247,28 @@ class _Analyzer:
     def op_convolution(self, node) -> None:
         self.conv(node, node.args[8])
 
-    def conv(self, node, groups: int) -> None:
+    def produce(self, node) -> tuple[str, int] | None:
+        """A conv/linear opens a channel space for its outputs; returns (weight name, space id)."""
         x, w = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
         weight = self.param_name(w)
         if weight is None:
-            self.pin_value(x, f"{node.name}: convolution with a computed weight")
+            self.pin_value(x, f"{node.name}: a layer with a computed weight")
+            return None
+        space = self.new_space(self.shape(w)[0])
+        self.spaces[space].members.append(Member(weight, 0, "out"))
+        if self.param_name(bias):
+            self.spaces[space].members.append(Member(self.param_name(bias), 0, "out"))
+        return weight, space
+
+    def conv(self, node, groups: int) -> None:
+        x, w = node.args[0], node.args[1]
+        produced = self.produce(node)
+        if produced is None:
             return
+        weight, out_space = produced
         out_channels, in_per_group = self.shape(w)[:2]
         in_ann = self.annotation(x).get(1)
-        out_space = self.new_space(out_channels)
-        members = [Member(weight, 0, "out")] + ([Member(self.param_name(bias), 0, "out")] if self.param_name(bias) else [])
-        self.spaces[out_space].members += members
         depthwise = groups > 1 and in_per_group == 1 and out_channels == groups
         if groups > 1 and not depthwise:  # prune the same number of channels from every group
             self.spaces[out_space].parts = groups
@@ -280,19 +290,14 @@ class _Analyzer:
         self.ann[node] = out
 
     def op_linear(self, node) -> None:
-        x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else None
-        weight = self.param_name(w)
-        if weight is None:
-            self.pin_value(x, f"{node.name}: linear with a computed weight")
+        x = node.args[0]
+        produced = self.produce(node)
+        if produced is None:
             return
+        weight, out_space = produced
+        out_features = self.spaces[out_space].size
         ann = self.annotation(x)
         last = len(self.shape(x)) - 1
-        out_features = self.shape(w)[0]
-        out_space = self.new_space(out_features)
-        self.spaces[out_space].members.append(Member(weight, 0, "out"))
-        if self.param_name(bias):
-            self.spaces[out_space].members.append(Member(self.param_name(bias), 0, "out"))
         in_ann = ann.get(last)
         if in_ann is not None:
             if in_ann.role == "full":

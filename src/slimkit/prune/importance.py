@@ -53,9 +53,11 @@ def weight_importance(
     return scores
 
 
-def _taylor(model, layers, batches, loss_fn, max_batches) -> dict[str, torch.Tensor]:
-    weights = {name: original_weight(module) for name, module in layers}
-    scores = {name: torch.zeros_like(w) for name, w in weights.items()}
+def gradient_magnitudes(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn,
+                        max_batches: int = 8) -> dict[str, torch.Tensor]:
+    """Sum over a few batches of |dL/dp| for every parameter (by name); the model is left as it was."""
+    params = dict(model.named_parameters())
+    grads = {name: torch.zeros_like(p) for name, p in params.items()}
     was_training = model.training
     model.eval()
     try:
@@ -64,10 +66,17 @@ def _taylor(model, layers, batches, loss_fn, max_batches) -> dict[str, torch.Ten
                 break
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
-            for name, w in weights.items():
-                if w.grad is not None:
-                    scores[name] += (w.detach() * w.grad).abs()
+            for name, p in params.items():
+                if p.grad is not None:
+                    grads[name] += p.grad.abs()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return scores
+    return grads
+
+
+def _taylor(model, layers, batches, loss_fn, max_batches) -> dict[str, torch.Tensor]:
+    """|w| * sum |dL/dw| = sum |w * dL/dw| (w does not change while scoring)."""
+    grads = gradient_magnitudes(model, batches, loss_fn, max_batches)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return {name: original_weight(m).detach().abs() * grads[name_of[id(original_weight(m))]] for name, m in layers}

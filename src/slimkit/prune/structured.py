@@ -21,6 +21,7 @@ from ..errors import SlimkitError
 from ..plan import register_plan_op
 from ..train.loop import Batch, LossFn
 from .graph import Group, Member, channel_groups
+from .importance import gradient_magnitudes
 
 PLAN_OP = "prune-channels"
 STRUCTURED_METHODS = ("l1", "l2", "bn-scale", "taylor", "random")
@@ -69,26 +70,6 @@ def group_scores(model: nn.Module, group: Group, method: str, grads: dict[str, t
     return total
 
 
-def _taylor_grads(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn, max_batches: int = 8):
-    params = dict(model.named_parameters())
-    grads = {name: torch.zeros_like(p) for name, p in params.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        for i, (x, y) in enumerate(batches):
-            if i >= max_batches:
-                break
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            for name, p in params.items():
-                if p.grad is not None:
-                    grads[name] += p.grad.abs()
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return grads
-
-
 def _selected(group: Group, include: list[str], exclude: list[str]) -> bool:
     layers = {m.tensor.rpartition(".")[0] for m in group.members}
     producers = {m.tensor.rpartition(".")[0] for m in group.producers}
@@ -123,7 +104,7 @@ def plan_channels(
     if method == "taylor":
         if batches is None:
             raise SlimkitError("taylor importance needs a few batches of training data")
-        grads = _taylor_grads(model, batches, loss_fn or nn.CrossEntropyLoss())
+        grads = gradient_magnitudes(model, batches, loss_fn or nn.CrossEntropyLoss())
     generator = torch.Generator().manual_seed(seed)
     planned, skipped = [], {}
     for group in groups:
