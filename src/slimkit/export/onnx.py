@@ -82,7 +82,19 @@ def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int
             )
         except Exception as exc:  # the exporter raises many internal types; say which model failed
             raise SlimkitError(f"ONNX export failed for {type(model).__name__}: {str(exc).splitlines()[0]}") from None
-        program.save(str(path))
+        import onnx
+
+        proto = program.model_proto
+        strip_debug_info(proto)
+        onnx.save(proto, str(path))
+
+
+def strip_debug_info(proto) -> None:
+    """Drop the exporter's per-node provenance and intermediate shape annotations: bytes that are not the model."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.value_info[:]
 
 
 def export_onnx(

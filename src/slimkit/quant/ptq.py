@@ -1,0 +1,242 @@
+"""Static post-training quantization to int8, on the model's exported graph.
+
+1. BatchNorm is folded into the convolution before it.
+2. The model is captured with ``torch.export`` (dynamic batch). Every conv, linear
+   and activation-activation matmul becomes a quantized op: its weight gets a
+   symmetric per-channel int8 quantizer, and the activations entering and leaving
+   it get an asymmetric uint8 quantizer (leaving: after a directly following
+   ReLU/ReLU6, which the runtime fuses). A value feeding several ops is
+   quantized once.
+3. Observers watch those activations on calibration data; slimkit computes the
+   scales and zero points.
+4. The observers are replaced by fake-quantization ops. The result is a plain
+   ``GraphModule``: slimkit's simulation of the integer model, and what is
+   exported to ONNX in QDQ form (see ``export/qdq.py``), where ONNX Runtime runs
+   it with integer kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+from fnmatch import fnmatchcase
+from typing import Any, Iterable
+
+import torch
+from pydantic import Field
+from torch import fx, nn
+
+from ..config import Config
+from ..errors import SlimkitError
+from .observers import OBSERVERS, Observer, make_observer
+from .scheme import QScheme, qparams
+
+ACT_SCHEME = QScheme(bits=8, symmetric=False, signed=False)  # uint8, as ONNX Runtime's x86 kernels prefer
+WEIGHT_SCHEME = QScheme(bits=8, symmetric=True, signed=True, granularity="channel", axis=0)
+aten = torch.ops.aten
+WEIGHTED = {aten.conv2d.default, aten.conv1d.default, aten.linear.default}
+MATMULS = {aten.matmul.default, aten.bmm.default}
+FUSED_ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
+
+
+class StaticQuantConfig(Config):
+    observer: str = "minmax"
+    calib: int = Field(256, ge=1)
+    per_channel: bool = True
+    exclude: list[str] = Field(default_factory=list)
+    matmul: bool = True
+    fold_bn: bool = True
+    seed: int = 0
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[list[str]]]:
+    """A copy of ``model`` with every eval-mode BatchNorm that directly follows a conv folded into it."""
+    model = copy.deepcopy(model).eval()
+    program = torch.export.export(model, (example[:2],), strict=False)
+    params = program.graph_signature.inputs_to_parameters
+    pairs = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or "batch_norm" not in str(node.target):
+            continue
+        conv = node.args[0]
+        if not (isinstance(conv, fx.Node) and conv.target in (aten.conv2d.default, aten.conv1d.default)
+                and len(conv.users) == 1):
+            continue
+        conv_name = params.get(conv.args[1].name, "").rpartition(".")[0]
+        bn_name = params.get(node.args[1].name, "").rpartition(".")[0] if isinstance(node.args[1], fx.Node) else ""
+        if conv_name and bn_name:
+            pairs.append([conv_name, bn_name])
+    for conv_name, bn_name in pairs:
+        _fold(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        parent, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    return model, pairs
+
+
+@torch.no_grad()
+def _fold(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    factor = gamma / std
+    conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * factor + beta
+    conv.bias = nn.Parameter(new_bias)
+
+
+class _Observe(nn.Module):
+    def __init__(self, observer: Observer):
+        super().__init__()
+        self.observer = observer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observer.update(x)
+        return x
+
+
+def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    try:
+        program = torch.export.export(model.eval(), (example[:2],), dynamic_shapes=({0: batch},), strict=False)
+    except Exception as exc:  # export raises many internal types
+        raise SlimkitError(f"cannot capture {type(model).__name__} for quantization: "
+                           f"{str(exc).strip().splitlines()[0]}") from None
+    unlifted = program.module()
+    # a plain GraphModule: the unlifted program refuses .eval()/.train(), which every loop calls
+    return fx.GraphModule(unlifted, unlifted.graph, class_name=f"Quantized{type(model).__name__}")
+
+
+def _weight_name(node: fx.Node) -> str | None:
+    weight = node.args[1] if len(node.args) > 1 else None
+    return weight.target if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+
+
+def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(weighted ops to quantize, activation values to quantize), in graph order."""
+    ops, values = [], {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in WEIGHTED:
+            name = _weight_name(node)
+            if name is None or any(fnmatchcase(name.rpartition(".")[0], p) for p in cfg.exclude):
+                continue
+            ops.append(node)
+            inputs = [node.args[0]]
+        elif node.target in MATMULS and cfg.matmul:
+            inputs = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
+            if len(inputs) != 2:
+                continue
+        else:
+            continue
+        users = list(node.users)
+        out = users[0] if len(users) == 1 and users[0].target in FUSED_ACTIVATIONS else node
+        for value in (*inputs, out):
+            values[value] = None
+    return ops, list(values)
+
+
+@torch.no_grad()
+def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | None = None,
+                    batch_size: int = 64) -> tuple[fx.GraphModule, dict[str, Any]]:
+    """Calibrate and convert; returns the fake-quantized graph module and the quantization parameters."""
+    cfg = cfg or StaticQuantConfig()
+    if len(calib) == 0:
+        raise SlimkitError("static quantization needs calibration inputs")
+    folded, pairs = fold_batchnorm(model, calib) if cfg.fold_bn else (copy.deepcopy(model).eval(), [])
+    gm = capture(folded, calib)
+    ops, values = quant_points(gm, cfg)
+    if not ops:
+        raise SlimkitError("nothing to quantize: no conv or linear layers were selected")
+    observers = _insert_observers(gm, values, cfg)
+    for i in range(0, len(calib), batch_size):
+        gm(calib[i : i + batch_size])
+    activations = {node: obs.qparams() for node, obs in observers.items()}
+    _remove_observers(gm, observers)
+    weights = _quantize_weights(gm, ops, cfg, activations)
+    _insert_activation_fake_quant(gm, activations)
+    gm.graph.lint()
+    gm.recompile()
+    gm.requires_grad_(False)  # an inference artifact; also keeps fake-quant ops exportable (no autograd variant)
+    params = {"folded_batchnorm": pairs, "weights": weights,
+              "activations": {node.name: list(qp) for node, qp in activations.items()},
+              "observer": cfg.observer, "calibration_samples": len(calib)}
+    return gm, params
+
+
+def _insert_observers(gm: fx.GraphModule, values: list[fx.Node], cfg: StaticQuantConfig) -> dict[fx.Node, Observer]:
+    observers = {}
+    for i, value in enumerate(values):
+        observer = make_observer(cfg.observer, ACT_SCHEME, seed=cfg.seed)
+        name = f"_slimkit_observer_{i}"
+        gm.add_submodule(name, _Observe(observer))
+        with gm.graph.inserting_after(value):
+            node = gm.graph.call_module(name, (value,))
+        value.replace_all_uses_with(node, delete_user_cb=lambda user, n=node: user is not n)
+        observers[value] = observer
+    gm.recompile()
+    return observers
+
+
+def _remove_observers(gm: fx.GraphModule, observers: dict[fx.Node, Observer]) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_slimkit_observer_"):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+
+
+def _quantize_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfig,
+                      activations: dict[fx.Node, tuple[float, int]]) -> dict[str, Any]:
+    """Per-channel int8 fake quantization of each weight; biases rounded to int32 at scale s_x * s_w."""
+    out = {}
+    for i, op in enumerate(ops):
+        name = _weight_name(op)
+        weight = gm.get_parameter(name)
+        rows = weight.detach().reshape(weight.shape[0], -1)
+        if cfg.per_channel:
+            scale, _ = qparams(rows.amin(1), rows.amax(1), WEIGHT_SCHEME)
+        else:
+            scale, _ = qparams(rows.min().reshape(1), rows.max().reshape(1), WEIGHT_SCHEME)
+            scale = scale.expand(weight.shape[0]).clone()
+        scale_name, zero_name = f"_slimkit_wscale_{i}", f"_slimkit_wzero_{i}"
+        gm.register_buffer(scale_name, scale)
+        gm.register_buffer(zero_name, torch.zeros_like(scale, dtype=torch.int32))
+        with gm.graph.inserting_before(op):
+            s, z = gm.graph.get_attr(scale_name), gm.graph.get_attr(zero_name)
+            fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (op.args[1], s, z, 0, -128, 127))
+        op.replace_input_with(op.args[1], fq)
+        bias_node = op.args[2] if len(op.args) > 2 else None
+        x_scale = activations[op.args[0]][0]
+        if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
+            bias = gm.get_parameter(bias_node.target)
+            step = scale.double() * x_scale
+            bias.data = (torch.round(bias.double() / step) * step).float()
+        out[name] = {"scale": scale.tolist(), "input_scale": x_scale}
+    return out
+
+
+def _insert_activation_fake_quant(gm: fx.GraphModule, activations: dict[fx.Node, tuple[float, int]]) -> None:
+    for value, (scale, zero) in activations.items():
+        with gm.graph.inserting_after(value):
+            node = gm.graph.call_function(torch.fake_quantize_per_tensor_affine,
+                                          (value, scale, zero, ACT_SCHEME.qmin, ACT_SCHEME.qmax))
+        value.replace_all_uses_with(node, delete_user_cb=lambda user, n=node: user is not n)
+
+
+def calibration_batches(inputs: Iterable[torch.Tensor], limit: int) -> torch.Tensor:
+    """The first ``limit`` samples of an iterable of input batches, as one tensor."""
+    taken, count = [], 0
+    for x in inputs:
+        taken.append(x[: limit - count])
+        count += len(taken[-1])
+        if count >= limit:
+            break
+    if not taken:
+        raise SlimkitError("no calibration data")
+    return torch.cat(taken)
+
