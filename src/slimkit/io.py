@@ -102,7 +102,8 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any],
+               int8_scales: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` and its metadata as a model directory, atomically; sparse tensors are stored sparse."""
     from safetensors.torch import save_file
 
@@ -110,7 +111,7 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any
 
     state = state_dict_for_saving(model)
     check_finite(state, f"model being saved to {out_dir}")
-    tensors, encodings = encode_state(state)
+    tensors, encodings = encode_state(state, int8_scales)
     full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta, "tensors": encodings}
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .codec import decode_state
@@ -74,7 +75,15 @@ def save(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | No
     meta.setdefault("plan", [])
     for derived in ("format", "version", "tensors"):
         meta.pop(derived, None)
-    return save_model(model, out_dir, meta)
+    return save_model(model, out_dir, meta, _int8_scales(model, meta["plan"]))
+
+
+def _int8_scales(model: nn.Module, plan: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Weights a quantization step made int8, with their per-channel scales (stored as int8 codes)."""
+    from .quant.ptq import PLAN_OP, weight_scale_buffer
+
+    return {name: model.get_buffer(weight_scale_buffer(i)) for step in plan if step.get("op") == PLAN_OP
+            for i, name in enumerate(step["weights"])}
 
 
 def new_model(arch: dict[str, Any] | str, trust_code: bool = False, **meta: Any) -> nn.Module:

@@ -39,13 +39,33 @@ def _gaps(flat_nonzero: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Encode each floating-point tensor in the smallest lossless form; returns tensors and their encodings."""
+def _as_int8(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """int8 codes if ``tensor`` is exactly ``codes * scale`` per output channel (a quantized weight), else None."""
+    s = scale.reshape(-1, *([1] * (tensor.dim() - 1)))
+    codes = torch.round(tensor / s)
+    if codes.abs().max() > 127 or not torch.equal(codes * s, tensor):
+        return None
+    return codes.to(torch.int8)
+
+
+def encode_state(state: dict[str, torch.Tensor], int8_scales: dict[str, torch.Tensor] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Encode each floating-point tensor in the smallest lossless form; returns tensors and their encodings.
+
+    ``int8_scales`` names weights a quantization plan says are int8 codes times per-channel scales:
+    those are stored as int8 (and checked to decode to exactly the same values).
+    """
     tensors: dict[str, torch.Tensor] = {}
     encodings: dict[str, dict[str, Any]] = {}
     for name, tensor in state.items():
         if SEP in name:
             raise SlimkitError(f"tensor name {name!r} contains the reserved separator {SEP!r}")
+        codes = _as_int8(tensor, int8_scales[name]) if int8_scales and name in int8_scales else None
+        if codes is not None:
+            tensors[name + SEP + "int8"] = codes
+            tensors[name + SEP + "scale"] = int8_scales[name].float().contiguous()
+            encodings[name] = {"encoding": "int8-channel", "shape": list(tensor.shape)}
+            continue
         if not tensor.is_floating_point() or tensor.numel() < 64:
             tensors[name] = tensor
             continue
@@ -81,6 +101,12 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str
         try:
             shape = [int(d) for d in enc["shape"]]
             numel = math.prod(shape)
+            if enc["encoding"] == "int8-channel":
+                codes, scale = tensors[name + SEP + "int8"], tensors[name + SEP + "scale"]
+                state[name] = codes.float() * scale.reshape(-1, *([1] * (codes.dim() - 1)))
+                if list(state[name].shape) != shape:
+                    raise ValueError("int8 codes do not have the recorded shape")
+                continue
             values = tensors[name + SEP + "values"]
             if enc["encoding"] == "bitmask":
                 bits = np.unpackbits(tensors[name + SEP + "bitmask"].numpy(), count=numel).astype(bool)

@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from ..config import Config
 from ..errors import SlimkitError
+from ..plan import register_plan_op
 from .observers import OBSERVERS, Observer, make_observer
 from .scheme import QScheme, qparams
 
@@ -35,6 +36,7 @@ WEIGHT_SCHEME = QScheme(bits=8, symmetric=True, signed=True, granularity="channe
 aten = torch.ops.aten
 WEIGHTED = {aten.conv2d.default, aten.conv1d.default, aten.linear.default}
 MATMULS = {aten.matmul.default, aten.bmm.default}
+PLAN_OP = "quantize-static"
 FUSED_ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
 
 
@@ -143,7 +145,7 @@ def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.No
 @torch.no_grad()
 def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | None = None,
                     batch_size: int = 64) -> tuple[fx.GraphModule, dict[str, Any]]:
-    """Calibrate and convert; returns the fake-quantized graph module and the quantization parameters."""
+    """Calibrate and convert; returns the fake-quantized graph module and its plan step (all the scales)."""
     cfg = cfg or StaticQuantConfig()
     if len(calib) == 0:
         raise SlimkitError("static quantization needs calibration inputs")
@@ -155,17 +157,85 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
     observers = _insert_observers(gm, values, cfg)
     for i in range(0, len(calib), batch_size):
         gm(calib[i : i + batch_size])
-    activations = {node: obs.qparams() for node, obs in observers.items()}
-    _remove_observers(gm, observers)
-    weights = _quantize_weights(gm, ops, cfg, activations)
-    _insert_activation_fake_quant(gm, activations)
+    activations = {node.name: list(obs.qparams()) for node, obs in observers.items()}
+    _remove_observers(gm)
+    weights, scales = {}, {}
+    for op in ops:
+        name = _weight_name(op)
+        rows = gm.get_parameter(name).detach().reshape(gm.get_parameter(name).shape[0], -1)
+        if cfg.per_channel:
+            scale, _ = qparams(rows.amin(1), rows.amax(1), WEIGHT_SCHEME)
+        else:
+            scale, _ = qparams(rows.min(), rows.max(), WEIGHT_SCHEME)
+            scale = scale.reshape(1).expand(rows.shape[0])
+        weights[name] = {"input": op.args[0].name}
+        scales[name] = scale.float()
+    step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
+            "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
+    return _convert(gm, step, scales), step
+
+
+@register_plan_op(PLAN_OP)
+def replay_static(model: nn.Module, step: dict[str, Any]) -> fx.GraphModule:
+    """Rebuild the quantized graph module from a fresh float model and the stored plan step."""
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for conv_name, bn_name in step["folded_batchnorm"]:
+            _fold(model.get_submodule(conv_name), model.get_submodule(bn_name))
+            parent, _, child = bn_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    meta = getattr(model, "slimkit_meta", None)
+    gm = _convert(capture(model, torch.zeros(2, *step["input_shape"])), step)
+    if meta is not None:
+        gm.slimkit_meta = meta
+    return gm
+
+
+def weight_scale_buffer(index: int) -> str:
+    return f"_slimkit_wscale_{index}"
+
+
+def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.Tensor] | None = None,
+             ) -> fx.GraphModule:
+    """Insert the plan's fake quantizers into a captured graph (weights and biases rounded in place).
+
+    Weight scales live in buffers of the result, so a saved model carries them in its
+    safetensors; on replay (``scales=None``) placeholders are made and the load fills them in.
+    """
+    nodes = {node.name: node for node in gm.graph.nodes}
+    missing = sorted(set(step["activations"]) - set(nodes))
+    if missing:
+        raise SlimkitError(f"quantization plan does not fit this model's graph (no nodes {missing[:3]}); "
+                           "was it saved by another PyTorch version?")
+    for i, (name, spec) in enumerate(step["weights"].items()):
+        op = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHTED
+                  and _weight_name(n) == name)
+        scale = scales[name] if scales is not None else torch.ones(gm.get_parameter(name).shape[0])
+        gm.register_buffer(weight_scale_buffer(i), scale)
+        gm.register_buffer(f"_slimkit_wzero_{i}", torch.zeros_like(scale, dtype=torch.int32))
+        with gm.graph.inserting_before(op):
+            s, z = gm.graph.get_attr(weight_scale_buffer(i)), gm.graph.get_attr(f"_slimkit_wzero_{i}")
+            fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (op.args[1], s, z, 0, -128, 127))
+        op.replace_input_with(op.args[1], fq)
+        with torch.no_grad():
+            weight = gm.get_parameter(name)
+            weight.copy_(torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros_like(scale, dtype=torch.int32),
+                                                                0, -128, 127))
+            bias_node = op.args[2] if len(op.args) > 2 else None
+            if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
+                bias = gm.get_parameter(bias_node.target)
+                unit = scale.double() * step["activations"][spec["input"]][0]
+                bias.copy_((torch.round(bias.double() / unit) * unit).float())
+    for name, (scale, zero) in step["activations"].items():
+        value = nodes[name]
+        with gm.graph.inserting_after(value):
+            node = gm.graph.call_function(torch.fake_quantize_per_tensor_affine,
+                                          (value, scale, zero, ACT_SCHEME.qmin, ACT_SCHEME.qmax))
+        value.replace_all_uses_with(node, delete_user_cb=lambda user, n=node: user is not n)
     gm.graph.lint()
     gm.recompile()
     gm.requires_grad_(False)  # an inference artifact; also keeps fake-quant ops exportable (no autograd variant)
-    params = {"folded_batchnorm": pairs, "weights": weights,
-              "activations": {node.name: list(qp) for node, qp in activations.items()},
-              "observer": cfg.observer, "calibration_samples": len(calib)}
-    return gm, params
+    return gm
 
 
 def _insert_observers(gm: fx.GraphModule, values: list[fx.Node], cfg: StaticQuantConfig) -> dict[fx.Node, Observer]:
@@ -182,50 +252,12 @@ def _insert_observers(gm: fx.GraphModule, values: list[fx.Node], cfg: StaticQuan
     return observers
 
 
-def _remove_observers(gm: fx.GraphModule, observers: dict[fx.Node, Observer]) -> None:
+def _remove_observers(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_slimkit_observer_"):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(node.target)
-
-
-def _quantize_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfig,
-                      activations: dict[fx.Node, tuple[float, int]]) -> dict[str, Any]:
-    """Per-channel int8 fake quantization of each weight; biases rounded to int32 at scale s_x * s_w."""
-    out = {}
-    for i, op in enumerate(ops):
-        name = _weight_name(op)
-        weight = gm.get_parameter(name)
-        rows = weight.detach().reshape(weight.shape[0], -1)
-        if cfg.per_channel:
-            scale, _ = qparams(rows.amin(1), rows.amax(1), WEIGHT_SCHEME)
-        else:
-            scale, _ = qparams(rows.min().reshape(1), rows.max().reshape(1), WEIGHT_SCHEME)
-            scale = scale.expand(weight.shape[0]).clone()
-        scale_name, zero_name = f"_slimkit_wscale_{i}", f"_slimkit_wzero_{i}"
-        gm.register_buffer(scale_name, scale)
-        gm.register_buffer(zero_name, torch.zeros_like(scale, dtype=torch.int32))
-        with gm.graph.inserting_before(op):
-            s, z = gm.graph.get_attr(scale_name), gm.graph.get_attr(zero_name)
-            fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (op.args[1], s, z, 0, -128, 127))
-        op.replace_input_with(op.args[1], fq)
-        bias_node = op.args[2] if len(op.args) > 2 else None
-        x_scale = activations[op.args[0]][0]
-        if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
-            bias = gm.get_parameter(bias_node.target)
-            step = scale.double() * x_scale
-            bias.data = (torch.round(bias.double() / step) * step).float()
-        out[name] = {"scale": scale.tolist(), "input_scale": x_scale}
-    return out
-
-
-def _insert_activation_fake_quant(gm: fx.GraphModule, activations: dict[fx.Node, tuple[float, int]]) -> None:
-    for value, (scale, zero) in activations.items():
-        with gm.graph.inserting_after(value):
-            node = gm.graph.call_function(torch.fake_quantize_per_tensor_affine,
-                                          (value, scale, zero, ACT_SCHEME.qmin, ACT_SCHEME.qmax))
-        value.replace_all_uses_with(node, delete_user_cb=lambda user, n=node: user is not n)
 
 
 def calibration_batches(inputs: Iterable[torch.Tensor], limit: int) -> torch.Tensor:
