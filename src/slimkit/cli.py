@@ -152,7 +152,7 @@ def analyze(
 def export(
     path: Path = typer.Argument(..., help="model directory or run directory"),
     out: Path = typer.Option(..., "--out", help="file to write"),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch) or onnx-int8 (a quantized model)"),
     data: Optional[str] = DataOpt,
     arch: Optional[str] = ArchOpt,
     trust_code: bool = TrustOpt,
@@ -162,13 +162,25 @@ def export(
 
     from .export import export_onnx
 
-    if fmt != "onnx":
-        raise SlimkitError(f"--format {fmt!r}: supported formats: onnx")
+    from .export.qdq import export_int8_verified
+    from .export.stage import is_quantized
+
+    if fmt not in ("onnx", "onnx-int8"):
+        raise SlimkitError(f"--format {fmt!r}: supported formats: onnx, onnx-int8")
     model, splits = _load_for_data(path, arch, trust_code, data)
+    if is_quantized(model) != (fmt == "onnx-int8"):
+        raise SlimkitError(f"--format {fmt}: this is a {'quantized' if is_quantized(model) else 'float'} model; "
+                           f"use --format {'onnx-int8' if is_quantized(model) else 'onnx'}")
     if splits is not None:
         check = splits.x_test
     else:
         check = torch.randn(64, *_input_shape(model, splits), generator=torch.Generator().manual_seed(0))
+    if fmt == "onnx-int8":
+        result = export_int8_verified(model, out, check)
+        typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime int8 vs slimkit's simulation on "
+                   f"{result['samples']} samples: top-1 agreement {result['top1_agreement']:.4f}, "
+                   f"SQNR {result['sqnr_db']:.1f} dB")
+        return
     result = export_onnx(model, out, check[:2], verify_on=check)
     typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime vs torch on {result.samples_checked} "
                f"samples: max abs diff {result.max_abs_diff:.2e}")
@@ -201,6 +213,32 @@ def prune(
              "scope": "global" if global_scope else "layer", "exclude": exclude,
              "finetune": {"epochs": finetune_epochs}}
     recipe = {"name": f"prune {path}", "data": data or source.slimkit_meta.get("data", "digits"),
+              "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
+              "evaluate": {"latency": latency}}
+    _run_and_summarize(recipe, out, progress)
+
+
+@app.command()
+def quantize(
+    path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
+    out: Path = typer.Option(..., "--out", help="run directory for the quantized model, its int8 ONNX and report"),
+    scheme: str = typer.Option("int8-static", "--scheme", help="int8-static (int8 weights, uint8 activations)"),
+    calib: int = typer.Option(256, "--calib", help="calibration samples from the training split"),
+    observer: str = typer.Option("minmax", "--observer", help="minmax, moving-minmax, percentile, mse, entropy"),
+    per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
+    exclude: list[str] = typer.Option([], "--exclude", help="layer name glob to keep in float (repeatable)"),
+    data: Optional[str] = DataOpt,
+    latency: bool = typer.Option(True, "--latency/--no-latency"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    trust_code: bool = TrustOpt,
+) -> None:
+    """Quantize to int8 with slimkit's own scales; writes a verified integer ONNX model (QDQ)."""
+    from .modelfile import load
+
+    source = load(path, trust_code=trust_code)
+    stage = {"type": "quantize", "scheme": scheme, "calib": calib, "observer": observer,
+             "per_channel": per_channel, "exclude": exclude}
+    recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
     _run_and_summarize(recipe, out, progress)

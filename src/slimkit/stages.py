@@ -59,6 +59,7 @@ def stage_types() -> dict[str, type[Stage]]:
     """All registered stage types (importing the built-in ones on first use)."""
     from .export import stage as _export_stage  # noqa: F401
     from .prune import stage as _prune_stage  # noqa: F401
+    from .quant import stage as _quant_stage  # noqa: F401
     from .train import stage as _train_stage  # noqa: F401
 
     return dict(_STAGES)

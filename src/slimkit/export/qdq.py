@@ -142,3 +142,38 @@ def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Te
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return path
+
+
+MIN_AGREEMENT = 0.99
+MIN_SQNR_DB = 30.0
+
+
+def compare_with_runtime(model: torch.nn.Module, path: str | os.PathLike, inputs: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement and SQNR (dB) between slimkit's simulation and ONNX Runtime's integer model."""
+    from .onnx import ort_session, run_ort
+
+    with torch.no_grad():
+        expected = torch.cat([model(inputs[i : i + 256]) for i in range(0, len(inputs), 256)]).double().numpy()
+    got = run_ort(ort_session(path), inputs).astype(np.float64)
+    noise = float(((expected - got) ** 2).sum())
+    signal = float((expected**2).sum())
+    return {
+        "top1_agreement": float((expected.argmax(-1) == got.argmax(-1)).mean()),
+        "sqnr_db": float("inf") if noise == 0 else 10 * np.log10(signal / noise),
+        "max_abs_diff": float(np.abs(expected - got).max()),
+        "samples": len(inputs),
+    }
+
+
+def export_int8_verified(model: torch.nn.Module, path: str | os.PathLike, inputs: torch.Tensor) -> dict[str, float]:
+    """Export QDQ and check it against the simulation; a file that disagrees is not left behind."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        export_qdq(model, tmp, inputs[:2])
+        check = compare_with_runtime(model, tmp, inputs)
+        if check["top1_agreement"] < MIN_AGREEMENT or check["sqnr_db"] < MIN_SQNR_DB:
+            raise SlimkitError(
+                f"int8 ONNX of {type(model).__name__} disagrees with slimkit's simulation: top-1 agreement "
+                f"{check['top1_agreement']:.4f} (need {MIN_AGREEMENT}), SQNR {check['sqnr_db']:.1f} dB "
+                f"(need {MIN_SQNR_DB})")
+    return check

@@ -8,20 +8,35 @@ from pydantic import Field
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
+from ..errors import SlimkitError
 from .onnx import DEFAULT_ATOL, export_onnx
+from .qdq import export_int8_verified
 
 
 @register_stage
 class ExportStage(Stage):
     type: Literal["export"] = "export"
-    format: Literal["onnx"] = "onnx"
+    format: Literal["onnx", "onnx-int8"] = "onnx"
     filename: str = Field("model.onnx", min_length=1, pattern=r"^[^/\\]+$")
     atol: float = Field(DEFAULT_ATOL, gt=0)
     changes_model: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         x = ctx.task.example_inputs
-        result = export_onnx(model, ctx.out_dir / self.filename, x[:2], verify_on=x, atol=self.atol)
-        ctx.artifacts[self.format] = self.filename
-        ctx.artifacts[f"{self.format}_max_abs_diff"] = f"{result.max_abs_diff:.3g}"
+        path = ctx.out_dir / self.filename
+        if is_quantized(model) != (self.format == "onnx-int8"):
+            raise SlimkitError(f"export format {self.format!r} does not fit this "
+                               f"{'quantized' if is_quantized(model) else 'float'} model: use "
+                               f"{'onnx-int8' if is_quantized(model) else 'onnx'}")
+        if self.format == "onnx-int8":
+            check = export_int8_verified(model, path, x)
+            ctx.artifacts["onnx_int8_top1_agreement"] = f"{check['top1_agreement']:.4f}"
+        else:
+            result = export_onnx(model, path, x[:2], verify_on=x, atol=self.atol)
+            ctx.artifacts["onnx_max_abs_diff"] = f"{result.max_abs_diff:.3g}"
+        ctx.artifacts["onnx"] = self.filename
         return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(step.get("op") == "quantize-static" for step in getattr(model, "slimkit_meta", {}).get("plan", []))

@@ -1,0 +1,36 @@
+"""The ``quantize`` recipe stage: static int8 PTQ, exported as a verified integer ONNX model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from ..stages import Stage, StageContext, register_stage
+from ..train.loop import TrainConfig
+from .ptq import StaticQuantConfig, calibration_batches, quantize_static
+
+
+@register_stage
+class QuantizeStage(Stage, StaticQuantConfig):
+    type: Literal["quantize"] = "quantize"
+    scheme: Literal["int8-static"] = "int8-static"
+    onnx: str = Field("model-int8.onnx", min_length=1, pattern=r"^[^/\\]+\.onnx$")
+
+    def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
+        from ..export.qdq import export_int8_verified
+
+        batches = ctx.task.train_batches(TrainConfig(seed=self.seed))
+        calib = calibration_batches((x for x, _ in batches), self.calib)
+        cfg = StaticQuantConfig(**self.model_dump(include=set(StaticQuantConfig.model_fields)))
+        quantized, step = quantize_static(model, calib, cfg)
+        meta = getattr(model, "slimkit_meta", {"plan": []})
+        quantized.slimkit_meta = {**meta, "plan": [*meta.get("plan", []), step]}
+        check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs)
+        ctx.artifacts["onnx"] = self.onnx
+        ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]),
+                                 "activations_uint8": len(step["activations"]),
+                                 "folded_batchnorm": len(step["folded_batchnorm"]), "observer": self.observer,
+                                 "calibration_samples": len(calib)}
+        return quantized
