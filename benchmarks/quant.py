@@ -1,0 +1,131 @@
+"""Quantization benchmark: slimkit's static int8 against ONNX Runtime's own quantizer, in one run.
+
+For lenet5, resnet8, mobilenetv2 and vit (trained with zoo defaults): the same fp32 ONNX file
+and the same 256 calibration samples go to slimkit (its own observers and scales, QDQ export)
+and to ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
+MinMax) and ``quantize_dynamic``. Every model runs in ONNX Runtime with the same thread count;
+accuracy is on the 360-image test split; sizes are file bytes. Prints a Markdown table and
+writes benchmarks/results/quant.json.
+
+    python benchmarks/quant.py [--threads 1] [--observer minmax]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+import slimkit
+from slimkit import Task, load, load_data
+from slimkit.analyze.latency import ort_latency, torch_latency
+from slimkit.data import calibration_subset
+from slimkit.export import export_onnx, ort_session, run_ort
+from slimkit.export.qdq import export_int8_verified
+from slimkit.io import write_json_atomic
+from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+from slimkit.train import build_seeded, default_train_config, train_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("lenet5", "resnet8", "mobilenetv2", "vit")
+
+
+def trained(name: str, task: Task):
+    run = RESULTS / "zoo" / name
+    if not (run / "model" / "slimkit.json").is_file():
+        train_model(build_seeded(name, 0, task), task, default_train_config(name, seed=0), run, progress=False)
+    return load(run)
+
+
+class _Reader:
+    """ONNX Runtime's calibration interface over the same samples slimkit calibrates on."""
+
+    def __init__(self, inputs: torch.Tensor, name: str):
+        self.batches = iter([{name: inputs[i : i + 64].numpy()} for i in range(0, len(inputs), 64)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def ort_quantizers(fp32: Path, calib: torch.Tensor, out: Path) -> dict[str, Path]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    static, dynamic = out / "ort-static.onnx", out / "ort-dynamic.onnx"
+    quantize_static(str(fp32), str(static), _Reader(calib, "input"), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=True)
+    return {"ORT quantize_static": static, "ORT quantize_dynamic": dynamic}
+
+
+def measure(path: Path, x_test: torch.Tensor, y_test: torch.Tensor, threads: int) -> dict:
+    session = ort_session(path, threads=threads)
+    logits = run_ort(session, x_test)
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "accuracy": float((logits.argmax(1) == y_test.numpy()).mean()),
+        "file_bytes": path.stat().st_size,
+        "ort_b1_ms": ort_latency(session, torch.randn(1, *x_test.shape[1:], generator=gen)).median_ms,
+        "ort_b64_ms": ort_latency(session, torch.randn(64, *x_test.shape[1:], generator=gen)).median_ms,
+        "logits": logits,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--observer", default="minmax")
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    splits = load_data("digits")
+    task = Task.classification(splits)
+    calib = calibration_subset(splits, 256, seed=0)
+    rows = []
+    for name in args.models.split(","):
+        model = trained(name, task)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            fp32 = tmp / "fp32.onnx"
+            export_onnx(model, fp32, splits.x_test[:2], verify_on=splits.x_test)
+            quantized, _ = quantize_static(model, calib, StaticQuantConfig(observer=args.observer))
+            check = export_int8_verified(quantized, tmp / "slimkit.onnx", splits.x_test)
+            candidates = {"fp32": fp32, "slimkit int8 static": tmp / "slimkit.onnx",
+                          **ort_quantizers(fp32, calib, tmp)}
+            torch_b64 = torch_latency(model, torch.randn(64, *splits.input_shape), args.threads).median_ms
+            results = {label: measure(path, splits.x_test, splits.y_test, args.threads)
+                       for label, path in candidates.items()}
+        base = results["fp32"]
+        fp32_top1 = base["logits"].argmax(1)
+        for label, r in results.items():
+            logits = r.pop("logits")
+            rows.append({
+                "model": name, "method": label, **r,
+                "size_vs_fp32": r["file_bytes"] / base["file_bytes"],
+                "b64_vs_ort_fp32": r["ort_b64_ms"] / base["ort_b64_ms"],
+                "b64_vs_torch_fp32": r["ort_b64_ms"] / torch_b64,
+                "top1_agreement_with_fp32": float((logits.argmax(1) == fp32_top1).mean()),
+                "simulation_check": check if label == "slimkit int8 static" else None,
+            })
+        print(f"measured {name}", flush=True)
+
+    print(f"\n### Static int8 vs ONNX Runtime's quantizer ({args.threads} thread, 256 calibration samples, "
+          f"observer {args.observer})\n")
+    print("| model | method | test acc | file bytes | size vs fp32 | ORT b1 ms | ORT b64 ms | b64 vs ORT fp32 "
+          "| b64 vs torch fp32 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['method']} | {100 * r['accuracy']:.2f}% | {r['file_bytes']:,} "
+              f"| {r['size_vs_fp32']:.3f}x | {r['ort_b1_ms']:.3f} | {r['ort_b64_ms']:.3f} "
+              f"| {r['b64_vs_ort_fp32']:.2f}x | {r['b64_vs_torch_fp32']:.2f}x |")
+    print("\nslimkit's int8 model vs its own simulation (every model): "
+          + ", ".join(f"{r['model']}: top-1 {r['simulation_check']['top1_agreement']:.3f}, "
+                      f"SQNR {r['simulation_check']['sqnr_db']:.1f} dB"
+                      for r in rows if r["simulation_check"]))
+    write_json_atomic(RESULTS / "quant.json", {"slimkit_version": slimkit.__version__, "threads": args.threads,
+                                               "observer": args.observer, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

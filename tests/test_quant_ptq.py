@@ -1,0 +1,129 @@
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from slimkit import SlimkitError, Task, load, new_model, parse_recipe, run_recipe, save
+from slimkit.data import calibration_subset
+from slimkit.export import export_onnx
+from slimkit.export.qdq import compare_with_runtime, export_int8_verified
+from slimkit.io import dir_bytes
+from slimkit.quant.ptq import StaticQuantConfig, fold_batchnorm, quantize_static
+
+X = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def randomized_bn(model):
+    """Give BatchNorms non-trivial statistics, as training would."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenetv2"])
+def test_batchnorm_folding_preserves_outputs(name):
+    torch.manual_seed(0)
+    model = randomized_bn(new_model(name))
+    folded, pairs = fold_batchnorm(model, X)
+    assert len(pairs) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(X), model(X), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet8", "mobilenetv2", "vit"])
+def test_int8_onnx_agrees_with_simulation_and_is_integer(name, tmp_path, digits):
+    model = load_trained_like(name, digits)
+    quantized, step = quantize_static(model, calibration_subset(digits, 128))
+    check = export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test)
+    assert check["top1_agreement"] >= 0.99 and check["sqnr_db"] >= 30
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    dtypes = {init.name: init.data_type for init in graph.initializer}
+    weight_inputs = [n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    producers = {o: n for n in graph.node for o in n.output}
+    for name_ in weight_inputs:  # every weight is dequantized from an int8 initializer
+        dq = producers.get(name_)
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in dtypes:
+            assert dtypes[dq.input[0]] == onnx.TensorProto.INT8
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in dtypes for n in graph.node)
+    export_onnx(model, tmp_path / "f.onnx", digits.x_test[:2])
+    assert (tmp_path / "q.onnx").stat().st_size < 0.5 * (tmp_path / "f.onnx").stat().st_size
+
+
+def load_trained_like(name, digits):
+    """A briefly trained zoo model (calibration needs realistic activations, not random init)."""
+    from slimkit.train import TrainConfig, build_seeded, fit
+
+    task = Task.classification(digits)
+    model = build_seeded(name, 0, task)
+    cfg = TrainConfig(epochs=3, lr=3e-3)
+    fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, progress=False)
+    return model.eval()
+
+
+def test_simulated_accuracy_close_to_float(digits):
+    task = Task.classification(digits)
+    model = load_trained_like("lenet5", digits)
+    quantized, _ = quantize_static(model, calibration_subset(digits, 256))
+    assert abs(task.test_score(quantized) - task.test_score(model)) <= 0.02
+
+
+def test_quantized_model_directory_round_trip(tmp_path, digits):
+    model = load_trained_like("resnet8", digits)
+    save(model, tmp_path / "fp32")
+    quantized, step = quantize_static(model, calibration_subset(digits, 64))
+    quantized.slimkit_meta = {**model.slimkit_meta, "plan": [*model.slimkit_meta["plan"], step]}
+    save(quantized, tmp_path / "int8")
+    meta = json.loads((tmp_path / "int8" / "slimkit.json").read_text())
+    assert {e["encoding"] for e in meta["tensors"].values()} == {"int8-channel"}
+    assert len(meta["tensors"]) == len(step["weights"])
+    again = load(tmp_path / "int8")
+    assert torch.equal(again(digits.x_test), quantized(digits.x_test))  # bit for bit
+    assert dir_bytes(tmp_path / "int8") < 0.3 * dir_bytes(tmp_path / "fp32")
+
+
+def test_exclude_keeps_layers_in_float(digits):
+    model = load_trained_like("lenet5", digits)
+    _, step = quantize_static(model, calibration_subset(digits, 32), StaticQuantConfig(exclude=["fc3", "conv1"]))
+    assert set(step["weights"]) == {"conv2.weight", "fc1.weight", "fc2.weight"}
+    with pytest.raises(SlimkitError, match="nothing to quantize"):
+        quantize_static(model, calibration_subset(digits, 8), StaticQuantConfig(exclude=["*"]))
+    with pytest.raises(ValueError, match="observer"):
+        StaticQuantConfig(observer="magic")
+
+
+def test_runtime_comparison_detects_a_wrong_model(tmp_path, digits):
+    model = load_trained_like("lenet300", digits)
+    quantized, _ = quantize_static(model, calibration_subset(digits, 64))
+    export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test)
+    other, _ = quantize_static(load_trained_like("lenet5", digits), calibration_subset(digits, 64))
+    check = compare_with_runtime(other, tmp_path / "q.onnx", digits.x_test)
+    assert check["sqnr_db"] < 30
+
+
+def test_quantize_recipe_and_cli(trained_run, tmp_path):
+    recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False},
+                           "stages": [{"type": "quantize", "calib": 128},
+                                      {"type": "export", "format": "onnx-int8", "filename": "again.onnx"}]})
+    report = run_recipe(recipe, tmp_path / "r", progress=False)
+    notes = report["stages"][1]["notes"]["quantize"]
+    assert notes["top1_agreement"] >= 0.99 and notes["weights_int8"] == 3
+    assert report["summary"]["compression_ratio"] > 3.3
+    assert abs(report["summary"]["accuracy_delta"]) <= 0.01
+    assert (tmp_path / "r" / "model-int8.onnx").is_file() and (tmp_path / "r" / "again.onnx").is_file()
+    proc = subprocess.run([sys.executable, "-m", "slimkit", "export", str(tmp_path / "r"), "--format", "onnx",
+                           "--out", str(tmp_path / "x.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "use --format onnx-int8" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "slimkit", "quantize", str(trained_run), "--calib", "64",
+                           "--no-latency", "--no-progress", "--out", str(tmp_path / "c")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert load(tmp_path / "c")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
