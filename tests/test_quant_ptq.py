@@ -127,3 +127,38 @@ def test_quantize_recipe_and_cli(trained_run, tmp_path):
                            "--no-latency", "--no-progress", "--out", str(tmp_path / "c")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert load(tmp_path / "c")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_qat_recovers_low_bit_accuracy_and_keeps_pruned_zeros(digits, tmp_path):
+    from slimkit import TrainConfig, fit
+    from slimkit.prune import PruneConfig, prune_weights, remove_masks
+    from slimkit.quant.qat import convert_qat, prepare_qat
+
+    task = Task.classification(digits)
+    model = load_trained_like("lenet5", digits)
+    prune_weights(model, PruneConfig(sparsity=0.5))
+    remove_masks(model)
+    cfg = StaticQuantConfig(weight_bits=3)
+    calib = calibration_subset(digits, 256)
+    ptq, _ = quantize_static(model, calib, cfg)
+    trainable, ctx = prepare_qat(model, calib, cfg)
+    assert task.test_score(trainable) == pytest.approx(task.test_score(ptq), abs=1 / 360)  # same starting point
+    train_cfg = TrainConfig(epochs=4, lr=5e-4)
+    fit(trainable, task.train_batches(train_cfg), None, train_cfg, score_fn=task.val_score, progress=False)
+    qat, step = convert_qat(trainable, ctx)
+    assert task.test_score(qat) >= task.test_score(ptq)
+    for name in step["weights"]:
+        w = qat.get_parameter(name)
+        scale = qat.get_buffer(f"_slimkit_wscale_{list(step['weights']).index(name)}")
+        codes = w / scale.reshape(-1, *([1] * (w.dim() - 1)))
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 3 + 1e-4  # 3-bit codes
+    zeros_before = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("weight"))
+    zeros_after = sum(int((qat.get_parameter(n) == 0).sum()) for n in step["weights"])
+    assert zeros_after >= zeros_before
+    qat.slimkit_meta = {**model.slimkit_meta, "plan": [*model.slimkit_meta["plan"], step]}
+    save(qat, tmp_path / "q3")
+    encodings = {e["encoding"] for e in json.loads((tmp_path / "q3" / "slimkit.json").read_text())["tensors"].values()}
+    assert encodings == {"int4-channel"}  # 3-bit codes pack two per byte
+    assert torch.equal(load(tmp_path / "q3")(digits.x_test), qat(digits.x_test))
+    check = export_int8_verified(qat, tmp_path / "q3.onnx", digits.x_test)
+    assert check["top1_agreement"] >= 0.99

@@ -226,6 +226,9 @@ def quantize(
     calib: int = typer.Option(256, "--calib", help="calibration samples from the training split"),
     observer: str = typer.Option("minmax", "--observer", help="minmax, moving-minmax, percentile, mse, entropy"),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
+    bits: int = typer.Option(8, "--bits", help="weight bits, 2-8 (activations stay 8-bit: W4A8 with --bits 4)"),
+    qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after calibration"),
+    qat_lr: float = typer.Option(5e-4, "--qat-lr"),
     exclude: list[str] = typer.Option([], "--exclude", help="layer name glob to keep in float (repeatable)"),
     data: Optional[str] = DataOpt,
     latency: bool = typer.Option(True, "--latency/--no-latency"),
@@ -237,7 +240,8 @@ def quantize(
 
     source = load(path, trust_code=trust_code)
     stage = {"type": "quantize", "scheme": scheme, "calib": calib, "observer": observer,
-             "per_channel": per_channel, "exclude": exclude}
+             "per_channel": per_channel, "exclude": exclude, "weight_bits": bits,
+             "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None}
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}

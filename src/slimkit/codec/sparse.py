@@ -48,6 +48,21 @@ def _as_int8(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     return codes.to(torch.int8)
 
 
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Signed 4-bit codes, two per byte (low nibble first)."""
+    flat = (codes.reshape(-1).to(torch.int16) & 0xF).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, torch.zeros(1, dtype=torch.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).contiguous()
+
+
+def _unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:numel].to(torch.int16)
+    if nibbles.numel() != numel:
+        raise ValueError("packed 4-bit codes are too short")
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
+
+
 def encode_state(state: dict[str, torch.Tensor], int8_scales: dict[str, torch.Tensor] | None = None,
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Encode each floating-point tensor in the smallest lossless form; returns tensors and their encodings.
@@ -62,9 +77,13 @@ def encode_state(state: dict[str, torch.Tensor], int8_scales: dict[str, torch.Te
             raise SlimkitError(f"tensor name {name!r} contains the reserved separator {SEP!r}")
         codes = _as_int8(tensor, int8_scales[name]) if int8_scales and name in int8_scales else None
         if codes is not None:
-            tensors[name + SEP + "int8"] = codes
             tensors[name + SEP + "scale"] = int8_scales[name].float().contiguous()
-            encodings[name] = {"encoding": "int8-channel", "shape": list(tensor.shape)}
+            if int(codes.min()) >= -8 and int(codes.max()) <= 7:  # 4-bit codes: two per byte
+                tensors[name + SEP + "int4"] = _pack_int4(codes)
+                encodings[name] = {"encoding": "int4-channel", "shape": list(tensor.shape)}
+            else:
+                tensors[name + SEP + "int8"] = codes
+                encodings[name] = {"encoding": "int8-channel", "shape": list(tensor.shape)}
             continue
         if not tensor.is_floating_point() or tensor.numel() < 64:
             tensors[name] = tensor
@@ -101,11 +120,11 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str
         try:
             shape = [int(d) for d in enc["shape"]]
             numel = math.prod(shape)
-            if enc["encoding"] == "int8-channel":
-                codes, scale = tensors[name + SEP + "int8"], tensors[name + SEP + "scale"]
-                state[name] = codes.float() * scale.reshape(-1, *([1] * (codes.dim() - 1)))
-                if list(state[name].shape) != shape:
-                    raise ValueError("int8 codes do not have the recorded shape")
+            if enc["encoding"] in ("int8-channel", "int4-channel"):
+                scale = tensors[name + SEP + "scale"]
+                codes = (tensors[name + SEP + "int8"] if enc["encoding"] == "int8-channel"
+                         else _unpack_int4(tensors[name + SEP + "int4"], numel))
+                state[name] = codes.float().reshape(shape) * scale.reshape(-1, *([1] * (len(shape) - 1)))
                 continue
             values = tensors[name + SEP + "values"]
             if enc["encoding"] == "bitmask":

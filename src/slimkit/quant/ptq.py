@@ -32,7 +32,9 @@ from .observers import OBSERVERS, Observer, make_observer
 from .scheme import QScheme, qparams
 
 ACT_SCHEME = QScheme(bits=8, symmetric=False, signed=False)  # uint8, as ONNX Runtime's x86 kernels prefer
-WEIGHT_SCHEME = QScheme(bits=8, symmetric=True, signed=True, granularity="channel", axis=0)
+def weight_scheme(bits: int) -> QScheme:
+    """Symmetric signed weights; fewer than 8 bits are int8 codes limited to +/-(2^(bits-1) - 1)."""
+    return QScheme(bits=bits, symmetric=True, signed=True, granularity="channel", axis=0)
 aten = torch.ops.aten
 WEIGHTED = {aten.conv2d.default, aten.conv1d.default, aten.linear.default}
 MATMULS = {aten.matmul.default, aten.bmm.default}
@@ -44,6 +46,7 @@ class StaticQuantConfig(Config):
     observer: str = "minmax"
     calib: int = Field(256, ge=1)
     per_channel: bool = True
+    weight_bits: int = Field(8, ge=2, le=8)
     exclude: list[str] = Field(default_factory=list)
     matmul: bool = True
     fold_bn: bool = True
@@ -164,13 +167,14 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
         name = _weight_name(op)
         rows = gm.get_parameter(name).detach().reshape(gm.get_parameter(name).shape[0], -1)
         if cfg.per_channel:
-            scale, _ = qparams(rows.amin(1), rows.amax(1), WEIGHT_SCHEME)
+            scale, _ = qparams(rows.amin(1), rows.amax(1), weight_scheme(cfg.weight_bits))
         else:
-            scale, _ = qparams(rows.min(), rows.max(), WEIGHT_SCHEME)
+            scale, _ = qparams(rows.min(), rows.max(), weight_scheme(cfg.weight_bits))
             scale = scale.reshape(1).expand(rows.shape[0])
         weights[name] = {"input": op.args[0].name}
         scales[name] = scale.float()
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
+            "weight_bits": cfg.weight_bits,
             "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
     return _convert(gm, step, scales), step
 
@@ -217,10 +221,11 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
             s, z = gm.graph.get_attr(weight_scale_buffer(i)), gm.graph.get_attr(f"_slimkit_wzero_{i}")
             fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (op.args[1], s, z, 0, -128, 127))
         op.replace_input_with(op.args[1], fq)
-        with torch.no_grad():
+        with torch.no_grad():  # codes limited to the plan's bit width (int8 containers carry fewer bits)
             weight = gm.get_parameter(name)
+            limit = weight_scheme(step.get("weight_bits", 8)).qmax
             weight.copy_(torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros_like(scale, dtype=torch.int32),
-                                                                0, -128, 127))
+                                                                0, -limit, limit))
             bias_node = op.args[2] if len(op.args) > 2 else None
             if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
                 bias = gm.get_parameter(bias_node.target)

@@ -1,4 +1,5 @@
-"""The ``quantize`` recipe stage: static int8 PTQ, exported as a verified integer ONNX model."""
+"""The ``quantize`` recipe stage: static int8 PTQ (optionally followed by quantization-aware training),
+exported as a verified integer ONNX model."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ class QuantizeStage(Stage, StaticQuantConfig):
     type: Literal["quantize"] = "quantize"
     scheme: Literal["int8-static"] = "int8-static"
     onnx: str = Field("model-int8.onnx", min_length=1, pattern=r"^[^/\\]+\.onnx$")
+    qat: TrainConfig | None = None  # quantization-aware training after calibration (epochs, lr, ...)
+    learn_scale: bool = True  # LSQ step sizes during QAT
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         from ..export.qdq import export_int8_verified
@@ -24,13 +27,29 @@ class QuantizeStage(Stage, StaticQuantConfig):
         batches = ctx.task.train_batches(TrainConfig(seed=self.seed))
         calib = calibration_batches((x for x, _ in batches), self.calib)
         cfg = StaticQuantConfig(**self.model_dump(include=set(StaticQuantConfig.model_fields)))
-        quantized, step = quantize_static(model, calib, cfg)
+        if self.qat is not None and self.qat.epochs > 0:
+            quantized, step = self._train(model, calib, cfg, ctx)
+        else:
+            quantized, step = quantize_static(model, calib, cfg)
         meta = getattr(model, "slimkit_meta", {"plan": []})
         quantized.slimkit_meta = {**meta, "plan": [*meta.get("plan", []), step]}
         check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs)
         ctx.artifacts["onnx"] = self.onnx
-        ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]),
+        ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]), "weight_bits": cfg.weight_bits,
+                                 "qat_epochs": self.qat.epochs if self.qat else 0,
                                  "activations_uint8": len(step["activations"]),
                                  "folded_batchnorm": len(step["folded_batchnorm"]), "observer": self.observer,
                                  "calibration_samples": len(calib)}
         return quantized
+
+    def _train(self, model: nn.Module, calib, cfg: StaticQuantConfig, ctx: StageContext):
+        from ..train.loop import fit
+        from ..train.run import CHECKPOINT_SUBDIR
+        from .qat import convert_qat, prepare_qat
+
+        trainable, qat_ctx = prepare_qat(model, calib, cfg, learn_scale=self.learn_scale)
+        task = ctx.task
+        fit(trainable, task.train_batches(self.qat), None, self.qat, score_fn=task.val_score, loss_fn=task.loss_fn,
+            checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
+            description="QAT")
+        return convert_qat(trainable, qat_ctx)
