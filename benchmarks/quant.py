@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--observer", default="minmax")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--qat-epochs", type=int, default=5)
     args = parser.parse_args()
     splits = load_data("digits")
     task = Task.classification(splits)
@@ -123,8 +124,67 @@ def main() -> None:
           + ", ".join(f"{r['model']}: top-1 {r['simulation_check']['top1_agreement']:.3f}, "
                       f"SQNR {r['simulation_check']['sqnr_db']:.1f} dB"
                       for r in rows if r["simulation_check"]))
+    low = low_bit(task, calib, args.models.split(","), args.qat_epochs)
+    print(f"\n### Low-bit weights, 8-bit activations (QAT: {args.qat_epochs} epochs, LSQ step sizes)\n")
+    print("| model | fp32 | W4A8 PTQ | W4A8 QAT | W3A8 PTQ | W3A8 QAT |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in low:
+        print(f"| {r['model']} | {100 * r['fp32']:.2f}% | " + " | ".join(
+            f"{100 * r[k]:.2f}%" for k in ("w4_ptq", "w4_qat", "w3_ptq", "w3_qat")) + " |")
+    levels = log_vs_linear(task, args.models.split(","))
+    print("\n### Weight-only: linear vs logarithmic (power-of-two) levels, per output channel\n")
+    print("| model | fp32 | linear 4-bit | log 4-bit | linear 3-bit | log 3-bit |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in levels:
+        print(f"| {r['model']} | {100 * r['fp32']:.2f}% | " + " | ".join(
+            f"{100 * r[k]:.2f}%" for k in ("linear4", "log4", "linear3", "log3")) + " |")
     write_json_atomic(RESULTS / "quant.json", {"slimkit_version": slimkit.__version__, "threads": args.threads,
-                                               "observer": args.observer, "rows": rows})
+                                               "observer": args.observer, "rows": rows, "low_bit": low,
+                                               "log_vs_linear": levels})
+
+
+def low_bit(task: Task, calib: torch.Tensor, names: list[str], epochs: int) -> list[dict]:
+    from slimkit import TrainConfig, fit
+    from slimkit.quant.qat import convert_qat, prepare_qat
+
+    rows = []
+    for name in names:
+        model = trained(name, task)
+        row = {"model": name, "fp32": task.test_score(model)}
+        for bits in (4, 3):
+            cfg = StaticQuantConfig(weight_bits=bits)
+            row[f"w{bits}_ptq"] = task.test_score(quantize_static(model, calib, cfg)[0])
+            trainable, ctx = prepare_qat(model, calib, cfg)
+            train_cfg = TrainConfig(epochs=epochs, lr=5e-4)
+            fit(trainable, task.train_batches(train_cfg), None, train_cfg, score_fn=task.val_score, progress=False)
+            row[f"w{bits}_qat"] = task.test_score(convert_qat(trainable, ctx)[0])
+        rows.append(row)
+    return rows
+
+
+def log_vs_linear(task: Task, names: list[str]) -> list[dict]:
+    import copy
+
+    from slimkit.quant import QScheme, fake_quantize_tensor, log2_quantize
+
+    rows = []
+    for name in names:
+        model = trained(name, task)
+        row = {"model": name, "fp32": task.test_score(model)}
+        for bits in (4, 3):
+            for kind in ("linear", "log"):
+                q = copy.deepcopy(model)
+                with torch.no_grad():
+                    for module in q.modules():
+                        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                            w = module.weight
+                            if kind == "linear":
+                                w.copy_(fake_quantize_tensor(w, QScheme(bits=bits, granularity="channel")))
+                            else:
+                                w.copy_(torch.stack([log2_quantize(row_, bits) for row_ in w]))
+                row[f"{kind}{bits}"] = task.test_score(q)
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
