@@ -126,11 +126,11 @@ def main() -> None:
                       for r in rows if r["simulation_check"]))
     low = low_bit(task, calib, args.models.split(","), args.qat_epochs)
     print(f"\n### Low-bit weights, 8-bit activations (QAT: {args.qat_epochs} epochs, LSQ step sizes)\n")
-    print("| model | fp32 | W4A8 PTQ | W4A8 QAT | W3A8 PTQ | W3A8 QAT |")
-    print("|---|---:|---:|---:|---:|---:|")
+    keys = [f"w{b}_{m}" for b in (4, 3) for m in ("ptq", "gptq", "qat")]
+    print("| model | fp32 | W4A8 PTQ | W4A8 GPTQ | W4A8 QAT | W3A8 PTQ | W3A8 GPTQ | W3A8 QAT |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in low:
-        print(f"| {r['model']} | {100 * r['fp32']:.2f}% | " + " | ".join(
-            f"{100 * r[k]:.2f}%" for k in ("w4_ptq", "w4_qat", "w3_ptq", "w3_qat")) + " |")
+        print(f"| {r['model']} | {100 * r['fp32']:.2f}% | " + " | ".join(f"{100 * r[k]:.2f}%" for k in keys) + " |")
     levels = log_vs_linear(task, args.models.split(","))
     print("\n### Weight-only: linear vs logarithmic (power-of-two) levels, per output channel\n")
     print("| model | fp32 | linear 4-bit | log 4-bit | linear 3-bit | log 3-bit |")
@@ -154,6 +154,8 @@ def low_bit(task: Task, calib: torch.Tensor, names: list[str], epochs: int) -> l
         for bits in (4, 3):
             cfg = StaticQuantConfig(weight_bits=bits)
             row[f"w{bits}_ptq"] = task.test_score(quantize_static(model, calib, cfg)[0])
+            gptq = StaticQuantConfig(weight_bits=bits, rounding="gptq")
+            row[f"w{bits}_gptq"] = task.test_score(quantize_static(model, calib, gptq)[0])
             trainable, ctx = prepare_qat(model, calib, cfg)
             train_cfg = TrainConfig(epochs=epochs, lr=5e-4)
             fit(trainable, task.train_batches(train_cfg), None, train_cfg, score_fn=task.val_score, progress=False)

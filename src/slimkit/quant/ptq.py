@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from fnmatch import fnmatchcase
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 from pydantic import Field
@@ -47,6 +47,7 @@ class StaticQuantConfig(Config):
     calib: int = Field(256, ge=1)
     per_channel: bool = True
     weight_bits: int = Field(8, ge=2, le=8)
+    rounding: Literal["nearest", "gptq"] = "nearest"  # how weights meet their grid
     exclude: list[str] = Field(default_factory=list)
     matmul: bool = True
     fold_bn: bool = True
@@ -173,8 +174,15 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
             scale = scale.reshape(1).expand(rows.shape[0])
         weights[name] = {"input": op.args[0].name}
         scales[name] = scale.float()
+    if cfg.rounding == "gptq":
+        from .gptq import gptq_quantize, record_hessians
+
+        hessians = record_hessians(gm, ops, _weight_name, calib, batch_size)
+        for name, hessian in hessians.items():
+            weight = gm.get_parameter(name)
+            weight.data = gptq_quantize(weight, hessian, scales[name], weight_scheme(cfg.weight_bits).qmax)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
-            "weight_bits": cfg.weight_bits,
+            "weight_bits": cfg.weight_bits, "rounding": cfg.rounding,
             "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
     return _convert(gm, step, scales), step
 

@@ -1,0 +1,43 @@
+import torch
+
+from slimkit import Task
+from slimkit.data import calibration_subset
+from slimkit.quant.gptq import gptq_quantize
+from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+
+
+def test_gptq_beats_round_to_nearest_on_the_layer_output_error():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(32, 32, generator=g)
+    x = torch.randn(4096, 32, generator=g, dtype=torch.float64) @ mix.double()  # correlated inputs
+    w = torch.randn(16, 32, generator=g)
+    hessian = x.T @ x / len(x)
+    qmax = 7
+    scale = w.abs().amax(1) / qmax
+    rtn = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax) * scale[:, None]
+    gptq = gptq_quantize(w, hessian, scale, qmax)
+    codes = gptq / scale[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= qmax + 1e-4
+
+    def output_error(q):
+        return float(((x @ (w - q).double().T) ** 2).mean())
+
+    assert output_error(gptq) < 0.7 * output_error(rtn)
+
+
+def test_gptq_in_static_quantization(digits):
+    from slimkit import TrainConfig, fit, new_model
+
+    task = Task.classification(digits)
+    torch.manual_seed(0)
+    model = new_model("lenet5")
+    cfg = TrainConfig(epochs=3, lr=3e-3)
+    fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, progress=False)
+    calib = calibration_subset(digits, 256)
+    rtn, _ = quantize_static(model.eval(), calib, StaticQuantConfig(weight_bits=3))
+    gptq, step = quantize_static(model.eval(), calib, StaticQuantConfig(weight_bits=3, rounding="gptq"))
+    assert step["rounding"] == "gptq"
+    with torch.no_grad():
+        ref = model(digits.x_test)
+        err = {k: float(((m(digits.x_test) - ref) ** 2).mean()) for k, m in (("rtn", rtn), ("gptq", gptq))}
+    assert err["gptq"] < err["rtn"]
