@@ -47,6 +47,7 @@ class StaticQuantConfig(Config):
     calib: int = Field(256, ge=1)
     per_channel: bool = True
     weight_bits: int = Field(8, ge=2, le=8)
+    layer_bits: dict[str, int] = Field(default_factory=dict)  # per-layer weight bits (mixed precision)
     rounding: Literal["nearest", "gptq"] = "nearest"  # how weights meet their grid
     exclude: list[str] = Field(default_factory=list)
     matmul: bool = True
@@ -56,6 +57,12 @@ class StaticQuantConfig(Config):
     def model_post_init(self, __context: Any) -> None:
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
+        bad = {k: v for k, v in self.layer_bits.items() if not 2 <= v <= 8}
+        if bad:
+            raise ValueError(f"layer_bits must be between 2 and 8, got {bad}")
+
+    def bits_of(self, weight: str) -> int:
+        return self.layer_bits.get(weight.rpartition(".")[0], self.weight_bits)
 
 
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[list[str]]]:
@@ -163,16 +170,20 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
         gm(calib[i : i + batch_size])
     activations = {node.name: list(obs.qparams()) for node, obs in observers.items()}
     _remove_observers(gm)
+    unknown = set(cfg.layer_bits) - {_weight_name(op).rpartition(".")[0] for op in ops}
+    if unknown:
+        raise SlimkitError(f"layer_bits names layers that are not quantized: {sorted(unknown)}")
     weights, scales = {}, {}
     for op in ops:
         name = _weight_name(op)
+        scheme = weight_scheme(cfg.bits_of(name))
         rows = gm.get_parameter(name).detach().reshape(gm.get_parameter(name).shape[0], -1)
         if cfg.per_channel:
-            scale, _ = qparams(rows.amin(1), rows.amax(1), weight_scheme(cfg.weight_bits))
+            scale, _ = qparams(rows.amin(1), rows.amax(1), scheme)
         else:
-            scale, _ = qparams(rows.min(), rows.max(), weight_scheme(cfg.weight_bits))
+            scale, _ = qparams(rows.min(), rows.max(), scheme)
             scale = scale.reshape(1).expand(rows.shape[0])
-        weights[name] = {"input": op.args[0].name}
+        weights[name] = {"input": op.args[0].name, "bits": cfg.bits_of(name)}
         scales[name] = scale.float()
     if cfg.rounding == "gptq":
         from .gptq import gptq_quantize, record_hessians
@@ -180,7 +191,7 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
         hessians = record_hessians(gm, ops, _weight_name, calib, batch_size)
         for name, hessian in hessians.items():
             weight = gm.get_parameter(name)
-            weight.data = gptq_quantize(weight, hessian, scales[name], weight_scheme(cfg.weight_bits).qmax)
+            weight.data = gptq_quantize(weight, hessian, scales[name], weight_scheme(cfg.bits_of(name)).qmax)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding,
             "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
@@ -231,7 +242,7 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
         op.replace_input_with(op.args[1], fq)
         with torch.no_grad():  # codes limited to the plan's bit width (int8 containers carry fewer bits)
             weight = gm.get_parameter(name)
-            limit = weight_scheme(step.get("weight_bits", 8)).qmax
+            limit = weight_scheme(spec.get("bits", step.get("weight_bits", 8))).qmax
             weight.copy_(torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros_like(scale, dtype=torch.int32),
                                                                 0, -limit, limit))
             bias_node = op.args[2] if len(op.args) > 2 else None

@@ -61,8 +61,8 @@ def prepare_qat(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | 
     folded, _ = fold_batchnorm(model, calib) if cfg.fold_bn else (model, [])
     gm = capture(folded, calib)
     nodes = {node.name: node for node in gm.graph.nodes}
-    qmax_w = weight_scheme(step["weight_bits"]).qmax
-    for i, name in enumerate(step["weights"]):
+    for i, (name, spec) in enumerate(step["weights"].items()):
+        qmax_w = weight_scheme(spec["bits"]).qmax
         op = next(n for n in gm.graph.nodes if n.op == "call_function" and _weight_name(n) == name)
         weight = gm.get_parameter(name).detach()
         rows = weight.reshape(weight.shape[0], -1).abs().amax(1)

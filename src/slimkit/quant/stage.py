@@ -19,6 +19,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
     scheme: Literal["int8-static"] = "int8-static"
     onnx: str = Field("model-int8.onnx", min_length=1, pattern=r"^[^/\\]+\.onnx$")
     qat: TrainConfig | None = None  # quantization-aware training after calibration (epochs, lr, ...)
+    size_budget: float | None = Field(None, gt=0, le=0.25)  # mixed precision: weights' fraction of fp32 bytes
     learn_scale: bool = True  # LSQ step sizes during QAT
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
@@ -27,6 +28,12 @@ class QuantizeStage(Stage, StaticQuantConfig):
         batches = ctx.task.train_batches(TrainConfig(seed=self.seed))
         calib = calibration_batches((x for x, _ in batches), self.calib)
         cfg = StaticQuantConfig(**self.model_dump(include=set(StaticQuantConfig.model_fields)))
+        if self.size_budget is not None:
+            from .mixed import allocate_bits
+
+            allocation = allocate_bits(model, ctx.task, calib, self.size_budget, cfg)
+            cfg = cfg.model_copy(update={"layer_bits": allocation["layer_bits"]})
+            ctx.notes["mixed_precision"] = allocation
         if self.qat is not None and self.qat.epochs > 0:
             quantized, step = self._train(model, calib, cfg, ctx)
         else:
