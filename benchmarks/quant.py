@@ -131,6 +131,14 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in low:
         print(f"| {r['model']} | {100 * r['fp32']:.2f}% | " + " | ".join(f"{100 * r[k]:.2f}%" for k in keys) + " |")
+    mixed = mixed_precision(task, calib, args.models.split(","), budget=0.16)
+    print("\n### Mixed precision: 4/8-bit weights chosen by measured sensitivity, budget 16% of fp32 weight bytes\n")
+    print("| model | fp32 | W8A8 (25%) | mixed (weights at) | W4A8 (12.5%) | layers at 4 bits |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in mixed:
+        print(f"| {r['model']} | {100 * r['fp32']:.2f}% | {100 * r['w8']:.2f}% "
+              f"| {100 * r['mixed']:.2f}% ({100 * r['fraction']:.1f}%) | {100 * r['w4']:.2f}% "
+              f"| {r['low_layers']} of {r['layers']} |")
     levels = log_vs_linear(task, args.models.split(","))
     print("\n### Weight-only: linear vs logarithmic (power-of-two) levels, per output channel\n")
     print("| model | fp32 | linear 4-bit | log 4-bit | linear 3-bit | log 3-bit |")
@@ -140,7 +148,7 @@ def main() -> None:
             f"{100 * r[k]:.2f}%" for k in ("linear4", "log4", "linear3", "log3")) + " |")
     write_json_atomic(RESULTS / "quant.json", {"slimkit_version": slimkit.__version__, "threads": args.threads,
                                                "observer": args.observer, "rows": rows, "low_bit": low,
-                                               "log_vs_linear": levels})
+                                               "log_vs_linear": levels, "mixed_precision": mixed})
 
 
 def low_bit(task: Task, calib: torch.Tensor, names: list[str], epochs: int) -> list[dict]:
@@ -161,6 +169,25 @@ def low_bit(task: Task, calib: torch.Tensor, names: list[str], epochs: int) -> l
             fit(trainable, task.train_batches(train_cfg), None, train_cfg, score_fn=task.val_score, progress=False)
             row[f"w{bits}_qat"] = task.test_score(convert_qat(trainable, ctx)[0])
         rows.append(row)
+    return rows
+
+
+def mixed_precision(task: Task, calib: torch.Tensor, names: list[str], budget: float) -> list[dict]:
+    from slimkit.quant.mixed import allocate_bits
+
+    rows = []
+    for name in names:
+        model = trained(name, task)
+        allocation = allocate_bits(model, task, calib, budget)
+        bits = allocation["layer_bits"]
+        rows.append({
+            "model": name, "fp32": task.test_score(model), "budget": budget,
+            "w8": task.test_score(quantize_static(model, calib, StaticQuantConfig(weight_bits=8))[0]),
+            "w4": task.test_score(quantize_static(model, calib, StaticQuantConfig(weight_bits=4))[0]),
+            "mixed": task.test_score(quantize_static(model, calib, StaticQuantConfig(layer_bits=bits))[0]),
+            "fraction": allocation["weight_fraction"], "layers": len(bits),
+            "low_layers": sum(b == 4 for b in bits.values()), "layer_bits": bits,
+        })
     return rows
 
 
