@@ -162,3 +162,21 @@ def test_qat_recovers_low_bit_accuracy_and_keeps_pruned_zeros(digits, tmp_path):
     assert torch.equal(load(tmp_path / "q3")(digits.x_test), qat(digits.x_test))
     check = export_int8_verified(qat, tmp_path / "q3.onnx", digits.x_test)
     assert check["top1_agreement"] >= 0.99
+
+
+def test_log_scheme_exports_power_of_two_codes(digits, tmp_path):
+    from slimkit.quant.qat import prepare_qat
+
+    model = load_trained_like("lenet5", digits)
+    calib = calibration_subset(digits, 64)
+    quantized, step = quantize_static(model, calib, StaticQuantConfig(weight_bits=4, weight_levels="log"))
+    for i, name in enumerate(step["weights"]):
+        w, s = quantized.get_parameter(name), quantized.get_buffer(f"_slimkit_wscale_{i}")
+        codes = (w / s.reshape(-1, *([1] * (w.dim() - 1)))).round().abs()
+        assert set(codes[codes != 0].tolist()) <= {1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0}
+    check = export_int8_verified(quantized, tmp_path / "log.onnx", digits.x_test)
+    assert check["top1_agreement"] >= 0.99 and check["sqnr_db"] >= 30
+    with pytest.raises(ValueError, match="at most 4 bits"):
+        StaticQuantConfig(weight_bits=5, weight_levels="log")
+    with pytest.raises(SlimkitError, match="linear step sizes"):
+        prepare_qat(model, calib, StaticQuantConfig(weight_bits=4, weight_levels="log"))

@@ -29,7 +29,7 @@ from ..config import Config
 from ..errors import SlimkitError
 from ..plan import register_plan_op
 from .observers import OBSERVERS, Observer, make_observer
-from .scheme import QScheme, qparams
+from .scheme import QScheme, log2_quantize, qparams
 
 ACT_SCHEME = QScheme(bits=8, symmetric=False, signed=False)  # uint8, as ONNX Runtime's x86 kernels prefer
 def weight_scheme(bits: int) -> QScheme:
@@ -49,6 +49,7 @@ class StaticQuantConfig(Config):
     weight_bits: int = Field(8, ge=2, le=8)
     layer_bits: dict[str, int] = Field(default_factory=dict)  # per-layer weight bits (mixed precision)
     rounding: Literal["nearest", "gptq"] = "nearest"  # how weights meet their grid
+    weight_levels: Literal["linear", "log"] = "linear"  # log: power-of-two levels (shift-friendly)
     exclude: list[str] = Field(default_factory=list)
     matmul: bool = True
     fold_bn: bool = True
@@ -60,6 +61,10 @@ class StaticQuantConfig(Config):
         bad = {k: v for k, v in self.layer_bits.items() if not 2 <= v <= 8}
         if bad:
             raise ValueError(f"layer_bits must be between 2 and 8, got {bad}")
+        if self.weight_levels == "log" and (max([self.weight_bits, *self.layer_bits.values()]) > 4
+                                            or self.rounding != "nearest"):
+            raise ValueError("log weight levels take at most 4 bits (their codes 0, +/-1 ... +/-64 must fit "
+                             "int8) and round to nearest")
 
     def bits_of(self, weight: str) -> int:
         return self.layer_bits.get(weight.rpartition(".")[0], self.weight_bits)
@@ -109,6 +114,16 @@ class _Observe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observer.update(x)
         return x
+
+
+def log_levels(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel power-of-two weights and the scale that makes them int8 codes (0, +/-1, ... +/-64)."""
+    rows = weight.reshape(weight.shape[0], -1)
+    quantized = torch.stack([log2_quantize(row, bits) for row in rows])
+    top = rows.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+    exponents = 2 ** (bits - 1) - 1
+    scale = torch.exp2(torch.ceil(torch.log2(top)) - exponents + 1)
+    return quantized.reshape(weight.shape), scale.float()
 
 
 def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -185,6 +200,11 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
             scale = scale.reshape(1).expand(rows.shape[0])
         weights[name] = {"input": op.args[0].name, "bits": cfg.bits_of(name)}
         scales[name] = scale.float()
+    if cfg.weight_levels == "log":
+        for op in ops:
+            name = _weight_name(op)
+            weight = gm.get_parameter(name)
+            weight.data, scales[name] = log_levels(weight.detach(), cfg.bits_of(name))
     if cfg.rounding == "gptq":
         from .gptq import gptq_quantize, record_hessians
 
@@ -193,7 +213,7 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
             weight = gm.get_parameter(name)
             weight.data = gptq_quantize(weight, hessian, scales[name], weight_scheme(cfg.bits_of(name)).qmax)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
-            "weight_bits": cfg.weight_bits, "rounding": cfg.rounding,
+            "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
             "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
     return _convert(gm, step, scales), step
 
@@ -242,7 +262,8 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
         op.replace_input_with(op.args[1], fq)
         with torch.no_grad():  # codes limited to the plan's bit width (int8 containers carry fewer bits)
             weight = gm.get_parameter(name)
-            limit = weight_scheme(spec.get("bits", step.get("weight_bits", 8))).qmax
+            limit = 127 if step.get("weight_levels") == "log" else weight_scheme(
+                spec.get("bits", step.get("weight_bits", 8))).qmax
             weight.copy_(torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros_like(scale, dtype=torch.int32),
                                                                 0, -limit, limit))
             bias_node = op.args[2] if len(op.args) > 2 else None

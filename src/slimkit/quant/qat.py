@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..errors import SlimkitError
 from ..prune.mask import remove_masks, set_mask
 from .ptq import ACT_SCHEME, PLAN_OP, StaticQuantConfig, _convert, _weight_name, capture, quantize_static, weight_scheme
 
@@ -55,6 +56,8 @@ def prepare_qat(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | 
                 learn_scale: bool = True) -> tuple[fx.GraphModule, QATContext]:
     """A trainable graph with quantizers initialised from calibration (and the context to convert it)."""
     cfg = cfg or StaticQuantConfig()
+    if cfg.weight_levels != "linear":
+        raise SlimkitError("quantization-aware training learns linear step sizes: use weight_levels 'linear'")
     _, step = quantize_static(model, calib, cfg)
     from .ptq import fold_batchnorm
 
