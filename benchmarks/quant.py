@@ -126,9 +126,10 @@ def main() -> None:
                       for r in rows if r["simulation_check"]))
     low = low_bit(task, calib, args.models.split(","), args.qat_epochs)
     print(f"\n### Low-bit weights, 8-bit activations (QAT: {args.qat_epochs} epochs, LSQ step sizes)\n")
-    keys = [f"w{b}_{m}" for b in (4, 3) for m in ("ptq", "gptq", "qat")]
-    print("| model | fp32 | W4A8 PTQ | W4A8 GPTQ | W4A8 QAT | W3A8 PTQ | W3A8 GPTQ | W3A8 QAT |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    keys = [f"w{b}_{m}" for b in (4, 3) for m in ("ptq", "bc", "gptq", "qat")]
+    print("| model | fp32 | W4A8 PTQ | + bias corr. | W4A8 GPTQ | W4A8 QAT | W3A8 PTQ | + bias corr. | W3A8 GPTQ "
+          "| W3A8 QAT |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in low:
         print(f"| {r['model']} | {100 * r['fp32']:.2f}% | " + " | ".join(f"{100 * r[k]:.2f}%" for k in keys) + " |")
     mixed = mixed_precision(task, calib, args.models.split(","), budget=0.16)
@@ -162,6 +163,8 @@ def low_bit(task: Task, calib: torch.Tensor, names: list[str], epochs: int) -> l
         for bits in (4, 3):
             cfg = StaticQuantConfig(weight_bits=bits)
             row[f"w{bits}_ptq"] = task.test_score(quantize_static(model, calib, cfg)[0])
+            corrected = StaticQuantConfig(weight_bits=bits, bias_correction=True)
+            row[f"w{bits}_bc"] = task.test_score(quantize_static(model, calib, corrected)[0])
             gptq = StaticQuantConfig(weight_bits=bits, rounding="gptq")
             row[f"w{bits}_gptq"] = task.test_score(quantize_static(model, calib, gptq)[0])
             trainable, ctx = prepare_qat(model, calib, cfg)

@@ -41,3 +41,16 @@ def test_gptq_in_static_quantization(digits):
         ref = model(digits.x_test)
         err = {k: float(((m(digits.x_test) - ref) ** 2).mean()) for k, m in (("rtn", rtn), ("gptq", gptq))}
     assert err["gptq"] < err["rtn"]
+
+
+def test_bias_correction_removes_the_mean_output_shift():
+    g = torch.Generator().manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    calib = torch.rand(512, 1, 8, 8, generator=g) + 0.5  # a positive mean input makes rounding bias visible
+    with torch.no_grad():
+        reference = model(calib)
+        shifts = {}
+        for corrected in (False, True):
+            quantized, _ = quantize_static(model, calib, StaticQuantConfig(weight_bits=3, bias_correction=corrected))
+            shifts[corrected] = float((quantized(calib) - reference).mean(0).abs().mean())
+    assert shifts[True] < 0.3 * shifts[False]

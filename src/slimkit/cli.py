@@ -230,6 +230,8 @@ def quantize(
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
     bits: int = typer.Option(8, "--bits", help="weight bits, 2-8 (activations stay 8-bit: W4A8 with --bits 4)"),
     rounding: str = typer.Option("nearest", "--rounding", help="nearest, or gptq (error-compensating, for low bits)"),
+    bias_correction: bool = typer.Option(False, "--bias-correction",
+                                         help="remove the mean output shift caused by weight rounding"),
     size_budget: Optional[float] = typer.Option(None, "--size-budget",
                                                 help="mixed 4/8-bit weights within this fraction of fp32 bytes"),
     qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after calibration"),
@@ -246,7 +248,7 @@ def quantize(
     source = load(path, trust_code=trust_code)
     stage = {"type": "quantize", "scheme": scheme, "calib": calib, "observer": observer,
              "per_channel": per_channel, "exclude": exclude, "weight_bits": bits, "rounding": rounding,
-             "size_budget": size_budget,
+             "size_budget": size_budget, "bias_correction": bias_correction,
              "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None}
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],

@@ -17,12 +17,13 @@ from ..errors import SlimkitError
 
 
 class HessianRecorder(nn.Module):
-    """Accumulates ``X X^T`` of a layer's input columns as calibration batches pass."""
+    """Accumulates ``X X^T`` and the sum of a layer's input columns as calibration batches pass."""
 
     def __init__(self, columns: int, conv: dict | None = None):
         super().__init__()
         self.conv = conv
         self.register_buffer("hessian", torch.zeros(columns, columns, dtype=torch.float64))
+        self.register_buffer("total", torch.zeros(columns, dtype=torch.float64))
         self.count = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +35,7 @@ class HessianRecorder(nn.Module):
             cols = x.reshape(-1, x.shape[-1]).T
         cols = cols.double()
         self.hessian += cols @ cols.T
+        self.total += cols.sum(1)
         self.count += cols.shape[1]
         return x
 
@@ -69,8 +71,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
 
 
 def record_hessians(gm: fx.GraphModule, ops: list[fx.Node], weight_name, calib: torch.Tensor,
-                    batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Run calibration data through ``gm`` and return the input Hessian of each (ungrouped) weighted op."""
+                    batch_size: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run calibration data through ``gm``; (input Hessian, input column mean) of each ungrouped weighted op."""
     recorders = {}
     for i, op in enumerate(ops):
         name = weight_name(op)
@@ -98,6 +100,7 @@ def record_hessians(gm: fx.GraphModule, ops: list[fx.Node], weight_name, calib: 
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)
-        hessians[name] = recorder.hessian / max(1, recorder.count)
+        count = max(1, recorder.count)
+        hessians[name] = (recorder.hessian / count, recorder.total / count)
     gm.recompile()
     return hessians

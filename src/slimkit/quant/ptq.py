@@ -49,6 +49,7 @@ class StaticQuantConfig(Config):
     weight_bits: int = Field(8, ge=2, le=8)
     layer_bits: dict[str, int] = Field(default_factory=dict)  # per-layer weight bits (mixed precision)
     rounding: Literal["nearest", "gptq"] = "nearest"  # how weights meet their grid
+    bias_correction: bool = False  # remove the mean output shift the weight rounding causes
     weight_levels: Literal["linear", "log"] = "linear"  # log: power-of-two levels (shift-friendly)
     exclude: list[str] = Field(default_factory=list)
     matmul: bool = True
@@ -205,13 +206,8 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
             name = _weight_name(op)
             weight = gm.get_parameter(name)
             weight.data, scales[name] = log_levels(weight.detach(), cfg.bits_of(name))
-    if cfg.rounding == "gptq":
-        from .gptq import gptq_quantize, record_hessians
-
-        hessians = record_hessians(gm, ops, _weight_name, calib, batch_size)
-        for name, hessian in hessians.items():
-            weight = gm.get_parameter(name)
-            weight.data = gptq_quantize(weight, hessian, scales[name], weight_scheme(cfg.bits_of(name)).qmax)
+    if cfg.rounding == "gptq" or cfg.bias_correction:
+        _round_weights(gm, ops, cfg, scales, calib, batch_size)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
             "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
@@ -281,6 +277,33 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
     gm.recompile()
     gm.requires_grad_(False)  # an inference artifact; also keeps fake-quant ops exportable (no autograd variant)
     return gm
+
+
+def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfig, scales: dict[str, torch.Tensor],
+                   calib: torch.Tensor, batch_size: int) -> None:
+    """GPTQ rounding and/or bias correction, both from the statistics of each layer's calibration inputs.
+
+    Bias correction (Nagel et al., 2019): rounding changes ``W`` by ``dW``, which shifts the layer's
+    mean output by ``dW E[x]``; subtracting it from the bias removes the shift.
+    """
+    from .gptq import gptq_quantize, record_hessians
+
+    moments = record_hessians(gm, ops, _weight_name, calib, batch_size)
+    biases = {_weight_name(op): op.args[2] for op in ops if len(op.args) > 2 and isinstance(op.args[2], fx.Node)}
+    for name, (hessian, mean) in moments.items():
+        weight = gm.get_parameter(name)
+        qmax = weight_scheme(cfg.bits_of(name)).qmax
+        original = weight.detach().clone()
+        if cfg.rounding == "gptq":
+            rounded = gptq_quantize(weight, hessian, scales[name], qmax)
+        else:
+            s = scales[name].reshape(-1, *([1] * (weight.dim() - 1)))
+            rounded = torch.clamp(torch.round(original / s), -qmax, qmax) * s
+        weight.data = rounded
+        if cfg.bias_correction and name in biases:
+            shift = (rounded - original).reshape(weight.shape[0], -1).double() @ mean
+            bias = gm.get_parameter(biases[name].target)
+            bias.data = (bias.double() - shift).float()
 
 
 def _insert_observers(gm: fx.GraphModule, values: list[fx.Node], cfg: StaticQuantConfig) -> dict[fx.Node, Observer]:
