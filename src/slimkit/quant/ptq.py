@@ -1,14 +1,15 @@
-"""Static post-training quantization to int8, on the model's exported graph.
+"""Static post-training quantization, on the model's exported graph.
 
 1. BatchNorm is folded into the convolution before it.
 2. The model is captured with ``torch.export`` (dynamic batch). Every conv, linear
    and activation-activation matmul becomes a quantized op: its weight gets a
-   symmetric per-channel int8 quantizer, and the activations entering and leaving
-   it get an asymmetric uint8 quantizer (leaving: after a directly following
-   ReLU/ReLU6, which the runtime fuses). A value feeding several ops is
-   quantized once.
+   symmetric per-channel quantizer (8 bits, or fewer as int8 codes in a smaller
+   range, or power-of-two levels), and the activations entering and leaving it get
+   an asymmetric uint8 quantizer (leaving: after a directly following ReLU/ReLU6,
+   which the runtime fuses). A value feeding several ops is quantized once.
 3. Observers watch those activations on calibration data; slimkit computes the
-   scales and zero points.
+   scales and zero points. Weights are rounded to nearest, by GPTQ, or to
+   power-of-two levels, optionally followed by bias correction.
 4. The observers are replaced by fake-quantization ops. The result is a plain
    ``GraphModule``: slimkit's simulation of the integer model, and what is
    exported to ONNX in QDQ form (see ``export/qdq.py``), where ONNX Runtime runs
@@ -32,14 +33,16 @@ from .observers import OBSERVERS, Observer, make_observer
 from .scheme import QScheme, log2_quantize, qparams
 
 ACT_SCHEME = QScheme(bits=8, symmetric=False, signed=False)  # uint8, as ONNX Runtime's x86 kernels prefer
-def weight_scheme(bits: int) -> QScheme:
-    """Symmetric signed weights; fewer than 8 bits are int8 codes limited to +/-(2^(bits-1) - 1)."""
-    return QScheme(bits=bits, symmetric=True, signed=True, granularity="channel", axis=0)
 aten = torch.ops.aten
 WEIGHTED = {aten.conv2d.default, aten.conv1d.default, aten.linear.default}
 MATMULS = {aten.matmul.default, aten.bmm.default}
 PLAN_OP = "quantize-static"
 FUSED_ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
+
+
+def weight_scheme(bits: int) -> QScheme:
+    """Symmetric signed weights; fewer than 8 bits are int8 codes limited to +/-(2^(bits-1) - 1)."""
+    return QScheme(bits=bits, symmetric=True, signed=True, granularity="channel", axis=0)
 
 
 class StaticQuantConfig(Config):
@@ -201,13 +204,9 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
             scale = scale.reshape(1).expand(rows.shape[0])
         weights[name] = {"input": op.args[0].name, "bits": cfg.bits_of(name)}
         scales[name] = scale.float()
-    if cfg.weight_levels == "log":
-        for op in ops:
-            name = _weight_name(op)
-            weight = gm.get_parameter(name)
-            weight.data, scales[name] = log_levels(weight.detach(), cfg.bits_of(name))
-    if cfg.rounding == "gptq" or cfg.bias_correction:
-        _round_weights(gm, ops, cfg, scales, calib, batch_size)
+        if cfg.weight_levels == "log":
+            scales[name] = log_levels(gm.get_parameter(name).detach(), cfg.bits_of(name))[1]
+    _round_weights(gm, ops, cfg, scales, calib, batch_size)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
             "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
@@ -281,27 +280,33 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
 
 def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfig, scales: dict[str, torch.Tensor],
                    calib: torch.Tensor, batch_size: int) -> None:
-    """GPTQ rounding and/or bias correction, both from the statistics of each layer's calibration inputs.
+    """Put every weight on its grid (nearest, GPTQ or power-of-two levels), then correct biases if asked.
 
-    Bias correction (Nagel et al., 2019): rounding changes ``W`` by ``dW``, which shifts the layer's
-    mean output by ``dW E[x]``; subtracting it from the bias removes the shift.
+    GPTQ and bias correction use the statistics of each layer's calibration inputs (grouped
+    convolutions have none recorded: they round to nearest, uncorrected). Bias correction
+    (Nagel et al., 2019): rounding changes ``W`` by ``dW``, which shifts the layer's mean
+    output by ``dW E[x]``; subtracting it from the bias removes the shift.
     """
     from .gptq import gptq_quantize, record_hessians
 
-    moments = record_hessians(gm, ops, _weight_name, calib, batch_size)
+    needs_stats = cfg.rounding == "gptq" or cfg.bias_correction
+    moments = record_hessians(gm, ops, _weight_name, calib, batch_size) if needs_stats else {}
     biases = {_weight_name(op): op.args[2] for op in ops if len(op.args) > 2 and isinstance(op.args[2], fx.Node)}
-    for name, (hessian, mean) in moments.items():
+    for op in ops:
+        name = _weight_name(op)
         weight = gm.get_parameter(name)
         qmax = weight_scheme(cfg.bits_of(name)).qmax
         original = weight.detach().clone()
-        if cfg.rounding == "gptq":
-            rounded = gptq_quantize(weight, hessian, scales[name], qmax)
+        if cfg.weight_levels == "log":
+            rounded = log_levels(original, cfg.bits_of(name))[0]
+        elif cfg.rounding == "gptq" and name in moments:
+            rounded = gptq_quantize(weight, moments[name][0], scales[name], qmax)
         else:
             s = scales[name].reshape(-1, *([1] * (weight.dim() - 1)))
             rounded = torch.clamp(torch.round(original / s), -qmax, qmax) * s
         weight.data = rounded
-        if cfg.bias_correction and name in biases:
-            shift = (rounded - original).reshape(weight.shape[0], -1).double() @ mean
+        if cfg.bias_correction and name in biases and name in moments:
+            shift = (rounded - original).reshape(weight.shape[0], -1).double() @ moments[name][1]
             bias = gm.get_parameter(biases[name].target)
             bias.data = (bias.double() - shift).float()
 
