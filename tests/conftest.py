@@ -20,6 +20,26 @@ def trained_run(digits, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def briefly_trained(digits):
+    """``briefly_trained(name)``: a fresh copy of a zoo model trained 3 epochs (calibration needs real activations)."""
+    import copy
+
+    from slimkit import fit
+
+    task, cache = Task.classification(digits), {}
+
+    def get(name: str):
+        if name not in cache:
+            model = build_seeded(name, 0, task)
+            cfg = TrainConfig(epochs=3, lr=3e-3)
+            fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, progress=False)
+            cache[name] = model.eval()
+        return copy.deepcopy(cache[name])
+
+    return get
+
+
 @pytest.fixture
 def small_model_dir(tmp_path):
     torch.manual_seed(0)

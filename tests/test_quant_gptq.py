@@ -1,6 +1,5 @@
 import torch
 
-from slimkit import Task
 from slimkit.data import calibration_subset
 from slimkit.quant.gptq import gptq_quantize
 from slimkit.quant.ptq import StaticQuantConfig, quantize_static
@@ -25,14 +24,8 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output_error():
     assert output_error(gptq) < 0.7 * output_error(rtn)
 
 
-def test_gptq_in_static_quantization(digits):
-    from slimkit import TrainConfig, fit, new_model
-
-    task = Task.classification(digits)
-    torch.manual_seed(0)
-    model = new_model("lenet5")
-    cfg = TrainConfig(epochs=3, lr=3e-3)
-    fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, progress=False)
+def test_gptq_in_static_quantization(digits, briefly_trained):
+    model = briefly_trained("lenet5")
     calib = calibration_subset(digits, 256)
     rtn, _ = quantize_static(model.eval(), calib, StaticQuantConfig(weight_bits=3))
     gptq, step = quantize_static(model.eval(), calib, StaticQuantConfig(weight_bits=3, rounding="gptq"))

@@ -1,20 +1,14 @@
 import pytest
-import torch
 
-from slimkit import SlimkitError, Task, TrainConfig, fit, new_model, parse_recipe, run_recipe
+from slimkit import SlimkitError, Task, parse_recipe, run_recipe
 from slimkit.data import calibration_subset
 from slimkit.quant.mixed import allocate_bits
 from slimkit.quant.ptq import StaticQuantConfig, quantize_static
 
 
-@pytest.fixture(scope="module")
-def lenet5(digits):
-    task = Task.classification(digits)
-    torch.manual_seed(0)
-    model = new_model("lenet5")
-    cfg = TrainConfig(epochs=3, lr=3e-3)
-    fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, progress=False)
-    return model.eval()
+@pytest.fixture
+def lenet5(briefly_trained):
+    return briefly_trained("lenet5")
 
 
 def weight_fraction(model, layer_bits):

@@ -41,8 +41,8 @@ def test_batchnorm_folding_preserves_outputs(name):
 
 
 @pytest.mark.parametrize("name", ["lenet5", "resnet8", "mobilenetv2", "vit"])
-def test_int8_onnx_agrees_with_simulation_and_is_integer(name, tmp_path, digits):
-    model = load_trained_like(name, digits)
+def test_int8_onnx_agrees_with_simulation_and_is_integer(name, tmp_path, digits, briefly_trained):
+    model = briefly_trained(name)
     quantized, step = quantize_static(model, calibration_subset(digits, 128))
     check = export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test)
     assert check["top1_agreement"] >= 0.99 and check["sqnr_db"] >= 30
@@ -59,26 +59,15 @@ def test_int8_onnx_agrees_with_simulation_and_is_integer(name, tmp_path, digits)
     assert (tmp_path / "q.onnx").stat().st_size < 0.5 * (tmp_path / "f.onnx").stat().st_size
 
 
-def load_trained_like(name, digits):
-    """A briefly trained zoo model (calibration needs realistic activations, not random init)."""
-    from slimkit.train import TrainConfig, build_seeded, fit
-
+def test_simulated_accuracy_close_to_float(digits, briefly_trained):
     task = Task.classification(digits)
-    model = build_seeded(name, 0, task)
-    cfg = TrainConfig(epochs=3, lr=3e-3)
-    fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, progress=False)
-    return model.eval()
-
-
-def test_simulated_accuracy_close_to_float(digits):
-    task = Task.classification(digits)
-    model = load_trained_like("lenet5", digits)
+    model = briefly_trained("lenet5")
     quantized, _ = quantize_static(model, calibration_subset(digits, 256))
     assert abs(task.test_score(quantized) - task.test_score(model)) <= 0.02
 
 
-def test_quantized_model_directory_round_trip(tmp_path, digits):
-    model = load_trained_like("resnet8", digits)
+def test_quantized_model_directory_round_trip(tmp_path, digits, briefly_trained):
+    model = briefly_trained("resnet8")
     save(model, tmp_path / "fp32")
     quantized, step = quantize_static(model, calibration_subset(digits, 64))
     quantized.slimkit_meta = {**model.slimkit_meta, "plan": [*model.slimkit_meta["plan"], step]}
@@ -91,8 +80,8 @@ def test_quantized_model_directory_round_trip(tmp_path, digits):
     assert dir_bytes(tmp_path / "int8") < 0.3 * dir_bytes(tmp_path / "fp32")
 
 
-def test_exclude_keeps_layers_in_float(digits):
-    model = load_trained_like("lenet5", digits)
+def test_exclude_keeps_layers_in_float(digits, briefly_trained):
+    model = briefly_trained("lenet5")
     _, step = quantize_static(model, calibration_subset(digits, 32), StaticQuantConfig(exclude=["fc3", "conv1"]))
     assert set(step["weights"]) == {"conv2.weight", "fc1.weight", "fc2.weight"}
     with pytest.raises(SlimkitError, match="nothing to quantize"):
@@ -101,11 +90,11 @@ def test_exclude_keeps_layers_in_float(digits):
         StaticQuantConfig(observer="magic")
 
 
-def test_runtime_comparison_detects_a_wrong_model(tmp_path, digits):
-    model = load_trained_like("lenet300", digits)
+def test_runtime_comparison_detects_a_wrong_model(tmp_path, digits, briefly_trained):
+    model = briefly_trained("lenet300")
     quantized, _ = quantize_static(model, calibration_subset(digits, 64))
     export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test)
-    other, _ = quantize_static(load_trained_like("lenet5", digits), calibration_subset(digits, 64))
+    other, _ = quantize_static(briefly_trained("lenet5"), calibration_subset(digits, 64))
     check = compare_with_runtime(other, tmp_path / "q.onnx", digits.x_test)
     assert check["sqnr_db"] < 30
 
@@ -129,13 +118,13 @@ def test_quantize_recipe_and_cli(trained_run, tmp_path):
     assert load(tmp_path / "c")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
-def test_qat_recovers_low_bit_accuracy_and_keeps_pruned_zeros(digits, tmp_path):
+def test_qat_recovers_low_bit_accuracy_and_keeps_pruned_zeros(digits, tmp_path, briefly_trained):
     from slimkit import TrainConfig, fit
     from slimkit.prune import PruneConfig, prune_weights, remove_masks
     from slimkit.quant.qat import convert_qat, prepare_qat
 
     task = Task.classification(digits)
-    model = load_trained_like("lenet5", digits)
+    model = briefly_trained("lenet5")
     prune_weights(model, PruneConfig(sparsity=0.5))
     remove_masks(model)
     cfg = StaticQuantConfig(weight_bits=3)
@@ -164,10 +153,10 @@ def test_qat_recovers_low_bit_accuracy_and_keeps_pruned_zeros(digits, tmp_path):
     assert check["top1_agreement"] >= 0.99
 
 
-def test_log_scheme_exports_power_of_two_codes(digits, tmp_path):
+def test_log_scheme_exports_power_of_two_codes(digits, tmp_path, briefly_trained):
     from slimkit.quant.qat import prepare_qat
 
-    model = load_trained_like("lenet5", digits)
+    model = briefly_trained("lenet5")
     calib = calibration_subset(digits, 64)
     quantized, step = quantize_static(model, calib, StaticQuantConfig(weight_bits=4, weight_levels="log"))
     for i, name in enumerate(step["weights"]):
