@@ -191,8 +191,9 @@ def prune(
     path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
     out: Path = typer.Option(..., "--out", help="run directory for the pruned model and its report"),
     method: str = typer.Option("l1", "--method", help="importance: l1, l2, bn-scale (structured), taylor, random"),
-    sparsity: float = typer.Option(..., "--sparsity",
-                                   help="fraction of weights to zero; with --structured, of channels/heads per group"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity",
+                                             help="fraction of weights to zero; with --structured, of channels/heads "
+                                                  "per group (not needed with --nm)"),
     structured: bool = typer.Option(False, "--structured", help="remove whole channels, neurons and heads"),
     nm: Optional[str] = typer.Option(None, "--nm", help="N:M pattern along the input dimension, e.g. 2:4"),
     global_scope: bool = typer.Option(False, "--global", help="one threshold across layers, not per layer"),
@@ -207,8 +208,11 @@ def prune(
     """Prune: unstructured or N:M (stored sparse), or --structured (a physically smaller model)."""
     from .modelfile import load
 
+    if sparsity is None and nm is None:
+        raise SlimkitError("--sparsity is required (or --nm N:M, which sets it)")
     source = load(path, trust_code=trust_code)
-    stage = {"type": "prune", "method": method, "sparsity": sparsity, "nm": nm, "schedule": schedule,
+    stage = {"type": "prune", "method": method, "sparsity": sparsity if sparsity is not None else 0.5, "nm": nm,
+             "schedule": schedule,
              "structured": structured,
              "scope": "global" if global_scope else "layer", "exclude": exclude,
              "finetune": {"epochs": finetune_epochs}}
