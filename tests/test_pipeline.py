@@ -94,3 +94,10 @@ def test_custom_regression_task_runs_through_the_pipeline(tmp_path):
     assert report["final"]["accuracy"] == pytest.approx(neg_mse(test)(load(tmp_path / "model")))
     assert report["data"]["metric"] == "negative MSE"
     assert "test negative MSE" in (tmp_path / "report.html").read_text()
+
+
+def test_an_export_before_a_model_changing_stage_is_not_timed_as_the_final_model(trained_run, tmp_path):
+    recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False},
+                           "stages": [{"type": "export"}, {"type": "finetune", "epochs": 1}]})
+    report = run_recipe(recipe, tmp_path, progress=False)
+    assert "onnx" not in report["artifacts"]

@@ -63,6 +63,8 @@ def run_recipe(
         stage_dir = out / "stages" / f"{i:02d}-{stage.type}"
         record = stage_dir / STAGE_RECORD
         done = _finished_stage(record, stage.to_dict()) if resume else None
+        if stage.changes_model:  # an ONNX file exported before this stage no longer is the model
+            artifacts.pop("onnx", None)
         if done is not None:
             log(f"stage {i} ({stage.type}): already done, loading it")
             model = load(stage_dir / MODEL_SUBDIR) if stage.changes_model else model
