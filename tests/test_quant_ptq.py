@@ -116,6 +116,10 @@ def test_quantize_recipe_and_cli(trained_run, tmp_path):
                            "--no-latency", "--no-progress", "--out", str(tmp_path / "c")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert load(tmp_path / "c")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    from slimkit.analyze import measure_latency
+
+    latency = measure_latency(load(tmp_path / "c"), (1, 8, 8))["latency_ms"]  # timed as the int8 ONNX model
+    assert set(latency) == {"torch_b1", "torch_b64", "ort_b1", "ort_b64"} and latency["ort_b64"] > 0
 
 
 def test_qat_recovers_low_bit_accuracy_and_keeps_pruned_zeros(digits, tmp_path, briefly_trained):

@@ -163,7 +163,7 @@ def export(
     from .export import export_onnx
 
     from .export.qdq import export_int8_verified
-    from .export.stage import is_quantized
+    from .quant.ptq import is_quantized
 
     if fmt not in ("onnx", "onnx-int8"):
         raise SlimkitError(f"--format {fmt!r}: supported formats: onnx, onnx-int8")

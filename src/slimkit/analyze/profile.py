@@ -97,15 +97,20 @@ def measure_latency(
     onnx_path: str | os.PathLike | None = None,
     batches: tuple[int, ...] = LATENCY_BATCHES,
 ) -> dict[str, Any]:
-    """Torch eager and ONNX Runtime latency at each batch size; exports fp32 ONNX if no file is given."""
+    """Torch eager and ONNX Runtime latency at each batch size; exports ONNX (QDQ if quantized) if no file is given."""
     from ..export import export_onnx, ort_session
+    from ..export.qdq import export_int8_verified
+    from ..quant.ptq import is_quantized
 
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, *input_shape, generator=gen) for b in batches}
     with tempfile.TemporaryDirectory() as tmp:
         if onnx_path is None:
-            onnx_path = Path(tmp) / "model.onnx"
-            export_onnx(model, onnx_path, inputs[max(batches)][:2], verify_on=inputs[max(batches)])
+            onnx_path, check = Path(tmp) / "model.onnx", inputs[max(batches)]
+            if is_quantized(model):
+                export_int8_verified(model, onnx_path, check)
+            else:
+                export_onnx(model, onnx_path, check[:2], verify_on=check)
         session = ort_session(onnx_path, threads=threads)
         medians, details = {}, {}
         for b, x in inputs.items():

@@ -10,6 +10,7 @@ from torch import nn
 from ..stages import Stage, StageContext, register_stage
 from ..errors import SlimkitError
 from .onnx import DEFAULT_ATOL, export_onnx
+from ..quant.ptq import is_quantized
 from .qdq import export_int8_verified
 
 
@@ -37,6 +38,3 @@ class ExportStage(Stage):
         ctx.artifacts["onnx"] = self.filename
         return model
 
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(step.get("op") == "quantize-static" for step in getattr(model, "slimkit_meta", {}).get("plan", []))

@@ -74,6 +74,11 @@ class StaticQuantConfig(Config):
         return self.layer_bits.get(weight.rpartition(".")[0], self.weight_bits)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """True for a model whose plan ends in integer quantization (it exports as QDQ, not fp32 ONNX)."""
+    return any(step.get("op") == PLAN_OP for step in getattr(model, "slimkit_meta", {}).get("plan", []))
+
+
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[list[str]]]:
     """A copy of ``model`` with every eval-mode BatchNorm that directly follows a conv folded into it."""
     model = copy.deepcopy(model).eval()
