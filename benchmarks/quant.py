@@ -92,7 +92,10 @@ def main() -> None:
             export_onnx(model, fp32, splits.x_test[:2], verify_on=splits.x_test)
             quantized, _ = quantize_static(model, calib, StaticQuantConfig(observer=args.observer))
             check = export_int8_verified(quantized, tmp / "slimkit.onnx", splits.x_test)
+            weight_only, _ = quantize_static(model, calib, StaticQuantConfig(activations=False))
+            export_int8_verified(weight_only, tmp / "slimkit-weights.onnx", splits.x_test)
             candidates = {"fp32": fp32, "slimkit int8 static": tmp / "slimkit.onnx",
+                          "slimkit int8 weight-only": tmp / "slimkit-weights.onnx",
                           **ort_quantizers(fp32, calib, tmp)}
             torch_b64 = torch_latency(model, torch.randn(64, *splits.input_shape), args.threads).median_ms
             results = {label: measure(path, splits.x_test, splits.y_test, args.threads)

@@ -173,3 +173,19 @@ def test_log_scheme_exports_power_of_two_codes(digits, tmp_path, briefly_trained
         StaticQuantConfig(weight_bits=5, weight_levels="log")
     with pytest.raises(SlimkitError, match="linear step sizes"):
         prepare_qat(model, calib, StaticQuantConfig(weight_bits=4, weight_levels="log"))
+
+
+def test_weight_only_quantization_keeps_activations_float(digits, tmp_path, briefly_trained):
+    model = briefly_trained("lenet5")
+    quantized, step = quantize_static(model, calibration_subset(digits, 64), StaticQuantConfig(activations=False))
+    assert step["activations"] == {} and len(step["weights"]) == 5
+    export_int8_verified(quantized, tmp_path / "w.onnx", digits.x_test)
+    graph = onnx.load(str(tmp_path / "w.onnx")).graph
+    assert not any(n.op_type == "QuantizeLinear" for n in graph.node)  # only weights, already int8
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(int8) == 5
+    recipe = parse_recipe({"model": {"path": str(tmp_path / "m")}, "evaluate": {"latency": False},
+                           "stages": [{"type": "quantize", "scheme": "int8-weight", "weight_bits": 4}]})
+    save(model, tmp_path / "m")
+    report = run_recipe(recipe, tmp_path / "r", progress=False)
+    assert report["summary"]["compression_ratio"] > 5  # 4-bit codes packed two per byte

@@ -227,8 +227,8 @@ def quantize(
     path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
     out: Path = typer.Option(..., "--out", help="run directory for the quantized model, its int8 ONNX and report"),
     scheme: str = typer.Option("int8-static", "--scheme",
-                               help="int8-static (int8 weights, uint8 activations) or log (power-of-two weights, "
-                                    "use with --bits 4 or fewer)"),
+                               help="int8-static (int8 weights, uint8 activations), int8-weight (weights only) "
+                                    "or log (power-of-two weights, with --bits 4 or fewer)"),
     calib: int = typer.Option(256, "--calib", help="calibration samples from the training split"),
     observer: str = typer.Option("minmax", "--observer", help="minmax, moving-minmax, percentile, mse, entropy"),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),

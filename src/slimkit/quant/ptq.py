@@ -55,6 +55,7 @@ class StaticQuantConfig(Config):
     bias_correction: bool = False  # remove the mean output shift the weight rounding causes
     weight_levels: Literal["linear", "log"] = "linear"  # log: power-of-two levels (shift-friendly)
     exclude: list[str] = Field(default_factory=list)
+    activations: bool = True  # False: weight-only quantization (activations stay float)
     matmul: bool = True
     fold_bn: bool = True
     seed: int = 0
@@ -172,8 +173,9 @@ def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.No
             continue
         users = list(node.users)
         out = users[0] if len(users) == 1 and users[0].target in FUSED_ACTIVATIONS else node
-        for value in (*inputs, out):
-            values[value] = None
+        if cfg.activations:
+            for value in (*inputs, out):
+                values[value] = None
     return ops, list(values)
 
 
@@ -267,8 +269,8 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
             weight.copy_(torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros_like(scale, dtype=torch.int32),
                                                                 0, -limit, limit))
             bias_node = op.args[2] if len(op.args) > 2 else None
-            if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr":
-                bias = gm.get_parameter(bias_node.target)
+            if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" and spec["input"] in step["activations"]:
+                bias = gm.get_parameter(bias_node.target)  # int32 at s_x * s_w, as integer kernels add it
                 unit = scale.double() * step["activations"][spec["input"]][0]
                 bias.copy_((torch.round(bias.double() / unit) * unit).float())
     for name, (scale, zero) in step["activations"].items():

@@ -16,7 +16,9 @@ from .ptq import StaticQuantConfig, calibration_batches, quantize_static
 @register_stage
 class QuantizeStage(Stage, StaticQuantConfig):
     type: Literal["quantize"] = "quantize"
-    scheme: Literal["int8-static", "log"] = "int8-static"  # log: power-of-two weights, uint8 activations
+    # int8-static: int8 weights, uint8 activations; int8-weight: weights only (activations stay float);
+    # log: power-of-two weights, uint8 activations. Fewer weight bits with weight_bits.
+    scheme: Literal["int8-static", "int8-weight", "log"] = "int8-static"
     onnx: str = Field("model-int8.onnx", min_length=1, pattern=r"^[^/\\]+\.onnx$")
     qat: TrainConfig | None = None  # quantization-aware training after calibration (epochs, lr, ...)
     size_budget: float | None = Field(None, gt=0, le=0.25)  # mixed precision: weights' fraction of fp32 bytes
@@ -30,6 +32,8 @@ class QuantizeStage(Stage, StaticQuantConfig):
         cfg = StaticQuantConfig(**self.model_dump(include=set(StaticQuantConfig.model_fields)))
         if self.scheme == "log":
             cfg = StaticQuantConfig(**{**cfg.model_dump(), "weight_levels": "log"})
+        elif self.scheme == "int8-weight":
+            cfg = StaticQuantConfig(**{**cfg.model_dump(), "activations": False})
         if self.size_budget is not None:
             from .mixed import allocate_bits
 
