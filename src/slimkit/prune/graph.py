@@ -315,9 +315,8 @@ class _Analyzer:
         if channel is not None and channel.role == "full":
             for name in filter(None, names):
                 self.add_member(channel, name, 0, "norm")
-        elif names and any(names):
-            # a norm over channels we do not track: its own parameters pin nothing, but nothing may change them
-            pass
+        elif channel is not None:  # normalizing over heads or head widths: its parameters could not follow
+            self.pin_value(x, f"{node.name}: normalization over split channels")
         self.ann[node] = dict(ann)
 
     def op__native_batch_norm_legit_no_training(self, node) -> None:
