@@ -95,7 +95,7 @@ def unstructured(task: Task, sparsities: list[float], ft: TrainConfig) -> list[d
             rows.append({"method": label, "sparsity": s, "accuracy": task.test_score(model), "file_bytes": size})
         with tempfile.TemporaryDirectory() as tmp:
             agp = PruneStage(sparsity=s, scope="global", schedule="agp", finetune=ft.model_dump())
-            model = agp.apply(copy.deepcopy(dense), StageContext(task, Path(tmp), Path(tmp) / "s", 0, progress=False))
+            model = agp.apply(copy.deepcopy(dense), StageContext(task, Path(tmp), Path(tmp) / "s", progress=False))
         rows.append({"method": "slimkit global, AGP", "sparsity": s, "accuracy": task.test_score(model),
                      "file_bytes": slimkit_file_bytes(model)})
     return rows

@@ -134,7 +134,7 @@ def test_schedules_reach_the_target_and_recover(schedule, digits, trained_run, t
     dense_accuracy = task.test_score(model)
     stage = PruneStage(sparsity=0.9, scope="global", schedule=schedule, steps=3,
                        finetune={"epochs": 12, "lr": 3e-3})
-    ctx = StageContext(task, tmp_path, tmp_path / "stage", 0, progress=False)
+    ctx = StageContext(task, tmp_path, tmp_path / "stage", progress=False)
     pruned = stage.apply(model, ctx)
     assert sparsity_of(pruned, ["fc1", "fc2", "fc3"]) == pytest.approx(0.9, abs=1e-4)
     assert not any(get_mask(m) is not None for m in pruned.modules())

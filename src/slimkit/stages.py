@@ -29,7 +29,6 @@ class StageContext:
     task: "Task"
     out_dir: Path
     stage_dir: Path
-    seed: int
     resume: bool = False
     progress: bool = True
     artifacts: dict[str, str] = field(default_factory=dict)
@@ -64,6 +63,3 @@ def stage_types() -> dict[str, type[Stage]]:
 
     return dict(_STAGES)
 
-
-def stage_config(data: dict[str, Any]) -> Stage:
-    return stage_types()[data["type"]].model_validate(data)

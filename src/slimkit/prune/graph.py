@@ -84,7 +84,6 @@ UNARY = {
     "upsample_nearest2d", "upsample_bilinear2d", "constant_pad_nd", "pad", "expand", "lift_fresh_copy",
 }
 BINARY = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "where"}
-SCALAR_TYPES = (int, float, bool)
 
 
 class _Analyzer:

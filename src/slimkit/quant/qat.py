@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from ..errors import SlimkitError
 from ..prune.mask import remove_masks, set_mask
-from .ptq import ACT_SCHEME, PLAN_OP, StaticQuantConfig, _convert, _weight_name, capture, quantize_static, weight_scheme
+from .ptq import ACT_SCHEME, StaticQuantConfig, _convert, _weight_name, capture, quantize_static, weight_scheme
 
 
 class LearnedFakeQuant(nn.Module):
@@ -110,5 +110,4 @@ def convert_qat(gm: fx.GraphModule, ctx: QATContext) -> tuple[fx.GraphModule, di
     trained = {k: v for k, v in gm.state_dict().items() if not k.startswith("_slimkit_")}
     folded.load_state_dict(trained, strict=True)
     final = _convert(capture(folded, torch.zeros(2, *step["input_shape"])), step, scales)
-    assert step["op"] == PLAN_OP
     return final, step
