@@ -1,4 +1,5 @@
-"""Quantization benchmark: slimkit's static int8 against ONNX Runtime's own quantizer, in one run.
+"""Quantization benchmark: slimkit's int8 (static, dynamic, weight-only) and int4 weight-only against
+ONNX Runtime's own quantizer, in one run.
 
 For lenet5, resnet8, mobilenetv2 and vit (trained with zoo defaults): the same fp32 ONNX file
 and the same 256 calibration samples go to slimkit (its own observers and scales, QDQ export)
@@ -60,6 +61,15 @@ def ort_quantizers(fp32: Path, calib: torch.Tensor, out: Path) -> dict[str, Path
     return {"ORT quantize_static": static, "ORT quantize_dynamic": dynamic}
 
 
+def slimkit_variants(observer: str) -> dict[str, StaticQuantConfig]:
+    return {
+        "slimkit int8 static": StaticQuantConfig(observer=observer),
+        "slimkit int8 dynamic": StaticQuantConfig(activations="dynamic"),
+        "slimkit int8 weight-only": StaticQuantConfig(activations="none"),
+        "slimkit int4 weight-only g32": StaticQuantConfig(activations="none", weight_bits=4, group_size=32),
+    }
+
+
 def measure(path: Path, x_test: torch.Tensor, y_test: torch.Tensor, threads: int) -> dict:
     session = ort_session(path, threads=threads)
     logits = run_ort(session, x_test)
@@ -90,13 +100,12 @@ def main() -> None:
             tmp = Path(tmp)
             fp32 = tmp / "fp32.onnx"
             export_onnx(model, fp32, splits.x_test[:2], verify_on=splits.x_test)
-            quantized, _ = quantize_static(model, calib, StaticQuantConfig(observer=args.observer))
-            check = export_int8_verified(quantized, tmp / "slimkit.onnx", splits.x_test)
-            weight_only, _ = quantize_static(model, calib, StaticQuantConfig(activations=False))
-            export_int8_verified(weight_only, tmp / "slimkit-weights.onnx", splits.x_test)
-            candidates = {"fp32": fp32, "slimkit int8 static": tmp / "slimkit.onnx",
-                          "slimkit int8 weight-only": tmp / "slimkit-weights.onnx",
-                          **ort_quantizers(fp32, calib, tmp)}
+            candidates, checks = {"fp32": fp32}, {}
+            for i, (label, cfg) in enumerate(slimkit_variants(args.observer).items()):
+                quantized, _ = quantize_static(model, calib, cfg)
+                checks[label] = export_int8_verified(quantized, tmp / f"slimkit-{i}.onnx", splits.x_test)
+                candidates[label] = tmp / f"slimkit-{i}.onnx"
+            candidates.update(ort_quantizers(fp32, calib, tmp))
             torch_b64 = torch_latency(model, torch.randn(64, *splits.input_shape), args.threads).median_ms
             results = {label: measure(path, splits.x_test, splits.y_test, args.threads)
                        for label, path in candidates.items()}
@@ -110,7 +119,7 @@ def main() -> None:
                 "b64_vs_ort_fp32": r["ort_b64_ms"] / base["ort_b64_ms"],
                 "b64_vs_torch_fp32": r["ort_b64_ms"] / torch_b64,
                 "top1_agreement_with_fp32": float((logits.argmax(1) == fp32_top1).mean()),
-                "simulation_check": check if label == "slimkit int8 static" else None,
+                "simulation_check": checks.get(label),
             })
         print(f"measured {name}", flush=True)
 
@@ -123,9 +132,9 @@ def main() -> None:
         print(f"| {r['model']} | {r['method']} | {100 * r['accuracy']:.2f}% | {r['file_bytes']:,} "
               f"| {r['size_vs_fp32']:.3f}x | {r['ort_b1_ms']:.3f} | {r['ort_b64_ms']:.3f} "
               f"| {r['b64_vs_ort_fp32']:.2f}x | {r['b64_vs_torch_fp32']:.2f}x |")
-    print("\nslimkit's int8 model vs its own simulation (every model): "
-          + ", ".join(f"{r['model']}: top-1 {r['simulation_check']['top1_agreement']:.3f}, "
-                      f"SQNR {r['simulation_check']['sqnr_db']:.1f} dB"
+    print("\nslimkit's ONNX models vs its own simulation (top-1 agreement, SQNR): "
+          + ", ".join(f"{r['model']} {r['method'].removeprefix('slimkit ')}: "
+                      f"{r['simulation_check']['top1_agreement']:.3f}, {r['simulation_check']['sqnr_db']:.1f} dB"
                       for r in rows if r["simulation_check"]))
     low = low_bit(task, calib, args.models.split(","), args.qat_epochs)
     print(f"\n### Low-bit weights, 8-bit activations (QAT: {args.qat_epochs} epochs, LSQ step sizes)\n")

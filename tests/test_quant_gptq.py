@@ -14,7 +14,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output_error():
     qmax = 7
     scale = w.abs().amax(1) / qmax
     rtn = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax) * scale[:, None]
-    gptq = gptq_quantize(w, hessian, scale, qmax)
+    gptq = gptq_quantize(w, hessian, scale[:, None].expand_as(w), qmax)
     codes = gptq / scale[:, None]
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= qmax + 1e-4
 

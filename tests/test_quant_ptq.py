@@ -177,7 +177,7 @@ def test_log_scheme_exports_power_of_two_codes(digits, tmp_path, briefly_trained
 
 def test_weight_only_quantization_keeps_activations_float(digits, tmp_path, briefly_trained):
     model = briefly_trained("lenet5")
-    quantized, step = quantize_static(model, calibration_subset(digits, 64), StaticQuantConfig(activations=False))
+    quantized, step = quantize_static(model, calibration_subset(digits, 64), StaticQuantConfig(activations="none"))
     assert step["activations"] == {} and len(step["weights"]) == 5
     export_int8_verified(quantized, tmp_path / "w.onnx", digits.x_test)
     graph = onnx.load(str(tmp_path / "w.onnx")).graph

@@ -227,12 +227,17 @@ def quantize(
     path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
     out: Path = typer.Option(..., "--out", help="run directory for the quantized model, its int8 ONNX and report"),
     scheme: str = typer.Option("int8-static", "--scheme",
-                               help="int8-static (int8 weights, uint8 activations), int8-weight (weights only) "
-                                    "or log (power-of-two weights, with --bits 4 or fewer)"),
+                               help="int8-static (int8 weights, calibrated uint8 activations), int8-dynamic "
+                                    "(linear layers, activation ranges per batch), int8-weight (weights only), "
+                                    "int4-weight (4-bit weights per group of inputs) or log (power-of-two "
+                                    "weights, with --bits 4 or fewer)"),
     calib: int = typer.Option(256, "--calib", help="calibration samples from the training split"),
     observer: str = typer.Option("minmax", "--observer", help="minmax, moving-minmax, percentile, mse, entropy"),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="weight scales per output channel"),
-    bits: int = typer.Option(8, "--bits", help="weight bits, 2-8 (activations stay 8-bit: W4A8 with --bits 4)"),
+    bits: Optional[int] = typer.Option(None, "--bits",
+                                       help="weight bits, 2-8 (default 8; activations stay 8-bit: W4A8 with --bits 4)"),
+    group_size: Optional[int] = typer.Option(None, "--group-size",
+                                             help="weight-only schemes: one scale per this many inputs (int4-weight: 32)"),
     rounding: str = typer.Option("nearest", "--rounding", help="nearest, or gptq (error-compensating, for low bits)"),
     bias_correction: bool = typer.Option(False, "--bias-correction",
                                          help="remove the mean output shift caused by weight rounding"),
@@ -251,9 +256,10 @@ def quantize(
 
     source = load(path, trust_code=trust_code)
     stage = {"type": "quantize", "scheme": scheme, "calib": calib, "observer": observer,
-             "per_channel": per_channel, "exclude": exclude, "weight_bits": bits, "rounding": rounding,
+             "per_channel": per_channel, "exclude": exclude, "rounding": rounding,
              "size_budget": size_budget, "bias_correction": bias_correction,
              "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None}
+    stage.update({k: v for k, v in (("weight_bits", bits), ("group_size", group_size)) if v is not None})
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}

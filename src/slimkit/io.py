@@ -103,7 +103,7 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any],
-               int8_scales: dict[str, torch.Tensor] | None = None) -> Path:
+               int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None) -> Path:
     """Write ``model`` and its metadata as a model directory, atomically; sparse tensors are stored sparse."""
     from safetensors.torch import save_file
 

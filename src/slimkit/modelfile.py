@@ -78,12 +78,12 @@ def save(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | No
     return save_model(model, out_dir, meta, _int8_scales(model, meta["plan"]))
 
 
-def _int8_scales(model: nn.Module, plan: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Weights a quantization step made int8, with their per-channel scales (stored as int8 codes)."""
+def _int8_scales(model: nn.Module, plan: list[dict[str, Any]]) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """Weights a quantization step made integer codes, with their scales and group size (stored as codes)."""
     from .quant.ptq import PLAN_OP, weight_scale_buffer
 
-    return {name: model.get_buffer(weight_scale_buffer(i)) for step in plan if step.get("op") == PLAN_OP
-            for i, name in enumerate(step["weights"])}
+    return {name: (model.get_buffer(weight_scale_buffer(i)), spec.get("group_size"))
+            for step in plan if step.get("op") == PLAN_OP for i, (name, spec) in enumerate(step["weights"].items())}
 
 
 def new_model(arch: dict[str, Any] | str, trust_code: bool = False, **meta: Any) -> nn.Module:

@@ -39,9 +39,18 @@ def _gaps(flat_nonzero: np.ndarray) -> np.ndarray:
     return out
 
 
-def _as_int8(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """int8 codes if ``tensor`` is exactly ``codes * scale`` per output channel (a quantized weight), else None."""
-    s = scale.reshape(-1, *([1] * (tensor.dim() - 1)))
+def _scale_grid(scale: torch.Tensor, shape: list[int], group_size: int | None) -> torch.Tensor:
+    """A weight's scales spread to its shape: one per output channel, or per group of its flattened inputs."""
+    if group_size:
+        from ..quant.ops import expand_group_scale
+
+        return expand_group_scale(scale, shape, group_size)
+    return scale.reshape(-1, *([1] * (len(shape) - 1)))
+
+
+def _as_int8(tensor: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> torch.Tensor | None:
+    """int8 codes if ``tensor`` is exactly ``codes * scale`` (a quantized weight), else None."""
+    s = _scale_grid(scale, list(tensor.shape), group_size)
     codes = torch.round(tensor / s)
     if codes.abs().max() > 127 or not torch.equal(codes * s, tensor):
         return None
@@ -63,27 +72,31 @@ def _unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
 
 
-def encode_state(state: dict[str, torch.Tensor], int8_scales: dict[str, torch.Tensor] | None = None,
+def encode_state(state: dict[str, torch.Tensor],
+                 int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None,
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Encode each floating-point tensor in the smallest lossless form; returns tensors and their encodings.
 
-    ``int8_scales`` names weights a quantization plan says are int8 codes times per-channel scales:
-    those are stored as int8 (and checked to decode to exactly the same values).
+    ``int8_scales`` names weights a quantization plan says are integer codes times scales
+    (``(scales, group_size)``: per channel when the group size is None): those are stored as
+    int8 or packed int4 codes (and checked to decode to exactly the same values).
     """
     tensors: dict[str, torch.Tensor] = {}
     encodings: dict[str, dict[str, Any]] = {}
     for name, tensor in state.items():
         if SEP in name:
             raise SlimkitError(f"tensor name {name!r} contains the reserved separator {SEP!r}")
-        codes = _as_int8(tensor, int8_scales[name]) if int8_scales and name in int8_scales else None
+        scale, group_size = int8_scales[name] if int8_scales and name in int8_scales else (None, None)
+        codes = _as_int8(tensor, scale, group_size) if scale is not None else None
         if codes is not None:
-            tensors[name + SEP + "scale"] = int8_scales[name].float().contiguous()
+            tensors[name + SEP + "scale"] = scale.float().contiguous()
+            meta = {"shape": list(tensor.shape), **({"group_size": group_size} if group_size else {})}
             if int(codes.min()) >= -8 and int(codes.max()) <= 7:  # 4-bit codes: two per byte
                 tensors[name + SEP + "int4"] = _pack_int4(codes)
-                encodings[name] = {"encoding": "int4-channel", "shape": list(tensor.shape)}
+                encodings[name] = {"encoding": "int4-channel", **meta}
             else:
                 tensors[name + SEP + "int8"] = codes
-                encodings[name] = {"encoding": "int8-channel", "shape": list(tensor.shape)}
+                encodings[name] = {"encoding": "int8-channel", **meta}
             continue
         if not tensor.is_floating_point() or tensor.numel() < 64:
             tensors[name] = tensor
@@ -124,7 +137,7 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str
                 scale = tensors[name + SEP + "scale"]
                 codes = (tensors[name + SEP + "int8"] if enc["encoding"] == "int8-channel"
                          else _unpack_int4(tensors[name + SEP + "int4"], numel))
-                state[name] = codes.float().reshape(shape) * scale.reshape(-1, *([1] * (len(shape) - 1)))
+                state[name] = codes.float().reshape(shape) * _scale_grid(scale, shape, enc.get("group_size"))
                 continue
             values = tensors[name + SEP + "values"]
             if enc["encoding"] == "bitmask":

@@ -71,7 +71,8 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int) -> None:
+def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int,
+                  translations: dict | None = None) -> None:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with _quiet_exporter():
         warnings.simplefilter("ignore")
@@ -79,6 +80,7 @@ def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int
             program = torch.onnx.export(
                 model, (sample,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False,
+                custom_translation_table=translations,
             )
         except Exception as exc:  # the exporter raises many internal types; say which model failed
             raise SlimkitError(f"ONNX export failed for {type(model).__name__}: {str(exc).splitlines()[0]}") from None

@@ -33,21 +33,40 @@ def _constants(graph) -> dict[str, np.ndarray]:
     return values
 
 
+def _attr(node, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
 def _axis(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+    return _attr(node, "axis", 1)
 
 
-def _broadcast(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+def _spread(values: np.ndarray, shape: tuple[int, ...], axis: int, block: int) -> np.ndarray:
+    """Per-axis (or per-block along ``axis``) quantization parameters broadcast against a tensor of ``shape``."""
     if values.ndim == 0:
         return values
-    shape = [1] * ndim
-    shape[axis] = -1
-    return values.reshape(shape)
+    if block:
+        return np.repeat(values, block, axis=axis).take(range(shape[axis]), axis=axis)
+    view = [1] * len(shape)
+    view[axis] = -1
+    return values.reshape(view)
+
+
+def _integer_tensor(name: str, codes: np.ndarray, dtype: int):
+    """An initializer holding ``codes`` as ``dtype``, 4-bit types packed two per byte (low nibble first)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if dtype not in (TensorProto.INT4, TensorProto.UINT4):
+        return numpy_helper.from_array(codes.astype(helper.tensor_dtype_to_np_dtype(dtype)), name)
+    nibbles = (codes.reshape(-1) & 0xF).astype(np.uint8)
+    nibbles = np.append(nibbles, np.uint8(0)) if len(nibbles) % 2 else nibbles
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return helper.make_tensor(name, dtype, codes.shape, packed.tobytes(), raw=True)
 
 
 def fold_weight_quantizers(model) -> int:
-    """Replace QuantizeLinear(constant weight) by its int8 result; returns how many were folded."""
-    from onnx import numpy_helper
+    """Replace QuantizeLinear(constant weight) by its integer result; returns how many were folded."""
+    from onnx import TensorProto, helper
 
     graph = model.graph
     consts = _constants(graph)
@@ -57,16 +76,163 @@ def fold_weight_quantizers(model) -> int:
         if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
             continue
         w = consts[node.input[0]].astype(np.float64)
-        scale, zero = consts[node.input[1]], consts[node.input[2]]
-        axis = _axis(node) % w.ndim
-        q = np.round(w / _broadcast(scale.astype(np.float64), w.ndim, axis)) + _broadcast(zero, w.ndim, axis)
-        info = np.iinfo(zero.dtype)
-        graph.initializer.append(numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zero.dtype),
-                                                         node.output[0]))
+        axis, block = _axis(node) % w.ndim, _attr(node, "block_size", 0)
+        scale = _spread(consts[node.input[1]].astype(np.float64), w.shape, axis, block)
+        if len(node.input) > 2 and node.input[2]:
+            zero = consts[node.input[2]]
+            dtype = helper.np_dtype_to_tensor_dtype(zero.dtype)
+            zero = _spread(zero.astype(np.float64), w.shape, axis, block)
+        else:
+            zero, dtype = 0.0, _attr(node, "output_dtype", TensorProto.UINT8)
+        low, high = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}.get(dtype) or (
+            lambda info: (info.min, info.max))(np.iinfo(helper.tensor_dtype_to_np_dtype(dtype)))
+        codes = np.clip(np.round(w / scale) + zero, low, high).astype(np.int64)
+        graph.initializer.append(_integer_tensor(node.output[0], codes, dtype))
         graph.node.remove(node)
         folded += 1
     _drop_unused_initializers(graph)
     return folded
+
+
+def _uses(graph) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    return uses
+
+
+def _plain_gemms(graph):
+    """Gemm nodes computing ``A @ B^T + C`` (what the exporter emits for a 2-D linear layer)."""
+    for node in list(graph.node):
+        if node.op_type == "Gemm" and _attr(node, "transB", 0) == 1 and _attr(node, "transA", 0) == 0 and all(
+                a.f == 1.0 for a in node.attribute if a.name in ("alpha", "beta")):
+            yield node
+
+
+def _replace_initializer(graph, name: str, value: np.ndarray) -> None:
+    from onnx import numpy_helper
+
+    old = next(init for init in graph.initializer if init.name == name)
+    graph.initializer.remove(old)
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+
+
+def _set_axis(node, axis: int) -> None:
+    from onnx import helper
+
+    kept = [a for a in node.attribute if a.name != "axis"]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute("axis", axis)])
+
+
+def _insert_in_place_of(graph, old, nodes) -> None:
+    index = list(graph.node).index(old)
+    graph.node.remove(old)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+
+
+def fold_constant_reshapes(model) -> int:
+    """Reshape(initializer, constant shape) -> initializer, so weight quantizers behind one can be folded."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = _constants(graph)
+    inits = {init.name for init in graph.initializer}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Reshape" or node.input[0] not in inits or node.input[1] not in consts:
+            continue
+        value = consts[node.input[0]]
+        shape = [value.shape[i] if d == 0 and not _attr(node, "allowzero", 0) else int(d)
+                 for i, d in enumerate(consts[node.input[1]])]
+        graph.initializer.append(numpy_helper.from_array(value.reshape(shape), node.output[0]))
+        graph.node.remove(node)
+        folded += 1
+    _drop_unused_initializers(graph)
+    return folded
+
+
+def blocked_gemms_to_matmuls(model) -> int:
+    """Rewrite Gemm over a block-quantized weight as MatMul (+ Add), before the quantizer is folded.
+
+    ONNX Runtime fuses 4-bit blocked weights -> MatMul into MatMulNBits, but not the
+    same pattern around Gemm. The weight ``[out, in]`` is transposed to MatMul's
+    ``[in, out]`` with its block scales.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    consts = _constants(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    uses = _uses(graph)
+    count = 0
+    for gemm in _plain_gemms(graph):
+        dq = producers.get(gemm.input[1])
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if (q is None or q.op_type != "QuantizeLinear" or not _attr(q, "block_size", 0)
+                or q.input[0] not in consts or uses.get(q.input[0]) != 1 or uses.get(dq.input[0]) != 1):
+            continue
+        for name in {q.input[0], *q.input[1:], *dq.input[1:]} - {""}:
+            if consts[name].ndim == 2:  # the weight, and block scales [out, groups] -> [groups, out]
+                _replace_initializer(graph, name, consts[name].T)
+        for node in (q, dq):
+            _set_axis(node, 1 - _axis(node) % 2)
+        out, has_bias = gemm.output[0], len(gemm.input) > 2 and bool(gemm.input[2])
+        nodes = [helper.make_node("MatMul", gemm.input[:2], [out + "_matmul" if has_bias else out],
+                                  name=gemm.name + "_matmul")]
+        if has_bias:
+            nodes.append(helper.make_node("Add", [nodes[0].output[0], gemm.input[2]], [out], name=gemm.name + "_bias"))
+        _insert_in_place_of(graph, gemm, nodes)
+        count += 1
+    return count
+
+
+def dynamic_gemms_to_integer(model) -> int:
+    """Rewrite Gemm over a dynamically quantized input and an int8 weight in integer form.
+
+    ``MatMulInteger(x_q, W_q^T) * (s_x * s_w) + b`` is what ONNX Runtime fuses into
+    DynamicQuantizeMatMul; the QDQ form around a 2-D Gemm is not fused (its MatMul + Add
+    fusion runs first). Runs after the weight quantizers are folded.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    consts = _constants(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    uses = _uses(graph)
+    count = 0
+    for gemm in _plain_gemms(graph):
+        x_dq, w_dq = producers.get(gemm.input[0]), producers.get(gemm.input[1])
+        if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
+            continue
+        dynamic = producers.get(x_dq.input[0])
+        weight = w_dq.input[0]
+        if (dynamic is None or dynamic.op_type != "DynamicQuantizeLinear" or weight not in consts
+                or consts[weight].dtype != np.int8 or uses.get(weight) != 1 or uses.get(gemm.input[1]) != 1
+                or not np.all(consts[w_dq.input[2]] == 0 if len(w_dq.input) > 2 else True)):
+            continue
+        _replace_initializer(graph, weight, consts[weight].T)
+        base, out = gemm.name or gemm.output[0], gemm.output[0]
+        has_bias = len(gemm.input) > 2 and bool(gemm.input[2])
+        nodes = [
+            helper.make_node("MatMulInteger", [dynamic.output[0], weight, dynamic.output[2]], [base + "_int32"]),
+            helper.make_node("Cast", [base + "_int32"], [base + "_float"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [dynamic.output[1], w_dq.input[1]], [base + "_scale"]),
+            helper.make_node("Mul", [base + "_float", base + "_scale"], [out + "_unbiased" if has_bias else out]),
+        ]
+        if has_bias:
+            nodes.append(helper.make_node("Add", [out + "_unbiased", gemm.input[2]], [out]))
+        _insert_in_place_of(graph, gemm, nodes)
+        graph.node.remove(w_dq)
+        count += 1
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in list(graph.node):  # activation dequantizers nothing reads any more
+        if node.op_type == "DequantizeLinear" and node.output[0] not in read:
+            graph.node.remove(node)
+    _drop_unused_initializers(graph)
+    return count
 
 
 def quantize_biases(model) -> int:
@@ -126,18 +292,25 @@ def _topological_sort(graph) -> None:
 
 
 def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Tensor, opset: int = 18) -> Path:
-    """Export a fake-quantized model as a QDQ ONNX file with int8 weights and int32 biases."""
+    """Export a fake-quantized model as a QDQ ONNX file with integer weights and int32 biases
+    (opset 21 where weights are block-quantized)."""
     import onnx
 
     from ..quant.meta_kernels import ensure_fake_quant_meta_kernels
+    from ..quant.ops import GROUP_OPSET, onnx_translations
 
     ensure_fake_quant_meta_kernels()
+    grouped = isinstance(model, torch.fx.GraphModule) and any(
+        node.target is torch.ops.slimkit.group_fake_quant.default for node in model.graph.nodes)
     path = Path(path)
     with atomic_path(path) as tmp:
-        _export_graph(model, tmp, sample[:2], opset)
+        _export_graph(model, tmp, sample[:2], max(opset, GROUP_OPSET) if grouped else opset, onnx_translations())
         proto = onnx.load(str(tmp))
+        fold_constant_reshapes(proto)
+        blocked_gemms_to_matmuls(proto)
         if fold_weight_quantizers(proto) == 0:
             raise SlimkitError(f"{type(model).__name__} has no quantized weights to export as int8")
+        dynamic_gemms_to_integer(proto)
         quantize_biases(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))

@@ -42,7 +42,8 @@ class HessianRecorder(nn.Module):
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int,
                   damp: float = 0.01, block: int = 128) -> torch.Tensor:
-    """Quantized ``weight`` (rows = output channels, per-row ``scale``, codes in [-qmax, qmax])."""
+    """Quantized ``weight`` (rows = output channels; ``scale`` per element, as broadcast from channels or
+    groups; codes in [-qmax, qmax])."""
     w = weight.detach().double().reshape(weight.shape[0], -1).clone()
     h = hessian.clone()
     dead = torch.diag(h) == 0  # inputs that never fire: their weights do not matter
@@ -53,15 +54,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError:
         raise SlimkitError("GPTQ: the calibration inputs' Hessian is not positive definite; use more samples")
-    s = scale.double()[:, None]
+    s = scale.double().reshape(w.shape)
     q = torch.zeros_like(w)
     for start in range(0, w.shape[1], block):
         end = min(start + block, w.shape[1])
         w_block, err_block = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start, dtype=w.dtype)
         u = upper[start:end, start:end]
         for j in range(end - start):
-            col = w_block[:, j : j + 1]
-            q_col = torch.clamp(torch.round(col / s), -qmax, qmax) * s
+            col, s_col = w_block[:, j : j + 1], s[:, start + j : start + j + 1]
+            q_col = torch.clamp(torch.round(col / s_col), -qmax, qmax) * s_col
             q[:, start + j : start + j + 1] = q_col
             err = (col - q_col) / u[j, j]
             w_block[:, j:] -= err @ u[j : j + 1, j:]

@@ -30,6 +30,7 @@ from ..config import Config
 from ..errors import SlimkitError
 from ..plan import register_plan_op
 from .observers import OBSERVERS, Observer, make_observer
+from .ops import expand_group_scale, group_count, group_fake_quant
 from .scheme import QScheme, log2_quantize, qparams
 
 ACT_SCHEME = QScheme(bits=8, symmetric=False, signed=False)  # uint8, as ONNX Runtime's x86 kernels prefer
@@ -55,7 +56,11 @@ class StaticQuantConfig(Config):
     bias_correction: bool = False  # remove the mean output shift the weight rounding causes
     weight_levels: Literal["linear", "log"] = "linear"  # log: power-of-two levels (shift-friendly)
     exclude: list[str] = Field(default_factory=list)
-    activations: bool = True  # False: weight-only quantization (activations stay float)
+    # static: uint8 ranges calibrated once; dynamic: uint8 ranges of each batch, at the inputs of linear
+    # layers only (convolutions stay float: ONNX Runtime's ConvInteger is slower than its float Conv);
+    # none: weight-only (activations stay float)
+    activations: Literal["static", "dynamic", "none"] = "static"
+    group_size: int | None = Field(None, ge=1)  # one weight scale per group of inputs instead of per channel
     matmul: bool = True
     fold_bn: bool = True
     seed: int = 0
@@ -66,6 +71,10 @@ class StaticQuantConfig(Config):
         bad = {k: v for k, v in self.layer_bits.items() if not 2 <= v <= 8}
         if bad:
             raise ValueError(f"layer_bits must be between 2 and 8, got {bad}")
+        if self.group_size is not None and (self.weight_levels == "log" or not self.per_channel
+                                            or self.activations != "none"):
+            raise ValueError("group_size is for weight-only quantization (activations 'none') with linear "
+                             "levels: integer kernels take one weight scale per output channel")
         if self.weight_levels == "log" and (max([self.weight_bits, *self.layer_bits.values()]) > 4
                                             or self.rounding != "nearest"):
             raise ValueError("log weight levels take at most 4 bits (their codes 0, +/-1 ... +/-64 must fit "
@@ -154,12 +163,13 @@ def _weight_name(node: fx.Node) -> str | None:
 
 
 def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.Node], list[fx.Node]]:
-    """(weighted ops to quantize, activation values to quantize), in graph order."""
+    """(weighted ops to quantize, activation values to calibrate), in graph order."""
     ops, values = [], {}
+    weighted = {aten.linear.default} if cfg.activations == "dynamic" else WEIGHTED
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in WEIGHTED:
+        if node.target in weighted:
             name = _weight_name(node)
             if name is None or any(fnmatchcase(name.rpartition(".")[0], p) for p in cfg.exclude):
                 continue
@@ -173,10 +183,26 @@ def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.No
             continue
         users = list(node.users)
         out = users[0] if len(users) == 1 and users[0].target in FUSED_ACTIVATIONS else node
-        if cfg.activations:
+        if cfg.activations == "static":
             for value in (*inputs, out):
                 values[value] = None
     return ops, list(values)
+
+
+def weight_scales(weight: torch.Tensor, bits: int, cfg: StaticQuantConfig) -> torch.Tensor:
+    """Symmetric scales: one per output channel ``[out]``, per group of inputs ``[out, groups]``, or per tensor."""
+    from .ops import group_count
+
+    scheme = weight_scheme(bits)
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    if cfg.group_size is not None:
+        groups = group_count(rows.shape[1], cfg.group_size)
+        padded = torch.nn.functional.pad(rows, (0, groups * cfg.group_size - rows.shape[1]))
+        top = padded.reshape(rows.shape[0], groups, cfg.group_size).abs().amax(2)
+        return qparams(-top, top, scheme)[0].float()
+    if cfg.per_channel:
+        return qparams(rows.amin(1), rows.amax(1), scheme)[0].float()
+    return qparams(rows.min(), rows.max(), scheme)[0].float().reshape(1).expand(rows.shape[0]).clone()
 
 
 @torch.no_grad()
@@ -202,17 +228,15 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
     weights, scales = {}, {}
     for op in ops:
         name = _weight_name(op)
-        scheme = weight_scheme(cfg.bits_of(name))
-        rows = gm.get_parameter(name).detach().reshape(gm.get_parameter(name).shape[0], -1)
-        if cfg.per_channel:
-            scale, _ = qparams(rows.amin(1), rows.amax(1), scheme)
-        else:
-            scale, _ = qparams(rows.min(), rows.max(), scheme)
-            scale = scale.reshape(1).expand(rows.shape[0])
         weights[name] = {"input": op.args[0].name, "bits": cfg.bits_of(name)}
-        scales[name] = scale.float()
+        if cfg.group_size is not None:
+            weights[name]["group_size"] = cfg.group_size
+        if cfg.activations == "dynamic":
+            weights[name]["activation"] = "dynamic"
         if cfg.weight_levels == "log":
             scales[name] = log_levels(gm.get_parameter(name).detach(), cfg.bits_of(name))[1]
+        else:
+            scales[name] = weight_scales(gm.get_parameter(name), cfg.bits_of(name), cfg)
     _round_weights(gm, ops, cfg, scales, calib, batch_size)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
@@ -255,19 +279,31 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
     for i, (name, spec) in enumerate(step["weights"].items()):
         op = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHTED
                   and _weight_name(n) == name)
-        scale = scales[name] if scales is not None else torch.ones(gm.get_parameter(name).shape[0])
+        weight = gm.get_parameter(name)
+        group = spec.get("group_size")
+        scale = scales[name] if scales is not None else torch.ones(
+            weight.shape[0], *([group_count(weight[0].numel(), group)] if group else []))
+        limit = 127 if step.get("weight_levels") == "log" else weight_scheme(
+            spec.get("bits", step.get("weight_bits", 8))).qmax  # int8 containers may carry fewer bits
         gm.register_buffer(weight_scale_buffer(i), scale)
-        gm.register_buffer(f"_slimkit_wzero_{i}", torch.zeros_like(scale, dtype=torch.int32))
         with gm.graph.inserting_before(op):
-            s, z = gm.graph.get_attr(weight_scale_buffer(i)), gm.graph.get_attr(f"_slimkit_wzero_{i}")
-            fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (op.args[1], s, z, 0, -128, 127))
-        op.replace_input_with(op.args[1], fq)
-        with torch.no_grad():  # codes limited to the plan's bit width (int8 containers carry fewer bits)
-            weight = gm.get_parameter(name)
-            limit = 127 if step.get("weight_levels") == "log" else weight_scheme(
-                spec.get("bits", step.get("weight_bits", 8))).qmax
-            weight.copy_(torch.fake_quantize_per_channel_affine(weight, scale, torch.zeros_like(scale, dtype=torch.int32),
-                                                                0, -limit, limit))
+            s = gm.graph.get_attr(weight_scale_buffer(i))
+            if group:
+                fq = gm.graph.call_function(torch.ops.slimkit.group_fake_quant.default, (op.args[1], s, group, limit))
+            else:
+                gm.register_buffer(f"_slimkit_wzero_{i}", torch.zeros_like(scale, dtype=torch.int32))
+                z = gm.graph.get_attr(f"_slimkit_wzero_{i}")
+                fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (op.args[1], s, z, 0, -128, 127))
+            op.replace_input_with(op.args[1], fq)
+            if spec.get("activation") == "dynamic":
+                dq = gm.graph.call_function(torch.ops.slimkit.dynamic_fake_quant.default, (op.args[0],))
+                op.replace_input_with(op.args[0], dq)
+        with torch.no_grad():
+            if group:
+                weight.copy_(group_fake_quant(weight, scale, group, limit))
+            else:
+                weight.copy_(torch.fake_quantize_per_channel_affine(
+                    weight, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -limit, limit))
             bias_node = op.args[2] if len(op.args) > 2 else None
             if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" and spec["input"] in step["activations"]:
                 bias = gm.get_parameter(bias_node.target)  # int32 at s_x * s_w, as integer kernels add it
@@ -304,12 +340,13 @@ def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfi
         weight = gm.get_parameter(name)
         qmax = weight_scheme(cfg.bits_of(name)).qmax
         original = weight.detach().clone()
+        s = (expand_group_scale(scales[name], weight.shape, cfg.group_size) if cfg.group_size
+             else scales[name].reshape(-1, *([1] * (weight.dim() - 1))))
         if cfg.weight_levels == "log":
             rounded = log_levels(original, cfg.bits_of(name))[0]
         elif cfg.rounding == "gptq" and name in moments:
-            rounded = gptq_quantize(weight, moments[name][0], scales[name], qmax)
+            rounded = gptq_quantize(weight, moments[name][0], s.expand_as(weight), qmax)
         else:
-            s = scales[name].reshape(-1, *([1] * (weight.dim() - 1)))
             rounded = torch.clamp(torch.round(original / s), -qmax, qmax) * s
         weight.data = rounded
         if cfg.bias_correction and name in biases and name in moments:

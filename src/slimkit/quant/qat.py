@@ -20,22 +20,28 @@ from torch import fx, nn
 
 from ..errors import SlimkitError
 from ..prune.mask import remove_masks, set_mask
-from .ptq import ACT_SCHEME, StaticQuantConfig, _convert, _weight_name, capture, quantize_static, weight_scheme
+from .ops import expand_group_scale
+from .ptq import (ACT_SCHEME, StaticQuantConfig, _convert, _weight_name, capture, quantize_static, weight_scales,
+                  weight_scheme)
 
 
 class LearnedFakeQuant(nn.Module):
     """Fake quantization with a straight-through estimator and (optionally) a learned step size."""
 
-    def __init__(self, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, learn_scale: bool = True):
+    def __init__(self, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, learn_scale: bool = True,
+                 group_size: int | None = None):
         super().__init__()
         self.scale = nn.Parameter(scale.clone().float(), requires_grad=learn_scale)
         self.register_buffer("zero", zero.clone().float())
-        self.qmin, self.qmax = qmin, qmax
+        self.qmin, self.qmax, self.group_size = qmin, qmax, group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (x.dim() - 1) if self.scale.numel() > 1 else ()
-        scale = self.scale.abs().clamp_min(1e-8).reshape(shape)
-        zero = self.zero.reshape(shape)
+        scale = self.scale.abs().clamp_min(1e-8)
+        if self.group_size:  # symmetric weights: zero is 0
+            scale, zero = expand_group_scale(scale, x.shape, self.group_size), 0.0
+        else:
+            shape = (-1,) + (1,) * (x.dim() - 1) if self.scale.numel() > 1 else ()
+            scale, zero = scale.reshape(shape), self.zero.reshape(shape)
         per_scale = x.numel() / max(1, self.scale.numel())
         g = 1.0 / math.sqrt(per_scale * self.qmax)  # LSQ: keeps step-size updates on the weights' scale
         scale = (scale - scale * g).detach() + scale * g
@@ -58,6 +64,9 @@ def prepare_qat(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | 
     cfg = cfg or StaticQuantConfig()
     if cfg.weight_levels != "linear":
         raise SlimkitError("quantization-aware training learns linear step sizes: use weight_levels 'linear'")
+    if cfg.activations == "dynamic":
+        raise SlimkitError("quantization-aware training learns fixed activation ranges: use static activations "
+                           "(or none) rather than dynamic")
     _, step = quantize_static(model, calib, cfg)
     from .ptq import fold_batchnorm
 
@@ -68,9 +77,8 @@ def prepare_qat(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | 
         qmax_w = weight_scheme(spec["bits"]).qmax
         op = next(n for n in gm.graph.nodes if n.op == "call_function" and _weight_name(n) == name)
         weight = gm.get_parameter(name).detach()
-        rows = weight.reshape(weight.shape[0], -1).abs().amax(1)
-        scale = (rows / qmax_w).clamp_min(torch.finfo(torch.float32).tiny)
-        module = LearnedFakeQuant(scale, torch.zeros_like(scale), -qmax_w, qmax_w, learn_scale)
+        scale = weight_scales(weight, spec["bits"], cfg)
+        module = LearnedFakeQuant(scale, torch.zeros_like(scale), -qmax_w, qmax_w, learn_scale, cfg.group_size)
         gm.add_submodule(f"_slimkit_wq_{i}", module)
         with gm.graph.inserting_before(op):
             fq = gm.graph.call_module(f"_slimkit_wq_{i}", (op.args[1],))

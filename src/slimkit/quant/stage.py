@@ -16,9 +16,11 @@ from .ptq import StaticQuantConfig, calibration_batches, quantize_static
 @register_stage
 class QuantizeStage(Stage, StaticQuantConfig):
     type: Literal["quantize"] = "quantize"
-    # int8-static: int8 weights, uint8 activations; int8-weight: weights only (activations stay float);
-    # log: power-of-two weights, uint8 activations. Fewer weight bits with weight_bits.
-    scheme: Literal["int8-static", "int8-weight", "log"] = "int8-static"
+    # int8-static: int8 weights, uint8 activations calibrated once; int8-dynamic: linear layers with int8
+    # weights and uint8 activation ranges taken per batch at run time; int8-weight: weights only
+    # (activations stay float); int4-weight: 4-bit weights, one scale per group of group_size inputs
+    # (32 unless set); log: power-of-two weights, uint8 activations. Fewer weight bits with weight_bits.
+    scheme: Literal["int8-static", "int8-dynamic", "int8-weight", "int4-weight", "log"] = "int8-static"
     onnx: str = Field("model-int8.onnx", min_length=1, pattern=r"^[^/\\]+\.onnx$")
     qat: TrainConfig | None = None  # quantization-aware training after calibration (epochs, lr, ...)
     size_budget: float | None = Field(None, gt=0, le=0.25)  # mixed precision: weights' fraction of fp32 bytes
@@ -29,11 +31,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
 
         batches = ctx.task.train_batches(TrainConfig(seed=self.seed))
         calib = calibration_batches((x for x, _ in batches), self.calib)
-        cfg = StaticQuantConfig(**self.model_dump(include=set(StaticQuantConfig.model_fields)))
-        if self.scheme == "log":
-            cfg = StaticQuantConfig(**{**cfg.model_dump(), "weight_levels": "log"})
-        elif self.scheme == "int8-weight":
-            cfg = StaticQuantConfig(**{**cfg.model_dump(), "activations": False})
+        cfg = self.quant_config()
         if self.size_budget is not None:
             from .mixed import allocate_bits
 
@@ -50,10 +48,27 @@ class QuantizeStage(Stage, StaticQuantConfig):
         ctx.artifacts["onnx"] = self.onnx
         ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]), "weight_bits": cfg.weight_bits,
                                  "qat_epochs": self.qat.epochs if self.qat else 0,
+                                 "activations": cfg.activations, "group_size": cfg.group_size,
                                  "activations_uint8": len(step["activations"]),
                                  "folded_batchnorm": len(step["folded_batchnorm"]), "observer": self.observer,
                                  "calibration_samples": len(calib)}
         return quantized
+
+    def quant_config(self) -> StaticQuantConfig:
+        """The stage's scheme spelled out as quantization settings."""
+        settings = self.model_dump(include=set(StaticQuantConfig.model_fields))
+        scheme = {"int8-static": {}, "log": {"weight_levels": "log"}, "int8-dynamic": {"activations": "dynamic"},
+                  "int8-weight": {"activations": "none"},
+                  "int4-weight": {"activations": "none", "weight_bits": 4, "group_size": self.group_size or 32}}
+        if self.scheme == "int4-weight" and "weight_bits" in self.model_fields_set and self.weight_bits != 4:
+            raise ValueError(f"scheme int4-weight has 4-bit weights, not weight_bits {self.weight_bits}")
+        clash = {k for k in scheme[self.scheme] if k in self.model_fields_set and k not in ("weight_bits", "group_size")}
+        if clash:
+            raise ValueError(f"scheme {self.scheme} sets {', '.join(sorted(clash))} itself; leave it out")
+        return StaticQuantConfig(**{**settings, **scheme[self.scheme]})
+
+    def model_post_init(self, __context) -> None:  # the scheme's settings are what must be consistent
+        self.quant_config()
 
     def _train(self, model: nn.Module, calib, cfg: StaticQuantConfig, ctx: StageContext):
         from ..train.loop import fit

@@ -1,0 +1,83 @@
+"""Fake-quantization ops torch lacks, each with the ONNX it exports to.
+
+* ``slimkit::dynamic_fake_quant`` quantizes an activation with a range taken from the
+  tensor itself (the whole batch) exactly as ONNX's DynamicQuantizeLinear does: uint8,
+  the range widened to include zero, zero point rounded half to even. It exports as
+  DynamicQuantizeLinear -> DequantizeLinear, which ONNX Runtime fuses with a following
+  int8-weight MatMul into DynamicQuantizeMatMul.
+* ``slimkit::group_fake_quant`` quantizes a weight with one scale per group of
+  ``group_size`` consecutive inputs of an output channel (the weight viewed as
+  ``[out, -1]``; the last group may be shorter). It exports as blocked int4/int8
+  QuantizeLinear -> DequantizeLinear (opset 21); the quantizer is folded into an
+  integer initializer afterwards, and ONNX Runtime fuses a 4-bit one with its MatMul
+  into MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_OPSET = 21  # blocked and 4-bit QuantizeLinear/DequantizeLinear
+
+
+def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynamicQuantizeLinear's uint8 scale and zero point for ``x``, in float32 as ONNX Runtime computes them."""
+    low = torch.clamp(x.min().float(), max=0.0)
+    high = torch.clamp(x.max().float(), min=0.0)
+    scale = torch.where(high > low, (high - low) / 255, torch.ones_like(high))
+    zero = torch.round(torch.clamp(-low / scale, 0, 255))
+    return scale, zero
+
+
+@torch.library.custom_op("slimkit::dynamic_fake_quant", mutates_args=())
+def dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    scale, zero = dynamic_qparams(x)
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, 255)
+    return (codes - zero) * scale
+
+
+@dynamic_fake_quant.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def expand_group_scale(scale: torch.Tensor, shape: torch.Size | list[int], group_size: int) -> torch.Tensor:
+    """Per-group scales ``[out, groups]`` spread over a weight of ``shape`` (grouped along its flattened inputs)."""
+    cols = 1
+    for d in shape[1:]:
+        cols *= int(d)
+    return scale.repeat_interleave(group_size, dim=1)[:, :cols].reshape(shape)
+
+
+def group_count(columns: int, group_size: int) -> int:
+    return -(-columns // group_size)
+
+
+@torch.library.custom_op("slimkit::group_fake_quant", mutates_args=())
+def group_fake_quant(weight: torch.Tensor, scale: torch.Tensor, group_size: int, qmax: int) -> torch.Tensor:
+    s = expand_group_scale(scale, weight.shape, group_size)
+    return torch.clamp(torch.round(weight / s), -qmax, qmax) * s
+
+
+@group_fake_quant.register_fake
+def _(weight: torch.Tensor, scale: torch.Tensor, group_size: int, qmax: int) -> torch.Tensor:
+    return torch.empty_like(weight)
+
+
+def onnx_translations() -> dict:
+    """ONNX (onnxscript) functions for the exporter's ``custom_translation_table``."""
+    from onnx import TensorProto
+    from onnxscript import opset18, opset21
+
+    def dynamic(x):
+        q, s, z = opset18.DynamicQuantizeLinear(x)
+        return opset18.DequantizeLinear(q, s, z)
+
+    def group(weight, scale, group_size: int, qmax: int):
+        dtype = TensorProto.INT4 if qmax <= 7 else TensorProto.INT8
+        flat = opset21.Reshape(weight, opset21.Constant(value_ints=[0, -1]))
+        q = opset21.QuantizeLinear(flat, scale, axis=1, block_size=group_size, output_dtype=dtype)
+        return opset21.Reshape(opset21.DequantizeLinear(q, scale, axis=1, block_size=group_size),
+                               opset21.Shape(weight))
+
+    return {torch.ops.slimkit.dynamic_fake_quant.default: dynamic, torch.ops.slimkit.group_fake_quant.default: group}
