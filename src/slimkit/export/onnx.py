@@ -92,11 +92,45 @@ def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int
 
 
 def strip_debug_info(proto) -> None:
-    """Drop the exporter's per-node provenance and intermediate shape annotations: bytes that are not the model."""
+    """Drop the exporter's provenance (per node, and the exported program's signature on the graph) and
+    intermediate shape annotations: bytes that are not the model."""
+    del proto.graph.metadata_props[:]
     for node in proto.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
     del proto.graph.value_info[:]
+
+
+def shorten_names(proto) -> None:
+    """Rename every internal value to a short name and drop node names: in a small quantized model the
+    exporter's names (``fake_quantize_per_tensor_affine_12``) are a measurable share of the file."""
+    graph = proto.graph
+    keep = {v.name for v in (*graph.input, *graph.output)} | {""}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in names:
+            n, digits = len(names), ""
+            while True:
+                n, r = divmod(n, 36)
+                digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
+                if n == 0:
+                    break
+            names[name] = "_" + digits  # never clashes with a kept name unless that starts with "_"
+        return names[name]
+
+    if any(name.startswith("_") for name in keep - {""}):
+        return
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.name = ""
+        for i, name in enumerate(node.input):
+            node.input[i] = short(name)
+        for i, name in enumerate(node.output):
+            node.output[i] = short(name)
 
 
 def export_onnx(

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import SlimkitError
 from ..io import atomic_path
-from .onnx import _export_graph
+from .onnx import _export_graph, shorten_names
 
 
 def _constants(graph) -> dict[str, np.ndarray]:
@@ -269,6 +269,23 @@ def quantize_biases(model) -> int:
     return count
 
 
+def drop_zero_weight_zero_points(model) -> int:
+    """Remove all-zero zero points of signed integer weights: DequantizeLinear defaults to zero of the
+    input's type, so symmetric weights need none (a byte per channel, and a node input, saved)."""
+    graph = model.graph
+    consts = _constants(graph)
+    inits = {init.name for init in graph.initializer}
+    dropped = 0
+    for node in graph.node:
+        if (node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] in inits
+                and node.input[2] in consts and consts[node.input[2]].dtype in (np.int8, np.int32)
+                and not consts[node.input[2]].any()):
+            del node.input[2]
+            dropped += 1
+    _drop_unused_initializers(graph)
+    return dropped
+
+
 def _drop_unused_initializers(graph) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for init in list(graph.initializer):
@@ -312,6 +329,8 @@ def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Te
             raise SlimkitError(f"{type(model).__name__} has no quantized weights to export as int8")
         dynamic_gemms_to_integer(proto)
         quantize_biases(proto)
+        drop_zero_weight_zero_points(proto)
+        shorten_names(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
     return path
