@@ -56,7 +56,11 @@ def test_int8_onnx_agrees_with_simulation_and_is_integer(name, tmp_path, digits,
             assert dtypes[dq.input[0]] == onnx.TensorProto.INT8
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in dtypes for n in graph.node)
     export_onnx(model, tmp_path / "f.onnx", digits.x_test[:2])
-    assert (tmp_path / "q.onnx").stat().st_size < 0.5 * (tmp_path / "f.onnx").stat().st_size
+    ratio = (tmp_path / "q.onnx").stat().st_size / (tmp_path / "f.onnx").stat().st_size
+    # resnet8 is mostly full convolutions: its file is the int8 weights plus per-channel scales and biases
+    assert ratio < {"resnet8": 0.285, "mobilenetv2": 0.41, "lenet5": 0.30, "vit": 0.33}[name]
+    values = {v for n in graph.node for v in (*n.input, *n.output)} - {"input", "logits"}
+    assert max(map(len, values)) <= 4 and not graph.metadata_props  # short names, no exporter signature
 
 
 def test_simulated_accuracy_close_to_float(digits, briefly_trained):

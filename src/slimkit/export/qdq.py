@@ -94,12 +94,13 @@ def fold_weight_quantizers(model) -> int:
     return folded
 
 
-def _uses(graph) -> dict[str, int]:
+def _index(graph):
+    """(graph, constant values, producer of each value, number of node inputs reading each value)."""
     uses: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    return uses
+    return graph, _constants(graph), {out: node for node in graph.node for out in node.output}, uses
 
 
 def _plain_gemms(graph):
@@ -163,10 +164,7 @@ def blocked_gemms_to_matmuls(model) -> int:
     """
     from onnx import helper
 
-    graph = model.graph
-    consts = _constants(graph)
-    producers = {out: node for node in graph.node for out in node.output}
-    uses = _uses(graph)
+    graph, consts, producers, uses = _index(model.graph)
     count = 0
     for gemm in _plain_gemms(graph):
         dq = producers.get(gemm.input[1])
@@ -198,10 +196,7 @@ def dynamic_gemms_to_integer(model) -> int:
     """
     from onnx import TensorProto, helper
 
-    graph = model.graph
-    consts = _constants(graph)
-    producers = {out: node for node in graph.node for out in node.output}
-    uses = _uses(graph)
+    graph, consts, producers, uses = _index(model.graph)
     count = 0
     for gemm in _plain_gemms(graph):
         x_dq, w_dq = producers.get(gemm.input[0]), producers.get(gemm.input[1])
@@ -269,23 +264,6 @@ def quantize_biases(model) -> int:
     return count
 
 
-def drop_zero_weight_zero_points(model) -> int:
-    """Remove all-zero zero points of signed integer weights: DequantizeLinear defaults to zero of the
-    input's type, so symmetric weights need none (a byte per channel, and a node input, saved)."""
-    graph = model.graph
-    consts = _constants(graph)
-    inits = {init.name for init in graph.initializer}
-    dropped = 0
-    for node in graph.node:
-        if (node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] in inits
-                and node.input[2] in consts and consts[node.input[2]].dtype in (np.int8, np.int32)
-                and not consts[node.input[2]].any()):
-            del node.input[2]
-            dropped += 1
-    _drop_unused_initializers(graph)
-    return dropped
-
-
 def _drop_unused_initializers(graph) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for init in list(graph.initializer):
@@ -329,7 +307,6 @@ def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Te
             raise SlimkitError(f"{type(model).__name__} has no quantized weights to export as int8")
         dynamic_gemms_to_integer(proto)
         quantize_biases(proto)
-        drop_zero_weight_zero_points(proto)
         shorten_names(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))

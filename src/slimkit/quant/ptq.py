@@ -14,6 +14,11 @@
    ``GraphModule``: slimkit's simulation of the integer model, and what is
    exported to ONNX in QDQ form (see ``export/qdq.py``), where ONNX Runtime runs
    it with integer kernels.
+
+Variants: ``activations="dynamic"`` quantizes the inputs of linear layers with
+ranges taken from each batch at run time (``ops.dynamic_fake_quant``), nothing
+calibrated; ``activations="none"`` is weight-only, where ``group_size`` gives
+one scale per group of inputs (``ops.group_fake_quant``) instead of per channel.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The ``quantize`` recipe stage: static int8 PTQ (optionally followed by quantization-aware training),
-exported as a verified integer ONNX model."""
+"""The ``quantize`` recipe stage: post-training quantization (static, dynamic or weight-only; optionally
+followed by quantization-aware training), exported as a verified integer ONNX model."""
 
 from __future__ import annotations
 
