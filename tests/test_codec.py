@@ -5,7 +5,7 @@ import torch
 
 from slimkit import SlimkitError, load, new_model, save
 from slimkit.codec import decode_state, encode_state
-from slimkit.codec.sparse import MAX_GAP
+from slimkit.codec.state import MAX_GAP
 from slimkit.io import dir_bytes
 
 

@@ -1,5 +1,5 @@
-"""Lossless tensor encodings for model files (sparse now; packed integers and entropy coding later)."""
+"""Lossless tensor encodings for model files (sparse positions, packed integer and codebook values)."""
 
-from .sparse import decode_state, encode_state
+from .state import decode_state, encode_state
 
 __all__ = ["decode_state", "encode_state"]

@@ -1,12 +1,12 @@
-"""Store sparse tensors sparse: a bitmask or relative indices plus the non-zero values.
+"""Lossless storage of a model's tensors, each in whichever encoding is smallest in bytes.
 
-Each tensor gets whichever encoding is smallest in bytes (dense included), so a
-pruned model's file really shrinks and a dense one is unchanged. Decoding
-restores the exact tensor, zeros and all.
-
-* ``bitmask``: one bit per element (``numpy.packbits``) + the non-zero values.
-* ``indices``: the gap to the previous non-zero as ``uint8`` (Deep Compression's
-  relative indices); a gap over 255 inserts an explicit zero as filler.
+Positions of the stored values: all of them (``dense``), a ``bitmask`` of the non-zeros
+(one bit per element), or relative ``indices``: the gap to the previous non-zero as
+``uint8`` (Deep Compression's relative indices; a gap over 255 inserts an explicit zero
+as filler). Values: raw, or (at most 256 distinct values: a clustered layer) a codebook
+plus n-bit codes. Plain dense storage wins when nothing is gained, so a dense model is
+unchanged. Weights a quantization plan names are stored as int8 or packed int4 codes
+with their scales. Decoding restores the exact tensors.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ import numpy as np
 import torch
 
 from ..errors import SlimkitError
+from .bits import bits_for, pack_bits, unpack_bits
 
 MAX_GAP = 255
+MAX_CODEBOOK = 256  # distinct values up to which a tensor may be stored as codebook + n-bit codes
 SEP = "::"
-
-
-def _bitmask_bytes(numel: int, nnz: int, itemsize: int) -> int:
-    return math.ceil(numel / 8) + nnz * itemsize
 
 
 def _gaps(flat_nonzero: np.ndarray) -> np.ndarray:
@@ -101,29 +99,47 @@ def encode_state(state: dict[str, torch.Tensor],
         if not tensor.is_floating_point() or tensor.numel() < 64:
             tensors[name] = tensor
             continue
-        flat = tensor.detach().reshape(-1)
-        nonzero = torch.nonzero(flat).reshape(-1).numpy()
-        itemsize = tensor.element_size()
-        dense = flat.numel() * itemsize
-        bitmask = _bitmask_bytes(flat.numel(), len(nonzero), itemsize)
-        gaps = _gaps(nonzero)
-        indices = len(gaps) * (1 + itemsize)
-        if min(bitmask, indices) >= dense:
+        streams, encoding = _smallest_float_encoding(tensor)
+        if encoding is None:
             tensors[name] = tensor
             continue
-        meta = {"shape": list(tensor.shape)}
-        if indices < bitmask:
-            positions = np.cumsum(gaps) - 1
-            tensors[name + SEP + "gaps"] = torch.from_numpy(gaps.astype(np.uint8))
-            tensors[name + SEP + "values"] = flat[torch.from_numpy(positions)].clone()
-            encodings[name] = {"encoding": "indices", **meta}
-        else:
-            mask = np.zeros(flat.numel(), dtype=bool)
-            mask[nonzero] = True
-            tensors[name + SEP + "bitmask"] = torch.from_numpy(np.packbits(mask))
-            tensors[name + SEP + "values"] = flat[torch.from_numpy(nonzero)].clone()
-            encodings[name] = {"encoding": "bitmask", **meta}
+        tensors.update({name + SEP + key: value for key, value in streams.items()})
+        encodings[name] = encoding
     return tensors, encodings
+
+
+def _smallest_float_encoding(tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The byte-smallest of: positions (all, bitmask, relative indices) x values (raw, codebook + n-bit codes).
+
+    Returns ``({}, None)`` when plain dense storage is smallest.
+    """
+    flat = tensor.detach().reshape(-1)
+    itemsize = tensor.element_size()
+    nonzero = torch.nonzero(flat).reshape(-1).numpy()
+    gaps = _gaps(nonzero)
+    mask = np.zeros(flat.numel(), dtype=bool)
+    mask[nonzero] = True
+    layouts = {  # name -> (position streams, positions of the values stream)
+        "dense": ({}, None),
+        "bitmask": ({"bitmask": torch.from_numpy(np.packbits(mask))}, nonzero),
+        "indices": ({"gaps": torch.from_numpy(gaps.astype(np.uint8))}, np.cumsum(gaps) - 1),
+    }
+    best: tuple[int, dict[str, torch.Tensor], dict[str, Any] | None] = (flat.numel() * itemsize, {}, None)
+    for layout, (position_streams, positions) in layouts.items():
+        values = flat if positions is None else flat[torch.from_numpy(positions)]
+        positions_bytes = sum(t.numel() for t in position_streams.values())
+        options = [({"values": values.clone()}, {})] if layout != "dense" else []
+        table, codes = torch.unique(values, return_inverse=True)
+        if len(table) <= MAX_CODEBOOK:
+            b = bits_for(len(table))
+            options.append(({"codebook": table.clone(), "codes": torch.from_numpy(pack_bits(codes.numpy(), b))},
+                            {"codebook_bits": b}))
+        for value_streams, extra in options:
+            size = positions_bytes + sum(t.numel() * t.element_size() for t in value_streams.values())
+            if size < best[0]:
+                best = (size, {**position_streams, **value_streams},
+                        {"encoding": layout, "shape": list(tensor.shape), **extra})
+    return best[1], best[2]
 
 
 def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str, Any]], source: str) -> dict[str, torch.Tensor]:
@@ -139,14 +155,23 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str
                          else _unpack_int4(tensors[name + SEP + "int4"], numel))
                 state[name] = codes.float().reshape(shape) * _scale_grid(scale, shape, enc.get("group_size"))
                 continue
-            values = tensors[name + SEP + "values"]
             if enc["encoding"] == "bitmask":
                 bits = np.unpackbits(tensors[name + SEP + "bitmask"].numpy(), count=numel).astype(bool)
                 positions = np.flatnonzero(bits)
             elif enc["encoding"] == "indices":
                 positions = np.cumsum(tensors[name + SEP + "gaps"].numpy().astype(np.int64)) - 1
+            elif enc["encoding"] == "dense":
+                positions = np.arange(numel)
             else:
                 raise ValueError(f"unknown encoding {enc['encoding']!r}")
+            if "codebook_bits" in enc:
+                table = tensors[name + SEP + "codebook"]
+                codes = unpack_bits(tensors[name + SEP + "codes"].numpy(), int(enc["codebook_bits"]), len(positions))
+                if len(codes) and codes.max() >= len(table):
+                    raise ValueError("a code points past the codebook")
+                values = table[torch.from_numpy(codes)]
+            else:
+                values = tensors[name + SEP + "values"]
             if len(positions) != values.numel() or (len(positions) and positions[-1] >= numel):
                 raise ValueError("positions do not match the values")
         except (KeyError, ValueError, TypeError) as exc:

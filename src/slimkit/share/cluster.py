@@ -1,0 +1,127 @@
+"""Weight sharing: each layer's weights take one of 2^bits shared values.
+
+``cluster(model, cfg)`` replaces every selected layer's non-zero weights by their
+cluster centroid (k-means per layer, or a uniform step ``W' = round(W / step) * step``);
+zeros left by pruning stay zero and are not a cluster. ``share_centroids`` then makes
+the centroids the trainable parameters (Deep Compression's "trained quantization"):
+the assignment of every weight is fixed, and the gradient of a centroid is the sum of
+the gradients of the weights that share it, which is what indexing a table gives
+under autograd. ``remove_sharing`` bakes the trained centroids back into plain
+weights. The model directory stores such a layer as a codebook and n-bit indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..config import Config
+from ..errors import SlimkitError
+from ..select import select_layers
+from .kmeans import INITS, cluster_1d, sse
+
+
+class ClusterConfig(Config):
+    bits: int = Field(5, ge=1, le=8)  # 2^bits shared values per layer
+    layer_bits: dict[str, int] = Field(default_factory=dict)  # per-layer override (glob -> bits)
+    method: Literal["kmeans", "uniform"] = "kmeans"
+    init: str = "linear"  # linear | density | random | optimal (exact 1-D k-means)
+    iters: int = Field(100, ge=1)
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    seed: int = 0
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        bad = {k: v for k, v in self.layer_bits.items() if not 1 <= v <= 8}
+        if bad:
+            raise ValueError(f"layer_bits must be between 1 and 8, got {bad}")
+
+    def bits_of(self, layer: str) -> int:
+        from fnmatch import fnmatchcase
+
+        return next((b for pattern, b in self.layer_bits.items() if fnmatchcase(layer, pattern)), self.bits)
+
+
+@torch.no_grad()
+def cluster(model: nn.Module, cfg: ClusterConfig | None = None) -> dict[str, Any]:
+    """Cluster the selected layers' weights in place; returns per-layer statistics and the codebooks."""
+    cfg = cfg or ClusterConfig()
+    layers = []
+    for name, module in select_layers(model, cfg.include, cfg.exclude):
+        weight = module.weight
+        if not torch.isfinite(weight).all():
+            raise SlimkitError(f"cannot cluster {name}.weight: it holds NaN or Inf")
+        nonzero = weight != 0
+        values = weight[nonzero].double().numpy()
+        bits = cfg.bits_of(name)
+        if cfg.method == "uniform":
+            centroids, labels = _uniform(values, bits)
+        else:
+            centroids, labels = cluster_1d(values, 2**bits, cfg.init, cfg.iters, cfg.seed)
+        shared = torch.zeros_like(weight)
+        shared[nonzero] = torch.from_numpy(centroids[labels]).to(weight.dtype)
+        before = float(((weight.double() - shared.double()) ** 2).sum())
+        weight.copy_(shared)
+        layers.append({"layer": name, "weights": weight.numel(), "nonzero": int((shared != 0).sum()), "bits": bits,
+                       "clusters": int((centroids != 0).sum()), "sse": before if cfg.method == "uniform"
+                       else sse(values, centroids, labels)})
+    return {"method": cfg.method, "init": cfg.init, "layers": layers}
+
+
+def _uniform(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform sharing ``round(W / step) * step``: 2^bits non-zero levels spanning the weights.
+
+    A weight that rounds to level 0 becomes an exact zero (stored as a pruned one).
+    """
+    if values.size == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    half = 2 ** (bits - 1)
+    step = np.abs(values).max() / half
+    codes = np.clip(np.round(values / step), -half, half)
+    used, labels = np.unique(codes, return_inverse=True)
+    return used * step, labels.reshape(-1)
+
+
+class SharedCentroids(nn.Module):
+    """Parametrization: the weight is ``table[index]``; the table (0 first, then the centroids) trains."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        values, index = torch.unique(weight.detach(), return_inverse=True)
+        zero = (values == 0).nonzero()
+        if len(zero):  # a pruned zero stays exactly zero: it is not a trainable centroid
+            z = int(zero[0])
+            values = torch.cat([values[:z], values[z + 1 :]])
+            index = torch.where(index == z, -1, torch.where(index > z, index - 1, index))
+        self.centroids = nn.Parameter(values.clone())
+        self.register_buffer("index", (index + 1).to(torch.int64))
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([self.centroids.new_zeros(1), self.centroids])
+        return table[self.index]
+
+
+def share_centroids(model: nn.Module, layers: list[str], max_clusters: int = 256) -> None:
+    """Make the centroids of clustered ``layers`` trainable (assignments fixed)."""
+    for name in layers:
+        module = model.get_submodule(name)
+        count = int(torch.unique(module.weight.detach()).numel())
+        if count > max_clusters + 1:
+            raise SlimkitError(f"{name}.weight has {count} distinct values: cluster it before sharing centroids")
+        parametrize.register_parametrization(module, "weight", SharedCentroids(module.weight))
+
+
+def remove_sharing(model: nn.Module) -> nn.Module:
+    """Bake trained centroids into plain weights (the shared values and zeros stay exact)."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight") and any(
+                isinstance(p, SharedCentroids) for p in module.parametrizations["weight"]):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model

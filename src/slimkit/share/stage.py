@@ -1,0 +1,38 @@
+"""The ``cluster`` recipe stage: weight sharing, then (optionally) training the shared centroids."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from ..stages import Stage, StageContext, register_stage
+from ..train.loop import TrainConfig, fit
+from ..train.run import CHECKPOINT_SUBDIR
+from .cluster import ClusterConfig, cluster, remove_sharing, share_centroids
+
+
+class CentroidFinetune(TrainConfig):
+    epochs: int = Field(0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+
+
+@register_stage
+class ClusterStage(Stage, ClusterConfig):
+    type: Literal["cluster"] = "cluster"
+    finetune: CentroidFinetune = CentroidFinetune()  # trains the centroids; assignments stay fixed
+
+    def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
+        result = cluster(model, ClusterConfig(**self.model_dump(include=set(ClusterConfig.model_fields))))
+        task = ctx.task
+        result["score_after_clustering"] = task.val_score(model)
+        if self.finetune.epochs:
+            share_centroids(model, [row["layer"] for row in result["layers"]])
+            cfg = TrainConfig(**self.finetune.model_dump())
+            fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
+                checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
+                description="cluster finetune")
+            remove_sharing(model)
+        ctx.notes["cluster"] = result
+        return model
