@@ -104,20 +104,31 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any],
                int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None) -> Path:
-    """Write ``model`` and its metadata as a model directory, atomically; sparse tensors are stored sparse."""
-    from safetensors.torch import save_file
-
+    """Write ``model`` and its metadata as a model directory (or a ``.slim`` file), atomically, each tensor
+    in its smallest lossless encoding."""
     from .codec import encode_state
 
     state = state_dict_for_saving(model)
     check_finite(state, f"model being saved to {out_dir}")
     tensors, encodings = encode_state(state, int8_scales)
     full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta, "tensors": encodings}
+    if Path(out_dir).suffix == ".slim":
+        from .codec.container import write_container
+
+        write_container(out_dir, full_meta, tensors)
+    else:
+        write_model_dir(out_dir, full_meta, tensors)
+    return Path(out_dir)
+
+
+def write_model_dir(out_dir: str | os.PathLike, full_meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A model directory (safetensors + slimkit.json) holding already-encoded tensors, written atomically."""
+    from safetensors.torch import save_file
+
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         # compact: a pruning plan lists channel indices, and every byte of the model counts
         (tmp / META_FILE).write_text(json.dumps(full_meta, separators=(",", ":")) + "\n", encoding="utf-8")
-    return Path(out_dir)
 
 
 def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:

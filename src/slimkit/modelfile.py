@@ -17,15 +17,19 @@ import torch
 from torch import nn
 
 from .codec import decode_state
+from .codec.container import is_container, read_container, write_container
 from .errors import SlimkitError
 from .io import (
+    FORMAT_NAME,
     META_FILE,
     WEIGHTS_FILE,
+    check_finite,
     load_state_into,
     read_meta,
     read_pickled_state_dict,
     read_safetensors,
     save_model,
+    write_model_dir,
 )
 from .models.arch import build_model
 from .plan import replay_plan
@@ -36,11 +40,11 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 def load(path: str | os.PathLike, arch: dict[str, Any] | str | None = None, trust_code: bool = False) -> nn.Module:
     """Load a model directory, or a weights file for ``arch`` (a zoo name or an architecture spec)."""
     path = resolve_model_dir(path)
-    if path.is_dir():
-        meta = read_meta(path)
+    if path.is_dir() or is_container(path):
         if arch is not None:
-            raise SlimkitError(f"{path}: a model directory names its own architecture; do not pass one")
-        state = decode_state(read_safetensors(path / WEIGHTS_FILE), meta.get("tensors", {}), str(path))
+            raise SlimkitError(f"{path}: a model directory or .slim file names its own architecture; do not pass one")
+        meta, stored = read_stored(path)
+        state = decode_state(stored, meta.get("tensors", {}), str(path))
     elif path.is_file():
         if arch is None:
             raise SlimkitError(f"{path}: a bare weights file needs its architecture (for example --arch lenet5)")
@@ -96,6 +100,40 @@ def new_model(arch: dict[str, Any] | str, trust_code: bool = False, **meta: Any)
 
 def _arch_spec(arch: dict[str, Any] | str) -> dict[str, Any]:
     return {"zoo": arch, "args": {}} if isinstance(arch, str) else dict(arch)
+
+
+def read_stored(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(slimkit.json metadata, encoded tensors) of a model directory or a ``.slim`` file."""
+    if is_container(path):
+        meta, stored = read_container(path)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise SlimkitError(f"{path}: the .slim header holds no slimkit model metadata")
+        check_finite(stored, str(path))
+        return meta, stored
+    return read_meta(path), read_safetensors(path / WEIGHTS_FILE)
+
+
+def pack(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """Write a model directory (or run directory) as one ``.slim`` file; returns the container's statistics."""
+    meta, stored = read_stored(_existing_model(source))
+    return write_container(out, meta, stored)
+
+
+def unpack(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a ``.slim`` file back out as a model directory holding the identical tensors."""
+    path = Path(source)
+    if not is_container(path):
+        raise SlimkitError(f"{path}: not a .slim file")
+    meta, stored = read_stored(path)
+    write_model_dir(out_dir, meta, stored)
+    return Path(out_dir)
+
+
+def _existing_model(source: str | os.PathLike) -> Path:
+    path = resolve_model_dir(source)
+    if not (path.is_dir() or is_container(path)):
+        raise SlimkitError(f"{path}: no such model directory or .slim file")
+    return path
 
 
 def _pickled(path: Path):

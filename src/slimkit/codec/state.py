@@ -142,6 +142,25 @@ def _smallest_float_encoding(tensor: torch.Tensor) -> tuple[dict[str, torch.Tens
     return best[1], best[2]
 
 
+def _positions(enc: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) -> np.ndarray:
+    """Flat positions of a tensor's stored values, from its position stream."""
+    numel = math.prod(int(d) for d in enc["shape"])
+    if enc["encoding"] == "bitmask":
+        return np.flatnonzero(np.unpackbits(tensors[name + SEP + "bitmask"].numpy(), count=numel))
+    if enc["encoding"] == "indices":
+        return np.cumsum(tensors[name + SEP + "gaps"].numpy().astype(np.int64)) - 1
+    if enc["encoding"] == "dense":
+        return np.arange(numel)
+    raise ValueError(f"unknown encoding {enc['encoding']!r}")
+
+
+def value_count(enc: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) -> int:
+    """How many values a tensor's value stream holds (the codes of a codebook-coded tensor)."""
+    if enc["encoding"] in ("int8-channel", "int4-channel"):
+        return math.prod(int(d) for d in enc["shape"])
+    return len(_positions(enc, tensors, name))
+
+
 def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str, Any]], source: str) -> dict[str, torch.Tensor]:
     """Inverse of :func:`encode_state`; any inconsistency is a clear error naming the tensor."""
     state = {k: v for k, v in tensors.items() if SEP not in k}
@@ -155,15 +174,7 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str
                          else _unpack_int4(tensors[name + SEP + "int4"], numel))
                 state[name] = codes.float().reshape(shape) * _scale_grid(scale, shape, enc.get("group_size"))
                 continue
-            if enc["encoding"] == "bitmask":
-                bits = np.unpackbits(tensors[name + SEP + "bitmask"].numpy(), count=numel).astype(bool)
-                positions = np.flatnonzero(bits)
-            elif enc["encoding"] == "indices":
-                positions = np.cumsum(tensors[name + SEP + "gaps"].numpy().astype(np.int64)) - 1
-            elif enc["encoding"] == "dense":
-                positions = np.arange(numel)
-            else:
-                raise ValueError(f"unknown encoding {enc['encoding']!r}")
+            positions = _positions(enc, tensors, name)
             if "codebook_bits" in enc:
                 table = tensors[name + SEP + "codebook"]
                 codes = unpack_bits(tensors[name + SEP + "codes"].numpy(), int(enc["codebook_bits"]), len(positions))

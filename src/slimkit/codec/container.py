@@ -1,0 +1,150 @@
+"""The ``.slim`` container: a whole model in one file, its integer streams entropy-coded.
+
+Layout (little-endian)::
+
+    b"SLIM" | u16 format version | u32 header length | u32 CRC-32 of the header
+    header: zlib-compressed JSON {"meta": <slimkit.json>, "streams": [[name, dtype, shape,
+            view, count, coder, length, crc32, model_bytes], ...]}
+    payload: the streams' bytes, one after another, in header order
+
+The tensors are exactly those of the model directory's safetensors file (the same
+lossless encodings: sparse positions, codebook codes, int8/int4 codes), so packing
+and unpacking never change a value. Float streams are stored raw; integer streams
+become symbols (bytes; n-bit codebook codes and 4-bit codes unpacked to one symbol
+each) and are stored with whichever of n-bit packing, Huffman and rANS is smallest.
+Every stream and the header carry a CRC-32; the file length is checked, so a
+truncated or corrupted file is an error that names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import SlimkitError
+from .bits import pack_bits, unpack_bits
+from .entropy import CODERS, decode, encode, encode_with, entropy_bits
+from .state import SEP, value_count
+
+MAGIC = b"SLIM"
+VERSION = 1
+PREAMBLE = struct.Struct("<4sHII")
+SUFFIX = ".slim"
+
+
+def is_container(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def _symbol_view(name: str, tensor: torch.Tensor, meta_tensors: dict[str, Any],
+                 tensors: dict[str, torch.Tensor]) -> tuple[str, np.ndarray | None]:
+    """How a stored tensor becomes symbols: (view, symbols), or ("raw", None) for bytes kept as they are."""
+    owner, _, stream = name.rpartition(SEP)
+    if tensor.dtype not in (torch.uint8, torch.int8):
+        return "raw", None
+    if stream == "codes":
+        enc = meta_tensors[owner]
+        count = value_count(enc, tensors, owner)
+        return f"codes{enc['codebook_bits']}", unpack_bits(tensor.numpy(), int(enc["codebook_bits"]), count)
+    if stream == "int4":
+        count = math.prod(int(d) for d in meta_tensors[owner]["shape"])
+        return "codes4", unpack_bits(tensor.numpy(), 4, count)
+    return "bytes", tensor.numpy().view(np.uint8).astype(np.int64)
+
+
+def _restore(view: str, symbols: np.ndarray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if view.startswith("codes"):
+        data = pack_bits(symbols, int(view[len("codes"):]))
+    else:
+        data = symbols.astype(np.uint8)
+    return torch.from_numpy(data.copy()).view(dtype).reshape(shape)
+
+
+def write_container(path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    coders: tuple[str, ...] = CODERS) -> dict[str, Any]:
+    """Write ``meta`` (slimkit.json) and the stored ``tensors`` as one ``.slim`` file, atomically.
+
+    Returns per-stream statistics (bytes, coder, symbols, order-0 entropy, each coder's size).
+    """
+    from ..io import atomic_path
+
+    records, chunks, stats = [], [], []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        view, symbols = _symbol_view(name, tensor, meta.get("tensors", {}), tensors)
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if symbols is None:
+            data, coder, count, model_bytes = tensor.numpy().tobytes(), "raw", tensor.numel(), 0
+            stat = {}
+        else:
+            coded = encode(symbols, coders)
+            data, coder, count, model_bytes = coded.data, coded.coder, len(symbols), coded.model_bytes
+            stat = {"symbols": count, "entropy_bytes": entropy_bits(symbols) / 8,
+                    **{f"{c}_bytes": len(encode_with(symbols, c).data) for c in CODERS}}
+        records.append([name, dtype, list(tensor.shape), view, count, coder, len(data), zlib.crc32(data), model_bytes])
+        chunks.append(data)
+        stats.append({"stream": name, "view": view, "coder": coder, "bytes": len(data), "model_bytes": model_bytes,
+                      "raw_bytes": tensor.numel() * tensor.element_size(), **stat})
+    header = zlib.compress(json.dumps({"meta": meta, "streams": records}, separators=(",", ":")).encode(), 9)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(PREAMBLE.pack(MAGIC, VERSION, len(header), zlib.crc32(header)))
+            f.write(header)
+            for chunk in chunks:
+                f.write(chunk)
+    return {"file_bytes": Path(path).stat().st_size, "header_bytes": PREAMBLE.size + len(header), "streams": stats}
+
+
+def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, stored tensors) of a ``.slim`` file; any damage is a SlimkitError naming it."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise SlimkitError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(blob) < PREAMBLE.size or blob[:4] != MAGIC:
+        raise SlimkitError(f"{path}: not a .slim file (no SLIM signature)")
+    _, version, header_length, header_crc = PREAMBLE.unpack_from(blob)
+    if version > VERSION:
+        raise SlimkitError(f"{path}: .slim format version {version} is newer than this slimkit reads ({VERSION})")
+    header = blob[PREAMBLE.size : PREAMBLE.size + header_length]
+    if len(header) != header_length or zlib.crc32(header) != header_crc:
+        raise SlimkitError(f"{path}: the .slim header is truncated or corrupt (checksum mismatch)")
+    try:
+        content = json.loads(zlib.decompress(header))
+        meta, records = content["meta"], content["streams"]
+    except (zlib.error, ValueError, KeyError, TypeError) as exc:
+        raise SlimkitError(f"{path}: the .slim header cannot be read ({exc})") from None
+    offset = PREAMBLE.size + header_length
+    expected = offset + sum(int(r[6]) for r in records)
+    if len(blob) != expected:
+        raise SlimkitError(f"{path}: file is {len(blob)} bytes, its header describes {expected}: "
+                           f"{'truncated' if len(blob) < expected else 'trailing data'}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, view, count, coder, length, crc, _ in records:
+        data = blob[offset : offset + length]
+        offset += length
+        if zlib.crc32(data) != crc:
+            raise SlimkitError(f"{path}: stream '{name}' is corrupt (checksum mismatch)")
+        try:
+            torch_dtype = getattr(torch, dtype)
+            if coder == "raw":
+                array = np.frombuffer(data, dtype=torch.empty(0, dtype=torch_dtype).numpy().dtype).copy()
+                tensors[name] = torch.from_numpy(array).reshape(shape)
+            else:
+                tensors[name] = _restore(view, decode(coder, data, count), torch_dtype, shape)
+        except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
+            raise SlimkitError(f"{path}: stream '{name}' cannot be decoded ({exc})") from None
+    return meta, tensors
