@@ -95,7 +95,7 @@ def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
     plain = layer.weight.detach().clone().requires_grad_(True)
     x = torch.randn(5, 6)
     (x @ plain.T).pow(2).sum().backward()
-    share_centroids(layer, [""])
+    share_centroids(layer, ["weight"])
     (layer(x) - layer.bias).pow(2).sum().backward()
     centroids = layer.parametrizations.weight[0].centroids
     expected = torch.stack([plain.grad[plain.detach() == v].sum() for v in centroids.detach()])
@@ -108,7 +108,7 @@ def test_trained_centroids_keep_assignments_zeros_and_count(digits, briefly_trai
     result = cluster(model, ClusterConfig(bits=2, init="density"))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
     clustered_score = task.val_score(model)
-    share_centroids(model, [row["layer"] for row in result["layers"]])
+    share_centroids(model, [row["tensor"] for row in result["layers"]])
     cfg = TrainConfig(epochs=3, lr=1e-3)
     fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, progress=False)
     remove_sharing(model)
@@ -120,7 +120,7 @@ def test_trained_centroids_keep_assignments_zeros_and_count(digits, briefly_trai
         for j in range(len(values)):  # weights that shared a value still share one
             assert torch.unique(new[groups == j]).numel() == 1
     with pytest.raises(SlimkitError, match="distinct values"):
-        share_centroids(briefly_trained("lenet300"), ["fc1"])
+        share_centroids(briefly_trained("lenet300"), ["fc1.weight"])
 
 
 def test_codebook_storage_is_exact_and_small(digits, briefly_trained, tmp_path):

@@ -313,6 +313,52 @@ def sensitivity_cmd(
 
 
 @app.command()
+def pack(
+    path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
+    out: Path = typer.Option(..., "--out", help="the .slim file to write"),
+) -> None:
+    """Pack a model into one .slim file (sparse positions, shared values, entropy-coded); prints where the bytes go."""
+    from rich.table import Table
+
+    from .modelfile import pack as pack_model
+
+    if out.suffix != ".slim":
+        raise SlimkitError(f"--out {out}: a packed model's file name ends in .slim")
+    table = pack_model(path, out)
+    view = Table(title=f"{out}: {table['file_bytes']:,} bytes, {table['ratio_vs_fp32']:.1f}x smaller than fp32")
+    for column in ("layer", "params", "weights kept", "bits/weight", "bits/index", "codebook B", "bytes", "ratio"):
+        view.add_column(column, justify="left" if column == "layer" else "right")
+    for r in table["layers"]:
+        view.add_row(r["layer"], f"{r['params']:,}", _percent(r["weights_kept"]), _number(r["bits_per_weight"]),
+                     _number(r["bits_per_index"]), f"{r['codebook_bytes']:,}", f"{r['compressed_bytes']:,}",
+                     f"{r['ratio']:.1f}x")
+    view.add_row("(header)", "", "", "", "", "", f"{table['header_bytes']:,}", "")
+    from rich.console import Console
+
+    Console().print(view)  # the result, on stdout
+
+
+def _percent(value: float) -> str:
+    return "-" if value != value else f"{100 * value:.1f}%"
+
+
+def _number(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"
+
+
+@app.command()
+def unpack(
+    path: Path = typer.Argument(..., help="a .slim file (never modified)"),
+    out: Path = typer.Option(..., "--out", help="model directory to write"),
+) -> None:
+    """Unpack a .slim file into a model directory holding the identical tensors."""
+    from .modelfile import unpack as unpack_model
+
+    unpack_model(path, out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe"),
     out: Path = typer.Option(..., "--out", help="run directory (model/, report.json, report.html)"),

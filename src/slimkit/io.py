@@ -113,9 +113,9 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any
     tensors, encodings = encode_state(state, int8_scales)
     full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta, "tensors": encodings}
     if Path(out_dir).suffix == ".slim":
-        from .codec.container import write_container
+        from .codec.container import reencode, write_container
 
-        write_container(out_dir, full_meta, tensors)
+        write_container(out_dir, *reencode(full_meta, tensors, str(out_dir)))
     else:
         write_model_dir(out_dir, full_meta, tensors)
     return Path(out_dir)

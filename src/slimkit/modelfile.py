@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .codec import decode_state
-from .codec.container import is_container, read_container, write_container
+from .codec.container import is_container, read_container, reencode, write_container
 from .errors import SlimkitError
 from .io import (
     FORMAT_NAME,
@@ -40,7 +40,7 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 def load(path: str | os.PathLike, arch: dict[str, Any] | str | None = None, trust_code: bool = False) -> nn.Module:
     """Load a model directory, or a weights file for ``arch`` (a zoo name or an architecture spec)."""
     path = resolve_model_dir(path)
-    if path.is_dir() or is_container(path):
+    if path.is_dir() or is_container(path) or (path.is_file() and path.suffix == ".slim"):
         if arch is not None:
             raise SlimkitError(f"{path}: a model directory or .slim file names its own architecture; do not pass one")
         meta, stored = read_stored(path)
@@ -104,7 +104,7 @@ def _arch_spec(arch: dict[str, Any] | str) -> dict[str, Any]:
 
 def read_stored(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(slimkit.json metadata, encoded tensors) of a model directory or a ``.slim`` file."""
-    if is_container(path):
+    if path.is_file():
         meta, stored = read_container(path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise SlimkitError(f"{path}: the .slim header holds no slimkit model metadata")
@@ -114,16 +114,23 @@ def read_stored(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def pack(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
-    """Write a model directory (or run directory) as one ``.slim`` file; returns the container's statistics."""
-    meta, stored = read_stored(_existing_model(source))
-    return write_container(out, meta, stored)
+    """Write a model directory (or run directory) as one ``.slim`` file.
+
+    Returns the per-layer accounting (``codec.accounting``) and the container's per-stream statistics.
+    """
+    from .codec.accounting import accounting
+
+    path = _existing_model(source)
+    meta, stored = reencode(*read_stored(path), str(path))
+    stats = write_container(out, meta, stored)
+    return {**accounting(decode_state(stored, meta["tensors"], str(path)), stats), "streams": stats["streams"]}
 
 
 def unpack(source: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a ``.slim`` file back out as a model directory holding the identical tensors."""
     path = Path(source)
-    if not is_container(path):
-        raise SlimkitError(f"{path}: not a .slim file")
+    if not path.is_file():
+        raise SlimkitError(f"{path}: no such .slim file")
     meta, stored = read_stored(path)
     write_model_dir(out_dir, meta, stored)
     return Path(out_dir)

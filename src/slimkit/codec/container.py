@@ -32,7 +32,7 @@ import torch
 from ..errors import SlimkitError
 from .bits import pack_bits, unpack_bits
 from .entropy import CODERS, decode, encode, encode_with, entropy_bits
-from .state import SEP, value_count
+from .state import SEP, decode_state, smallest_float_encoding, value_count
 
 MAGIC = b"SLIM"
 VERSION = 1
@@ -48,20 +48,56 @@ def is_container(path: str | os.PathLike) -> bool:
         return f.read(len(MAGIC)) == MAGIC
 
 
-def _symbol_view(name: str, tensor: torch.Tensor, meta_tensors: dict[str, Any],
-                 tensors: dict[str, torch.Tensor]) -> tuple[str, np.ndarray | None]:
-    """How a stored tensor becomes symbols: (view, symbols), or ("raw", None) for bytes kept as they are."""
-    owner, _, stream = name.rpartition(SEP)
+def _symbol_view(stream: str, tensor: torch.Tensor, encoding: dict[str, Any] | None,
+                 siblings: dict[str, torch.Tensor]) -> tuple[str, np.ndarray | None]:
+    """How one stored stream becomes symbols: (view, symbols), or ("raw", None) for bytes kept as they are.
+
+    ``siblings`` are the other streams of the same tensor (by stream name), ``encoding`` its record.
+    """
     if tensor.dtype not in (torch.uint8, torch.int8):
         return "raw", None
     if stream == "codes":
-        enc = meta_tensors[owner]
-        count = value_count(enc, tensors, owner)
-        return f"codes{enc['codebook_bits']}", unpack_bits(tensor.numpy(), int(enc["codebook_bits"]), count)
+        count = value_count(encoding, {f"t{SEP}{k}": v for k, v in siblings.items()}, "t")
+        return f"codes{encoding['codebook_bits']}", unpack_bits(tensor.numpy(), int(encoding["codebook_bits"]), count)
     if stream == "int4":
-        count = math.prod(int(d) for d in meta_tensors[owner]["shape"])
-        return "codes4", unpack_bits(tensor.numpy(), 4, count)
-    return "bytes", tensor.numpy().view(np.uint8).astype(np.int64)
+        return "codes4", unpack_bits(tensor.numpy(), 4, math.prod(int(d) for d in encoding["shape"]))
+    return "bytes", tensor.numpy().view(np.uint8).reshape(-1).astype(np.int64)
+
+
+def _coded_bytes(streams: dict[str, torch.Tensor], encoding: dict[str, Any] | None,
+                 coders: tuple[str, ...] = CODERS) -> int:
+    """What a tensor's streams cost in the container (integer streams entropy-coded)."""
+    total = 0
+    for stream, tensor in streams.items():
+        _, symbols = _symbol_view(stream, tensor, encoding, streams)
+        total += tensor.numel() * tensor.element_size() if symbols is None else len(encode(symbols, coders).data)
+    return total
+
+
+def reencode(meta: dict[str, Any], stored: dict[str, torch.Tensor], source: str,
+             coders: tuple[str, ...] = CODERS) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The same tensors, each float tensor re-encoded for the container: its layout (dense, bitmask,
+    relative indices; raw or codebook values) chosen by entropy-coded size rather than stored size.
+    Integer-quantized weights keep their streams. Lossless: decoding gives the identical tensors."""
+    encodings = meta.get("tensors", {})
+    state = decode_state(stored, encodings, source)
+    tensors, new_encodings = {}, {}
+    for name, tensor in state.items():
+        enc = encodings.get(name)
+        if enc is not None and enc["encoding"] in ("int8-channel", "int4-channel"):
+            tensors.update({k: v for k, v in stored.items() if k.partition(SEP)[0] == name and SEP in k})
+            new_encodings[name] = enc
+            continue
+        if not tensor.is_floating_point() or tensor.numel() < 64:
+            tensors[name] = tensor
+            continue
+        streams, enc = smallest_float_encoding(tensor, cost=lambda st, e: _coded_bytes(st, e, coders))
+        if enc is None:
+            tensors[name] = tensor
+        else:
+            tensors.update({name + SEP + k: v for k, v in streams.items()})
+            new_encodings[name] = enc
+    return {**meta, "tensors": new_encodings}, tensors
 
 
 def _restore(view: str, symbols: np.ndarray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
@@ -83,7 +119,9 @@ def write_container(path: str | os.PathLike, meta: dict[str, Any], tensors: dict
     records, chunks, stats = [], [], []
     for name, tensor in tensors.items():
         tensor = tensor.detach().contiguous()
-        view, symbols = _symbol_view(name, tensor, meta.get("tensors", {}), tensors)
+        owner, _, stream = name.rpartition(SEP)
+        siblings = {k.rpartition(SEP)[2]: v for k, v in tensors.items() if k.rpartition(SEP)[0] == owner}
+        view, symbols = _symbol_view(stream, tensor, meta.get("tensors", {}).get(owner), siblings)
         dtype = str(tensor.dtype).removeprefix("torch.")
         if symbols is None:
             data, coder, count, model_bytes = tensor.numpy().tobytes(), "raw", tensor.numel(), 0

@@ -99,7 +99,7 @@ def encode_state(state: dict[str, torch.Tensor],
         if not tensor.is_floating_point() or tensor.numel() < 64:
             tensors[name] = tensor
             continue
-        streams, encoding = _smallest_float_encoding(tensor)
+        streams, encoding = smallest_float_encoding(tensor)
         if encoding is None:
             tensors[name] = tensor
             continue
@@ -108,13 +108,19 @@ def encode_state(state: dict[str, torch.Tensor],
     return tensors, encodings
 
 
-def _smallest_float_encoding(tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The byte-smallest of: positions (all, bitmask, relative indices) x values (raw, codebook + n-bit codes).
+def stored_bytes(streams: dict[str, torch.Tensor], encoding: dict[str, Any] | None) -> int:
+    """Bytes the streams take as they are (the model directory's cost)."""
+    return sum(t.numel() * t.element_size() for t in streams.values())
 
-    Returns ``({}, None)`` when plain dense storage is smallest.
+
+def smallest_float_encoding(tensor: torch.Tensor, cost=stored_bytes,
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The cheapest of: positions (all, bitmask, relative indices) x values (raw, codebook + n-bit codes).
+
+    ``cost(streams, encoding)`` prices a candidate (bytes as stored, unless the caller entropy-codes
+    them); ``({tensor}, None)`` means plain dense storage.
     """
     flat = tensor.detach().reshape(-1)
-    itemsize = tensor.element_size()
     nonzero = torch.nonzero(flat).reshape(-1).numpy()
     gaps = _gaps(nonzero)
     mask = np.zeros(flat.numel(), dtype=bool)
@@ -124,10 +130,10 @@ def _smallest_float_encoding(tensor: torch.Tensor) -> tuple[dict[str, torch.Tens
         "bitmask": ({"bitmask": torch.from_numpy(np.packbits(mask))}, nonzero),
         "indices": ({"gaps": torch.from_numpy(gaps.astype(np.uint8))}, np.cumsum(gaps) - 1),
     }
-    best: tuple[int, dict[str, torch.Tensor], dict[str, Any] | None] = (flat.numel() * itemsize, {}, None)
+    plain: tuple[dict[str, torch.Tensor], dict[str, Any] | None] = ({"": tensor}, None)
+    best = (cost(*plain), plain)
     for layout, (position_streams, positions) in layouts.items():
         values = flat if positions is None else flat[torch.from_numpy(positions)]
-        positions_bytes = sum(t.numel() for t in position_streams.values())
         options = [({"values": values.clone()}, {})] if layout != "dense" else []
         table, codes = torch.unique(values, return_inverse=True)
         if len(table) <= MAX_CODEBOOK:
@@ -135,11 +141,13 @@ def _smallest_float_encoding(tensor: torch.Tensor) -> tuple[dict[str, torch.Tens
             options.append(({"codebook": table.clone(), "codes": torch.from_numpy(pack_bits(codes.numpy(), b))},
                             {"codebook_bits": b}))
         for value_streams, extra in options:
-            size = positions_bytes + sum(t.numel() * t.element_size() for t in value_streams.values())
-            if size < best[0]:
-                best = (size, {**position_streams, **value_streams},
-                        {"encoding": layout, "shape": list(tensor.shape), **extra})
-    return best[1], best[2]
+            candidate = ({**position_streams, **value_streams},
+                         {"encoding": layout, "shape": list(tensor.shape), **extra})
+            price = cost(*candidate)
+            if price < best[0]:
+                best = (price, candidate)
+    streams, encoding = best[1]
+    return ({}, None) if encoding is None else (streams, encoding)
 
 
 def _positions(enc: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) -> np.ndarray:

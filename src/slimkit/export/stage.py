@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import ClassVar, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
 from ..errors import SlimkitError
+from ..io import atomic_path
 from .onnx import DEFAULT_ATOL, export_onnx
 from ..quant.ptq import is_quantized
 from .qdq import export_int8_verified
@@ -17,14 +19,23 @@ from .qdq import export_int8_verified
 @register_stage
 class ExportStage(Stage):
     type: Literal["export"] = "export"
-    format: Literal["onnx", "onnx-int8"] = "onnx"
-    filename: str = Field("model.onnx", min_length=1, pattern=r"^[^/\\]+$")
+    format: Literal["onnx", "onnx-int8", "slim"] = "onnx"  # slim: the one-file compressed container
+    filename: Optional[str] = Field(None, min_length=1, pattern=r"^[^/\\]+$")  # model.onnx / model.slim
     atol: float = Field(DEFAULT_ATOL, gt=0)
     changes_model: ClassVar[bool] = False
 
+    @model_validator(mode="after")
+    def _slim_suffix(self) -> "ExportStage":
+        if self.format == "slim" and self.filename and not self.filename.endswith(".slim"):
+            raise ValueError(f"a slim export's filename must end in .slim, got {self.filename!r}")
+        return self
+
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         x = ctx.task.example_inputs
-        path = ctx.out_dir / self.filename
+        if self.format == "slim":
+            return self._slim(model, ctx)
+        filename = self.filename or "model.onnx"
+        path = ctx.out_dir / filename
         if is_quantized(model) != (self.format == "onnx-int8"):
             raise SlimkitError(f"export format {self.format!r} does not fit this "
                                f"{'quantized' if is_quantized(model) else 'float'} model: use "
@@ -35,6 +46,28 @@ class ExportStage(Stage):
         else:
             result = export_onnx(model, path, x[:2], verify_on=x, atol=self.atol)
             ctx.artifacts["onnx_max_abs_diff"] = f"{result.max_abs_diff:.3g}"
-        ctx.artifacts["onnx"] = self.filename
+        ctx.artifacts["onnx"] = filename
+        return model
+
+    def _slim(self, model: nn.Module, ctx: StageContext) -> nn.Module:
+        """Pack the model; reload the file and require bit-identical outputs before keeping it."""
+        import tempfile
+
+        import torch
+
+        from ..modelfile import load, pack, save
+
+        filename = self.filename or "model.slim"
+        x = ctx.task.example_inputs
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, Path(tmp) / "model")
+            with atomic_path(ctx.out_dir / filename) as packed:
+                table = pack(Path(tmp) / "model", packed)
+                with torch.no_grad():
+                    if not torch.equal(load(packed)(x), model(x)):
+                        raise SlimkitError(f"{filename}: the packed model's outputs differ from the model's")
+        table.pop("streams")
+        ctx.notes["slim"] = table
+        ctx.artifacts["slim"] = filename
         return model
 

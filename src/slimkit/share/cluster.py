@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from ..config import Config
 from ..errors import SlimkitError
 from ..select import select_layers
-from .kmeans import INITS, cluster_1d, sse
+from .kmeans import INITS, cluster_1d
 
 
 class ClusterConfig(Config):
@@ -32,6 +32,7 @@ class ClusterConfig(Config):
     method: Literal["kmeans", "uniform"] = "kmeans"
     init: str = "linear"  # linear | density | random | optimal (exact 1-D k-means)
     iters: int = Field(100, ge=1)
+    biases: bool = False  # share the selected layers' biases too (their own codebook, same bits)
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
     seed: int = 0
@@ -53,26 +54,32 @@ class ClusterConfig(Config):
 def cluster(model: nn.Module, cfg: ClusterConfig | None = None) -> dict[str, Any]:
     """Cluster the selected layers' weights in place; returns per-layer statistics and the codebooks."""
     cfg = cfg or ClusterConfig()
-    layers = []
+    rows = []
     for name, module in select_layers(model, cfg.include, cfg.exclude):
-        weight = module.weight
-        if not torch.isfinite(weight).all():
-            raise SlimkitError(f"cannot cluster {name}.weight: it holds NaN or Inf")
-        nonzero = weight != 0
-        values = weight[nonzero].double().numpy()
-        bits = cfg.bits_of(name)
-        if cfg.method == "uniform":
-            centroids, labels = _uniform(values, bits)
-        else:
-            centroids, labels = cluster_1d(values, 2**bits, cfg.init, cfg.iters, cfg.seed)
-        shared = torch.zeros_like(weight)
-        shared[nonzero] = torch.from_numpy(centroids[labels]).to(weight.dtype)
-        before = float(((weight.double() - shared.double()) ** 2).sum())
-        weight.copy_(shared)
-        layers.append({"layer": name, "weights": weight.numel(), "nonzero": int((shared != 0).sum()), "bits": bits,
-                       "clusters": int((centroids != 0).sum()), "sse": before if cfg.method == "uniform"
-                       else sse(values, centroids, labels)})
-    return {"method": cfg.method, "init": cfg.init, "layers": layers}
+        params = ["weight"] + (["bias"] if cfg.biases and getattr(module, "bias", None) is not None else [])
+        for param in params:
+            tensor_name = f"{name}.{param}" if name else param
+            rows.append({"layer": name, "tensor": tensor_name,
+                         **_cluster_tensor(tensor_name, getattr(module, param), cfg.bits_of(name), cfg)})
+    return {"method": cfg.method, "init": cfg.init, "layers": rows}
+
+
+def _cluster_tensor(name: str, tensor: torch.Tensor, bits: int, cfg: ClusterConfig) -> dict[str, Any]:
+    """Replace the non-zero values of ``tensor`` (in place) by their shared values; returns its statistics."""
+    if not torch.isfinite(tensor).all():
+        raise SlimkitError(f"cannot cluster {name}: it holds NaN or Inf")
+    nonzero = tensor != 0
+    values = tensor[nonzero].double().numpy()
+    if cfg.method == "uniform":
+        centroids, labels = _uniform(values, bits)
+    else:
+        centroids, labels = cluster_1d(values, 2**bits, cfg.init, cfg.iters, cfg.seed)
+    shared = torch.zeros_like(tensor)
+    shared[nonzero] = torch.from_numpy(centroids[labels]).to(tensor.dtype)
+    error = float(((tensor.double() - shared.double()) ** 2).sum())
+    tensor.copy_(shared)
+    return {"weights": tensor.numel(), "nonzero": int((shared != 0).sum()), "bits": bits,
+            "clusters": int((centroids != 0).sum()), "sse": error}
 
 
 def _uniform(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,20 +115,23 @@ class SharedCentroids(nn.Module):
         return table[self.index]
 
 
-def share_centroids(model: nn.Module, layers: list[str], max_clusters: int = 256) -> None:
-    """Make the centroids of clustered ``layers`` trainable (assignments fixed)."""
-    for name in layers:
-        module = model.get_submodule(name)
-        count = int(torch.unique(module.weight.detach()).numel())
+def share_centroids(model: nn.Module, tensors: list[str], max_clusters: int = 256) -> None:
+    """Make the centroids of clustered ``tensors`` (``"fc1.weight"``) trainable; assignments stay fixed."""
+    for name in tensors:
+        owner, _, param = name.rpartition(".")
+        module = model.get_submodule(owner)
+        count = int(torch.unique(getattr(module, param).detach()).numel())
         if count > max_clusters + 1:
-            raise SlimkitError(f"{name}.weight has {count} distinct values: cluster it before sharing centroids")
-        parametrize.register_parametrization(module, "weight", SharedCentroids(module.weight))
+            raise SlimkitError(f"{name} has {count} distinct values: cluster it before sharing centroids")
+        parametrize.register_parametrization(module, param, SharedCentroids(getattr(module, param)))
 
 
 def remove_sharing(model: nn.Module) -> nn.Module:
-    """Bake trained centroids into plain weights (the shared values and zeros stay exact)."""
+    """Bake trained centroids into plain tensors (the shared values and zeros stay exact)."""
     for module in model.modules():
-        if parametrize.is_parametrized(module, "weight") and any(
-                isinstance(p, SharedCentroids) for p in module.parametrizations["weight"]):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if not parametrize.is_parametrized(module):
+            continue
+        for param in list(module.parametrizations):
+            if any(isinstance(p, SharedCentroids) for p in module.parametrizations[param]):
+                parametrize.remove_parametrizations(module, param, leave_parametrized=True)
     return model

@@ -28,7 +28,7 @@ class ClusterStage(Stage, ClusterConfig):
         task = ctx.task
         result["score_after_clustering"] = task.val_score(model)
         if self.finetune.epochs:
-            share_centroids(model, [row["layer"] for row in result["layers"]])
+            share_centroids(model, [row["tensor"] for row in result["layers"]])
             cfg = TrainConfig(**self.finetune.model_dump())
             fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
                 checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
