@@ -18,6 +18,7 @@ from torch import nn
 
 from .codec import decode_state
 from .codec.container import is_container, read_container, reencode, write_container
+from .codec.entropy import CODERS
 from .errors import SlimkitError
 from .io import (
     FORMAT_NAME,
@@ -113,16 +114,15 @@ def read_stored(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return read_meta(path), read_safetensors(path / WEIGHTS_FILE)
 
 
-def pack(source: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
-    """Write a model directory (or run directory) as one ``.slim`` file.
-
-    Returns the per-layer accounting (``codec.accounting``) and the container's per-stream statistics.
-    """
+def pack(source: str | os.PathLike, out: str | os.PathLike, coders: tuple[str, ...] = CODERS) -> dict[str, Any]:
+    """Write a model directory (or run directory) as one ``.slim`` file, its integer streams coded with
+    the smallest of ``coders``. Returns the per-layer accounting (``codec.accounting``) and the
+    container's per-stream statistics."""
     from .codec.accounting import accounting
 
     path = _existing_model(source)
-    meta, stored = reencode(*read_stored(path), str(path))
-    stats = write_container(out, meta, stored)
+    meta, stored = reencode(*read_stored(path), str(path), coders)
+    stats = write_container(out, meta, stored, coders)
     return {**accounting(decode_state(stored, meta["tensors"], str(path)), stats), "streams": stats["streams"]}
 
 
