@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/slimkit run recipes/baseline.yaml --out runs/demo
+	$(BIN)/slimkit run recipes/deep-compression.yaml --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -25,6 +25,8 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/prune.py
+	$(BIN)/python benchmarks/quant.py
+	$(BIN)/python benchmarks/deep_compression.py
 
 clean:
 	rm -rf runs benchmarks/results

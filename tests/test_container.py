@@ -133,3 +133,16 @@ def test_pack_cli_and_slim_export_stage(trained_run, tmp_path):
     with pytest.raises(SlimkitError, match="must end in .slim"):
         parse_recipe({"model": {"path": str(trained_run)}, "stages": [{"type": "export", "format": "slim",
                                                                         "filename": "m.onnx"}]})
+
+
+def test_deep_compression_recipe_is_the_demo(tmp_path):
+    """`make demo` runs this recipe: train, AGP-prune, share weights, pack; the file is >35x smaller."""
+    from pathlib import Path
+
+    from slimkit import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "deep-compression.yaml")
+    report = run_recipe(recipe, tmp_path / "demo", progress=False)
+    assert report["packed"]["ratio_vs_baseline"] > 35 and report["summary"]["accuracy_delta"] >= -0.01
+    assert report["packed"]["file_bytes"] == (tmp_path / "demo" / "model.slim").stat().st_size
+    assert "Where the bytes of model.slim go" in (tmp_path / "demo" / "report.html").read_text()

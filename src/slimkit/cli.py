@@ -403,6 +403,10 @@ def _print_summary(report: dict) -> None:
                   f"{b['nonzero_params'] / max(1, f['nonzero_params']):.2f}x")
     table.add_row("MACs", f"{b['macs']:,}", f"{f['macs']:,}", f"{s['macs_ratio']:.2f}x")
     table.add_row("file bytes", f"{b['file_bytes']:,}", f"{f['file_bytes']:,}", f"{s['compression_ratio']:.2f}x")
+    if "packed" in report:
+        packed = report["packed"]
+        table.add_row(f"{packed['file']} bytes", f"{b['file_bytes']:,}", f"{packed['file_bytes']:,}",
+                      f"{packed['ratio_vs_baseline']:.2f}x")
     for key, speedup in s.get("speedup", {}).items():
         table.add_row(f"latency {key} (ms)", f"{b['latency_ms'][key]:.3f}", f"{f['latency_ms'][key]:.3f}",
                       f"{speedup:.2f}x")

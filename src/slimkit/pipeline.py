@@ -63,8 +63,9 @@ def run_recipe(
         stage_dir = out / "stages" / f"{i:02d}-{stage.type}"
         record = stage_dir / STAGE_RECORD
         done = _finished_stage(record, stage.to_dict()) if resume else None
-        if stage.changes_model:  # an ONNX file exported before this stage no longer is the model
+        if stage.changes_model:  # files exported before this stage no longer are the model
             artifacts.pop("onnx", None)
+            artifacts.pop("slim", None)
         if done is not None:
             log(f"stage {i} ({stage.type}): already done, loading it")
             model = load(stage_dir / MODEL_SUBDIR) if stage.changes_model else model
@@ -174,6 +175,16 @@ def _histograms(model: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
+def _packed(entries, artifacts, out: Path, base: dict[str, Any]) -> dict[str, Any]:
+    """The .slim file's size and per-layer accounting, when the recipe's final model was packed."""
+    if "slim" not in artifacts:
+        return {}
+    table = next(e["notes"]["slim"] for e in reversed(entries) if "slim" in e.get("notes", {}))
+    size = (out / artifacts["slim"]).stat().st_size
+    return {"packed": {"file": artifacts["slim"], "file_bytes": size, "ratio_vs_baseline": base["file_bytes"] / size,
+                       "accounting": table}}
+
+
 def _report(recipe, task: Task, entries, final, baseline_model, model, artifacts, out: Path) -> dict[str, Any]:
     base = entries[0]
     meta = read_meta(out / MODEL_SUBDIR)
@@ -191,6 +202,7 @@ def _report(recipe, task: Task, entries, final, baseline_model, model, artifacts
             "params_ratio": base["params"] / max(1, final["params"]),
             "macs_ratio": base["macs"] / max(1, final["macs"]),
         },
+        **_packed(entries, artifacts, out, base),
         "stages": entries,
         "layers": {"baseline": _layers(baseline_model, task.input_shape), "final": _layers(model, task.input_shape)},
         "histograms": _histograms(model),

@@ -4,12 +4,13 @@ Layout (little-endian)::
 
     b"SLIM" | u16 format version | u32 header length | u32 CRC-32 of the header
     header: zlib-compressed JSON {"meta": <slimkit.json>, "streams": [[name, dtype, shape,
-            view, count, coder, length, crc32, model_bytes], ...]}
+            view, count, coder, length, crc32], ...]}
     payload: the streams' bytes, one after another, in header order
 
 The tensors are exactly those of the model directory's safetensors file (the same
 lossless encodings: sparse positions, codebook codes, int8/int4 codes), so packing
-and unpacking never change a value. Float streams are stored raw; integer streams
+and unpacking never change a value. Float streams are stored raw (as float16 when
+every value is exactly a float16, as fp16-rounded codebooks are); integer streams
 become symbols (bytes; n-bit codebook codes and 4-bit codes unpacked to one symbol
 each) and are stored with whichever of n-bit packing, Huffman and rANS is smallest.
 Every stream and the header carry a CRC-32; the file length is checked, so a
@@ -124,6 +125,8 @@ def write_container(path: str | os.PathLike, meta: dict[str, Any], tensors: dict
         view, symbols = _symbol_view(stream, tensor, meta.get("tensors", {}).get(owner), siblings)
         dtype = str(tensor.dtype).removeprefix("torch.")
         if symbols is None:
+            if tensor.dtype == torch.float32 and torch.equal(tensor.half().float(), tensor):
+                view, tensor = "f16", tensor.half()  # exact in half precision (e.g. fp16 codebooks): half the bytes
             data, coder, count, model_bytes = tensor.numpy().tobytes(), "raw", tensor.numel(), 0
             stat = {}
         else:
@@ -131,7 +134,7 @@ def write_container(path: str | os.PathLike, meta: dict[str, Any], tensors: dict
             data, coder, count, model_bytes = coded.data, coded.coder, len(symbols), coded.model_bytes
             stat = {"symbols": count, "entropy_bytes": entropy_bits(symbols) / 8,
                     **{f"{c}_bytes": len(encode_with(symbols, c).data) for c in CODERS}}
-        records.append([name, dtype, list(tensor.shape), view, count, coder, len(data), zlib.crc32(data), model_bytes])
+        records.append([name, dtype, list(tensor.shape), view, count, coder, len(data), zlib.crc32(data)])
         chunks.append(data)
         stats.append({"stream": name, "view": view, "coder": coder, "bytes": len(data), "model_bytes": model_bytes,
                       "raw_bytes": tensor.numel() * tensor.element_size(), **stat})
@@ -171,7 +174,7 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         raise SlimkitError(f"{path}: file is {len(blob)} bytes, its header describes {expected}: "
                            f"{'truncated' if len(blob) < expected else 'trailing data'}")
     tensors: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, view, count, coder, length, crc, _ in records:
+    for name, dtype, shape, view, count, coder, length, crc in records:
         data = blob[offset : offset + length]
         offset += length
         if zlib.crc32(data) != crc:
@@ -179,8 +182,9 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         try:
             torch_dtype = getattr(torch, dtype)
             if coder == "raw":
-                array = np.frombuffer(data, dtype=torch.empty(0, dtype=torch_dtype).numpy().dtype).copy()
-                tensors[name] = torch.from_numpy(array).reshape(shape)
+                stored_dtype = torch.float16 if view == "f16" else torch_dtype
+                array = np.frombuffer(data, dtype=torch.empty(0, dtype=stored_dtype).numpy().dtype).copy()
+                tensors[name] = torch.from_numpy(array).reshape(shape).to(torch_dtype)
             else:
                 tensors[name] = _restore(view, decode(coder, data, count), torch_dtype, shape)
         except (ValueError, TypeError, RuntimeError, AttributeError) as exc:

@@ -61,11 +61,28 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
         ["file bytes (on disk)", f"{b['file_bytes']:,} ({human_bytes(b['file_bytes'])})",
          f"{f['file_bytes']:,} ({human_bytes(f['file_bytes'])})", _ratio(s["compression_ratio"])],
     ]
+    if "packed" in report:
+        packed = report["packed"]
+        rows.append([f"packed file ({html.escape(packed['file'])})", f"{b['file_bytes']:,}",
+                     f"{packed['file_bytes']:,} ({human_bytes(packed['file_bytes'])})",
+                     _ratio(packed["ratio_vs_baseline"])])
     for key, speedup in s.get("speedup", {}).items():
         runtime, batch = key.split("_b")
         label = f"latency {'torch eager' if runtime == 'torch' else 'ONNX Runtime'}, batch {batch}"
         rows.append([label, f"{b['latency_ms'][key]:.3f} ms", f"{f['latency_ms'][key]:.3f} ms", _ratio(speedup, noise=0.05)])
     return rows
+
+
+def _accounting_rows(table: dict[str, Any]) -> list[list[str]]:
+    def num(x: float, fmt: str) -> str:
+        return "-" if x != x else format(x, fmt)
+
+    rows = [[html.escape(r["layer"]), f"{r['params']:,}", num(100 * r["weights_kept"], ".1f") + "%",
+             num(r["bits_per_weight"], ".2f"), num(r["bits_per_index"], ".2f"), f"{r['codebook_bytes']:,}",
+             f"{r['compressed_bytes']:,}", f"{r['ratio']:.1f}x"] for r in table["layers"]]
+    return rows + [["header", "", "", "", "", "", f"{table['header_bytes']:,}", ""],
+                   ["total", f"{table['params']:,}", "", "", "", "", f"{table['file_bytes']:,}",
+                    f"{table['ratio_vs_fp32']:.1f}x"]]
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -99,6 +116,10 @@ def render_html(report: dict[str, Any]) -> str:
         if sens:
             parts += [f"<h2>Per-layer sensitivity ({html.escape(stage['name'])})</h2>",
                       _img(plots.sensitivity_curves(sens), "per-layer sensitivity")]
+    if "packed" in report:
+        parts += [f"<h2>Where the bytes of {html.escape(report['packed']['file'])} go</h2>",
+                  _table(["layer", "params", "weights kept", "bits / kept weight", "bits / index", "codebook bytes",
+                          "bytes", "vs fp32"], _accounting_rows(report["packed"]["accounting"]))]
     artifacts = [[html.escape(k), html.escape(str(v))] for k, v in report["artifacts"].items()]
     parts += ["<h2>Artifacts</h2>", _table(["artifact", "value"], artifacts)]
     body = "\n".join(parts)

@@ -33,6 +33,8 @@ class ClusterConfig(Config):
     init: str = "linear"  # linear | density | random | optimal (exact 1-D k-means)
     iters: int = Field(100, ge=1)
     biases: bool = False  # share the selected layers' biases too (their own codebook, same bits)
+    # float16: shared values rounded to half precision, so a codebook takes 2 bytes per entry in a .slim file
+    codebook_dtype: Literal["float32", "float16"] = "float32"
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
     seed: int = 0
@@ -76,6 +78,8 @@ def _cluster_tensor(name: str, tensor: torch.Tensor, bits: int, cfg: ClusterConf
         centroids, labels = cluster_1d(values, 2**bits, cfg.init, cfg.iters, cfg.seed)
     shared = torch.zeros_like(tensor)
     shared[nonzero] = torch.from_numpy(centroids[labels]).to(tensor.dtype)
+    if cfg.codebook_dtype == "float16":
+        shared = round_to_half(shared)
     error = float(((tensor.double() - shared.double()) ** 2).sum())
     tensor.copy_(shared)
     return {"weights": tensor.numel(), "nonzero": int((shared != 0).sum()), "bits": bits,
@@ -94,6 +98,11 @@ def _uniform(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     codes = np.clip(np.round(values / step), -half, half)
     used, labels = np.unique(codes, return_inverse=True)
     return used * step, labels.reshape(-1)
+
+
+def round_to_half(tensor: torch.Tensor) -> torch.Tensor:
+    """Values rounded to the nearest float16 (kept in the tensor's dtype); zeros stay zero."""
+    return tensor.half().to(tensor.dtype)
 
 
 class SharedCentroids(nn.Module):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
 from ..train.loop import TrainConfig, fit
 from ..train.run import CHECKPOINT_SUBDIR
-from .cluster import ClusterConfig, cluster, remove_sharing, share_centroids
+from .cluster import ClusterConfig, cluster, remove_sharing, round_to_half, share_centroids
 
 
 class CentroidFinetune(TrainConfig):
@@ -34,5 +35,10 @@ class ClusterStage(Stage, ClusterConfig):
                 checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
                 description="cluster finetune")
             remove_sharing(model)
+            if self.codebook_dtype == "float16":  # the trained centroids, back on the half-precision grid
+                with torch.no_grad():
+                    for row in result["layers"]:
+                        tensor = model.get_parameter(row["tensor"])
+                        tensor.copy_(round_to_half(tensor))
         ctx.notes["cluster"] = result
         return model
