@@ -31,7 +31,8 @@ def register_plan_op(op: str) -> Callable:
 
 
 def replay_plan(model: nn.Module, plan: list[PlanStep], source: str) -> nn.Module:
-    from .prune import structured as _structured  # noqa: F401  (register their plan ops)
+    from .lowrank import svd as _svd  # noqa: F401  (register their plan ops)
+    from .prune import structured as _structured  # noqa: F401
     from .quant import ptq as _ptq  # noqa: F401
 
     for i, step in enumerate(plan):

@@ -59,6 +59,7 @@ def stage_types() -> dict[str, type[Stage]]:
     from .export import stage as _export_stage  # noqa: F401
     from .prune import stage as _prune_stage  # noqa: F401
     from .quant import stage as _quant_stage  # noqa: F401
+    from .lowrank import stage as _lowrank_stage  # noqa: F401
     from .share import stage as _share_stage  # noqa: F401
     from .train import stage as _train_stage  # noqa: F401
 
