@@ -1,4 +1,5 @@
-"""Deep Compression on digits (Han, Mao and Dally, ICLR 2016), stage by stage, in one run.
+"""Deep Compression on digits (Han, Mao and Dally, ICLR 2016), stage by stage, and low-rank
+factorization, in one run.
 
 For lenet300 and lenet5 (zoo models trained with their defaults): pruning (AGP to a global
 sparsity, fine-tuned), then weight sharing (k-means per layer, biases too, centroids
@@ -7,8 +8,10 @@ the fp32 safetensors file of the trained model, the model directory after prunin
 positions + fp32 values) and after sharing (positions + codebook + n-bit codes), and the
 .slim file (coded with Huffman only, rANS only, and the best per stream). The coder is then
 compared with its limit: the coded bytes of every integer stream against their order-0
-entropy, and against gzip, LZMA and zstd of the same streams. Prints Markdown tables and
-writes benchmarks/results/deep_compression.json.
+entropy, and against gzip, LZMA and zstd of the same streams. Low-rank: lenet300 and vit
+factorized by truncated SVD at several retained energies, fine-tuned, measured (params, MACs,
+latency against the dense model in the same run, accuracy). Prints Markdown tables and writes
+benchmarks/results/deep_compression.json.
 
     python benchmarks/deep_compression.py
 """
@@ -24,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from slimkit import Task, load, load_data, save
+from slimkit import Task, count_macs, count_params, load, load_data, measure_latency, save
 from slimkit.codec.container import read_container
 from slimkit.io import dir_bytes, write_json_atomic
+from slimkit.lowrank.stage import FactorizeStage
 from slimkit.modelfile import pack
 from slimkit.prune.stage import PruneStage
 from slimkit.share.stage import ClusterStage
@@ -53,7 +57,9 @@ def trained(name: str, task: Task):
 
 
 def stage(cls, model, task, tmp: Path, **settings):
-    return cls(**settings).apply(model, StageContext(task, tmp, tmp / cls.__name__, progress=False))
+    """Run one recipe stage on ``model``; returns the model and the stage's notes."""
+    ctx = StageContext(task, tmp, tmp / cls.__name__, progress=False)
+    return cls(**settings).apply(model, ctx), ctx.notes
 
 
 def deep_compress(task: Task, settings: dict) -> dict:
@@ -62,11 +68,11 @@ def deep_compress(task: Task, settings: dict) -> dict:
     fp32_bytes = fp32_file.stat().st_size
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pruned = stage(PruneStage, copy.deepcopy(dense), task, tmp, sparsity=settings["sparsity"], scope="global",
+        pruned, _ = stage(PruneStage, copy.deepcopy(dense), task, tmp, sparsity=settings["sparsity"], scope="global",
                        schedule="agp", finetune={"epochs": settings["prune_epochs"], "lr": 1e-3})
         save(pruned, tmp / "pruned")
         pruned_bytes = dir_bytes(tmp / "pruned")
-        shared = stage(ClusterStage, copy.deepcopy(pruned), task, tmp, bits=settings["bits"], biases=True,
+        shared, _ = stage(ClusterStage, copy.deepcopy(pruned), task, tmp, bits=settings["bits"], biases=True,
                        init="linear", codebook_dtype="float16", finetune={"epochs": settings["share_epochs"], "lr": 1e-3})
         save(shared, tmp / "shared")
         shared_bytes = dir_bytes(tmp / "shared")
@@ -106,9 +112,37 @@ def coder_limits(slim: Path, table: dict) -> dict:
     }
 
 
+ENERGIES = (0.95, 0.9, 0.8, 0.7)
+
+
+def low_rank(name: str, task: Task, threads: int, epochs: int) -> list[dict]:
+    """Params, MACs, latency (torch eager and ONNX Runtime, batch 1 and 64) and accuracy after fine-tuning
+    at several retained energies; latency measured against the dense model in the same run."""
+    dense, _ = trained(name, task)
+    rows = [{"model": name, "energy": None, "params": count_params(dense)[0],
+             "macs": count_macs(dense, task.input_shape)[0], "accuracy": task.test_score(dense),
+             "accuracy_before_finetune": None,
+             **measure_latency(dense, task.input_shape, threads)}]
+    for energy in ENERGIES:
+        with tempfile.TemporaryDirectory() as tmp:
+            model, notes = stage(FactorizeStage, copy.deepcopy(dense), task, Path(tmp), energy=energy,
+                                 finetune={"epochs": epochs, "lr": 1e-3})
+            before = notes["factorize"]["score_before_finetune"]
+        rows.append({"model": name, "energy": energy, "params": count_params(model)[0],
+                     "macs": count_macs(model, task.input_shape)[0], "accuracy": task.test_score(model),
+                     "accuracy_before_finetune": before, **measure_latency(model, task.input_shape, threads)})
+    return rows
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="lenet300,lenet5")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lowrank-epochs", type=int, default=15)
     args = parser.parse_args()
     task = Task.classification(load_data("digits"))
     rows = [deep_compress(task, point) for point in POINTS if point["model"] in args.models.split(",")]
@@ -149,7 +183,20 @@ def main() -> None:
               f"| {lim['coded_bytes']:,} | {lim['coded_payload_bytes'] / lim['entropy_bytes'] - 1:+.1%} "
               f"| {lim['huffman_bytes']:,} | {lim['rans_bytes']:,} | {lim['gzip_bytes']:,} | {lim['lzma_bytes']:,} "
               f"| {lim['zstd_bytes']:,} |")
-    write_json_atomic(RESULTS / "deep_compression.json", rows)
+    factorized = [row for name in ("lenet300", "vit") for row in low_rank(name, task, args.threads,
+                                                                           args.lowrank_epochs)]
+    print(f"\n### Low-rank factorization (truncated SVD, {args.lowrank_epochs} epochs of fine-tuning; "
+          f"latency {args.threads} thread, relative to the dense model in the same run)\n")
+    print("| model | retained energy | params | MACs | val acc right after SVD | test acc after fine-tuning | torch b1 | torch b64 "
+          "| ORT b1 | ORT b64 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in factorized:
+        base = next(r for r in factorized if r["model"] == row["model"] and r["energy"] is None)
+        lat = {k: row["latency_ms"][k] / base["latency_ms"][k] for k in row["latency_ms"]}
+        print(f"| {row['model']} | {'dense' if row['energy'] is None else row['energy']} | {row['params']:,} "
+              f"| {row['macs']:,} | {_percent(row['accuracy_before_finetune'])} | {100 * row['accuracy']:.2f}% "
+              f"| {lat['torch_b1']:.2f}x | {lat['torch_b64']:.2f}x | {lat['ort_b1']:.2f}x | {lat['ort_b64']:.2f}x |")
+    write_json_atomic(RESULTS / "deep_compression.json", {"deep_compression": rows, "low_rank": factorized})
 
 
 if __name__ == "__main__":
