@@ -54,6 +54,9 @@ def test_rank_choice_by_energy_and_budget(digits, briefly_trained):
     assert sum(r["params_after"] for r in rows) <= 0.3 * sum(r["params_before"] for r in rows)
     assert count_params(model)[0] == before - sum(r["params_before"] - r["params_after"] for r in rows)
     assert count_macs(model, (1, 8, 8))[0] == sum(r["macs_after"] for r in rows)
+    model = briefly_trained("lenet5")
+    _, step, rows = factorize(model, digits.x_test, FactorizeConfig(budget=0.5, budget_of="macs"))
+    assert sum(r["macs_after"] for r in rows) <= 0.5 * sum(r["macs_before"] for r in rows)
     with pytest.raises(ValueError, match="exactly one of rank, energy or budget"):
         FactorizeConfig(rank=4, energy=0.9)
     with pytest.raises(SlimkitError, match="no layer got smaller"):

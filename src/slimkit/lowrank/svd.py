@@ -9,7 +9,8 @@
 
 The rank of each layer comes from a fixed ``rank``, a retained ``energy`` (fraction of the
 sum of squared singular values), or a ``budget`` (fraction of the selected layers'
-parameters to keep, spent on the singular directions with most energy per parameter).
+parameters, or MACs, to keep, spent on the singular directions with most energy per
+parameter or MAC).
 A layer is factorized only where that lowers both its parameters and its MACs. The
 factorization is a plan step, so the model directory reloads it.
 """
@@ -34,6 +35,7 @@ class FactorizeConfig(Config):
     rank: int | None = Field(None, ge=1)
     energy: float | None = Field(None, gt=0, le=1)
     budget: float | None = Field(None, gt=0, lt=1)
+    budget_of: Literal["params", "macs"] = "params"  # what the budget is a fraction of
     conv: Literal["channel", "spatial"] = "channel"
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
@@ -110,14 +112,15 @@ def _ranks(candidates: list[dict[str, Any]], cfg: FactorizeConfig) -> None:
                 r = int(torch.searchsorted(kept, torch.tensor(cfg.energy, dtype=kept.dtype) - 1e-12)) + 1
             c["rank"] = min(r, len(s2))
     else:
-        total = sum(c["costs"]["params"] for c in candidates)
-        units = sorted(((float(s2 / c["s"].pow(2).sum()) / c["costs"]["per_rank_params"], i, j)
+        key = cfg.budget_of
+        total = sum(c["costs"][key] for c in candidates)
+        units = sorted(((float(s2 / c["s"].pow(2).sum()) / c["costs"][f"per_rank_{key}"], i, j)
                         for i, c in enumerate(candidates) for j, s2 in enumerate(c["s"] ** 2)), reverse=True)
         for c in candidates:
             c["rank"] = 0
         spent = 0
-        for _, i, _j in units:
-            cost = candidates[i]["costs"]["per_rank_params"]
+        for _, i, _j in units:  # directions of one layer come in order of their singular values
+            cost = candidates[i]["costs"][f"per_rank_{key}"]
             if spent + cost > cfg.budget * total:
                 continue
             candidates[i]["rank"] += 1
