@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..config import Config
@@ -39,6 +39,14 @@ class FactorizeConfig(Config):
     conv: Literal["channel", "spatial"] = "channel"
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_energy(cls, data: Any) -> Any:
+        """Without rank, energy or budget, keep 90% of each layer's singular energy."""
+        if isinstance(data, dict) and all(data.get(k) is None for k in ("rank", "energy", "budget")):
+            return {**data, "energy": 0.9}
+        return data
 
     def model_post_init(self, __context: Any) -> None:
         given = [k for k in ("rank", "energy", "budget") if getattr(self, k) is not None]
