@@ -313,6 +313,45 @@ def sensitivity_cmd(
 
 
 @app.command()
+def distill(
+    teacher: Path = typer.Option(..., "--teacher", help="the teacher: model directory, run directory or .slim file"),
+    student: str = typer.Option(..., "--student",
+                                help="zoo spec (lenet5:width=0.25, vit:depth=2) or a model path (a compressed model)"),
+    out: Path = typer.Option(..., "--out", help="run directory for the student and the report (teacher vs student)"),
+    data: Optional[str] = DataOpt,
+    epochs: int = typer.Option(60, "--epochs", help="a fresh student trains from scratch: zoo-like length"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    temperature: float = typer.Option(4.0, "--temperature", help="softmax temperature of the soft targets"),
+    alpha: float = typer.Option(0.7, "--alpha", help="weight of the teacher's soft targets (the rest: labels)"),
+    feature: list[str] = typer.Option([], "--feature",
+                                      help="STUDENT_LAYER=TEACHER_LAYER hint (repeatable; widths may differ)"),
+    mutual: bool = typer.Option(False, "--mutual", help="two-way: teacher and student learn from each other"),
+    seed: int = typer.Option(0, "--seed"),
+    latency: bool = typer.Option(True, "--latency/--no-latency"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    trust_code: bool = TrustOpt,
+) -> None:
+    """Distil a teacher into a student (Hinton KD, FitNets hints, mutual learning); reports teacher vs student."""
+    from .modelfile import load
+
+    pairs = {}
+    for item in feature:
+        s_layer, sep, t_layer = item.partition("=")
+        if not sep or not s_layer or not t_layer:
+            raise SlimkitError(f"--feature {item!r}: expected STUDENT_LAYER=TEACHER_LAYER")
+        pairs[s_layer] = t_layer
+    source = load(teacher, trust_code=trust_code)
+    stage = {"type": "distill", "teacher": "baseline", "student": student, "temperature": temperature,
+             "alpha": alpha, "features": pairs, "mutual": mutual, "trust_code": trust_code,
+             "train": {"epochs": epochs, "lr": lr, "seed": seed}}
+    recipe = {"name": f"distill {teacher} -> {student}", "seed": seed,
+              "data": data or source.slimkit_meta.get("data", "digits"),
+              "model": {"path": str(teacher), "trust_code": trust_code}, "stages": [stage],
+              "evaluate": {"latency": latency}}
+    _run_and_summarize(recipe, out, progress)
+
+
+@app.command()
 def pack(
     path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
     out: Path = typer.Option(..., "--out", help="the .slim file to write"),

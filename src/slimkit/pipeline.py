@@ -72,7 +72,7 @@ def run_recipe(
             artifacts.update(done.get("artifacts", {}))
             entries.append(done["metrics"])
             continue
-        ctx = StageContext(task, out, stage_dir, resume, progress, artifacts)
+        ctx = StageContext(task, out, stage_dir, resume, progress, artifacts, baseline=baseline_model)
         started = time.perf_counter()
         model = stage.apply(_copy_for_stage(model, baseline_model), ctx)
         seconds = time.perf_counter() - started

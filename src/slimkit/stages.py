@@ -33,6 +33,7 @@ class StageContext:
     progress: bool = True
     artifacts: dict[str, str] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)  # what the stage decided, for the report
+    baseline: nn.Module | None = None  # the recipe's starting model (a distillation teacher), never modified
 
 
 class Stage(Config):
@@ -59,6 +60,7 @@ def stage_types() -> dict[str, type[Stage]]:
     from .export import stage as _export_stage  # noqa: F401
     from .prune import stage as _prune_stage  # noqa: F401
     from .quant import stage as _quant_stage  # noqa: F401
+    from .distill import stage as _distill_stage  # noqa: F401
     from .lowrank import stage as _lowrank_stage  # noqa: F401
     from .share import stage as _share_stage  # noqa: F401
     from .train import stage as _train_stage  # noqa: F401

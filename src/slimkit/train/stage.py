@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
+from ..prune.mask import zeros_kept
 from .loop import TrainConfig, fit
 from .run import CHECKPOINT_SUBDIR
 
@@ -24,7 +25,8 @@ class FinetuneStage(Stage, TrainConfig):
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         cfg = self.train_config()
         task = ctx.task
-        fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
-            checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
-            description="finetune")
+        with zeros_kept(model):  # fine-tuning a pruned model must not regrow it
+            fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
+                checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
+                description="finetune")
         return model

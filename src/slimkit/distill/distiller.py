@@ -1,0 +1,137 @@
+"""Knowledge distillation through the shared training loop.
+
+``Distiller`` wraps a student and a teacher in one module: its forward returns the
+student's logits (so validation, checkpoints and early stopping see the student) and,
+while training, also runs the teacher and keeps both outputs and the mapped
+intermediate features for ``Distiller.loss``. One-way distillation freezes the teacher
+(eval mode, no gradients); ``mutual`` (deep mutual learning, Zhang et al. 2018) trains
+both networks, each on the labels and on the other's softened outputs.
+
+Feature distillation (FitNets) maps student layers to teacher layers by name; where
+their widths differ a learned projection (a 1x1 convolution for feature maps, a linear
+map for vectors and token sequences) carries the student's feature to the teacher's
+width. Mapping transformer blocks (``blocks.1`` -> ``blocks.3``) distils hidden states.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import Config
+from ..errors import SlimkitError
+from .losses import feature_loss, kd_loss
+
+
+class DistillConfig(Config):
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) targets; 1 - alpha on the labels
+    features: dict[str, str] = Field(default_factory=dict)  # student layer -> teacher layer
+    feature_weight: float = Field(1.0, ge=0)
+    mutual: bool = False  # two-way: the teacher is a peer that learns from the student too
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise SlimkitError(f"cannot distil a layer whose output is {type(output).__name__}")
+
+
+class Distiller(nn.Module):
+    """Student + teacher (+ feature projections) trained as one module; see the module docstring."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, example: torch.Tensor,
+                 hard_loss=None):
+        super().__init__()
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.hard_loss = hard_loss or F.cross_entropy  # the task's own loss on the labels
+        if not cfg.mutual:
+            teacher.requires_grad_(False)
+        self._captured: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self._hooks = [self._capture(student, name, "student") for name in cfg.features]
+        self._hooks += [self._capture(teacher, name, "teacher") for name in cfg.features.values()]
+        self.projections = nn.ModuleDict()
+        self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cfg.features:
+            self._make_projections(example[:2])
+
+    def _capture(self, model: nn.Module, name: str, side: str):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise SlimkitError(f"distillation features: the {side} has no layer {name!r}") from None
+        return module.register_forward_hook(
+            lambda _m, _i, output: self._captured[side].__setitem__(name, _first_tensor(output)))
+
+    @torch.no_grad()
+    def _make_projections(self, example: torch.Tensor) -> None:
+        was = (self.student.training, self.teacher.training)
+        self.student.eval()(example)
+        self.teacher.eval()(example)
+        self.student.train(was[0])
+        self.teacher.train(was[1])
+        for s_name, t_name in self.cfg.features.items():
+            s, t = self._captured["student"][s_name], self._captured["teacher"][t_name]
+            channel = 1 if s.dim() == 4 else -1
+            other = [d for i, d in enumerate(s.shape) if i != channel % s.dim()]
+            if s.dim() != t.dim() or other != [d for i, d in enumerate(t.shape) if i != channel % t.dim()]:
+                raise SlimkitError(f"distillation features {s_name} -> {t_name}: shapes {tuple(s.shape)} and "
+                                   f"{tuple(t.shape)} differ beyond their width")
+            if s.shape[channel] != t.shape[channel]:
+                width_in, width_out = s.shape[channel], t.shape[channel]
+                proj = nn.Conv2d(width_in, width_out, 1, bias=False) if s.dim() == 4 else \
+                    nn.Linear(width_in, width_out, bias=False)
+                self.projections[_key(s_name)] = proj
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if not self.cfg.mutual:
+            self.teacher.eval()  # a frozen teacher stays in eval mode (BatchNorm statistics, dropout)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.student(x)
+        if self.training:
+            if self.cfg.mutual:
+                teacher_logits = self.teacher(x)
+            else:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+            self._outputs = (logits, teacher_logits)
+        return logits
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The distillation objective for the batch just run through ``forward`` (in training mode)."""
+        if self._outputs is None or self._outputs[0] is not logits:
+            raise SlimkitError("Distiller.loss needs the logits of a forward pass in training mode")
+        cfg = self.cfg
+        student, teacher = self._outputs
+        total = (1 - cfg.alpha) * self.hard_loss(student, y) + cfg.alpha * kd_loss(
+            student, teacher.detach(), cfg.temperature)
+        if cfg.mutual:
+            total = total + (1 - cfg.alpha) * self.hard_loss(teacher, y) + cfg.alpha * kd_loss(
+                teacher, student.detach(), cfg.temperature)
+        for s_name, t_name in cfg.features.items():
+            s = self._captured["student"][s_name]
+            if _key(s_name) in self.projections:
+                s = self.projections[_key(s_name)](s)
+            total = total + cfg.feature_weight * feature_loss(s, self._captured["teacher"][t_name].detach())
+        self._outputs = None
+        return total
+
+    def close(self) -> nn.Module:
+        """Remove the hooks; returns the student."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return self.student
+
+
+def _key(layer: str) -> str:
+    return layer.replace(".", "__") or "__root__"
