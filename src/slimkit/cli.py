@@ -83,6 +83,8 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or fp16 (autocast + loss scaling)"),
+    patience: Optional[int] = typer.Option(None, "--patience", help="stop after this many epochs without improvement"),
     resume: bool = typer.Option(False, "--resume", help="continue from out/checkpoint/last.pt"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -96,7 +98,8 @@ def train(
         raise SlimkitError(f"unknown zoo model {model!r}; choose one of {', '.join(ZOO)}")
     task = Task.classification(load_data(data, seed=seed))
     try:
-        cfg = default_train_config(model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+        cfg = default_train_config(model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                   precision=precision, patience=patience)
     except ValueError as exc:
         raise SlimkitError(f"invalid training option: {exc}") from None
     net = build_seeded(model, seed, task)

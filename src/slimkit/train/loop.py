@@ -42,6 +42,10 @@ class TrainConfig(Config):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = False
     seed: int = 0
+    patience: int | None = Field(None, ge=1)  # early stopping: epochs without a better validation score
+    # autocast for forward and loss (weights, optimizer and gradients stay fp32); fp16 adds loss scaling
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp32_layers: list[str] = Field(default_factory=list)  # module name globs kept in fp32 under autocast
 
 
 @dataclass
@@ -49,6 +53,7 @@ class TrainResult:
     best_score: float
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 @torch.no_grad()
@@ -130,10 +135,11 @@ def fit(
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     sampler_gen: torch.Generator | None = getattr(train_loader, "generator", None)
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _fp32_layers(model, cfg):
         torch.manual_seed(cfg.seed)
         opt = _make_optimizer(model, cfg)
         sched = _make_scheduler(opt, cfg, steps_per_epoch)
+        scaler = torch.amp.GradScaler(_device_type(model)) if cfg.precision == "fp16" else None
         start_epoch = 0
         result = TrainResult(best_score=-math.inf, best_epoch=-1)
         best_state = copy.deepcopy(model.state_dict())
@@ -145,16 +151,19 @@ def fit(
             torch.set_rng_state(state["rng"])
             if sampler_gen is not None and state.get("sampler_rng") is not None:
                 sampler_gen.set_state(state["sampler_rng"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             best_state = state["best_model"]
-            result = TrainResult(state["best_score"], state["best_epoch"], state["history"])
-            start_epoch = state["epoch"] + 1
+            result = TrainResult(state["best_score"], state["best_epoch"], state["history"],
+                                 state.get("stopped_early", False))
+            start_epoch = cfg.epochs if result.stopped_early else state["epoch"] + 1
         else:
             # the starting weights compete too: recovery never returns a model worse on validation
             result.best_score = float(score_fn(model))
 
         with _progress(progress, description, cfg.epochs, start_epoch) as advance:
             for epoch in range(start_epoch, cfg.epochs):
-                train_loss = _train_one_epoch(model, train_loader, opt, sched, loss_fn, cfg,
+                train_loss = _train_one_epoch(model, train_loader, opt, sched, scaler, loss_fn, cfg,
                                               on_step, epoch * steps_per_epoch, cfg.epochs * steps_per_epoch)
                 score = float(score_fn(model))
                 record = {"epoch": epoch, "train_loss": train_loss, "val_score": score, "lr": sched.get_last_lr()[0]}
@@ -162,27 +171,77 @@ def fit(
                 if score > result.best_score:
                     result.best_score, result.best_epoch = score, epoch
                     best_state = copy.deepcopy(model.state_dict())
+                result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
                 if ckpt_path is not None:
-                    _save_checkpoint(ckpt_path, model, opt, sched, sampler_gen, best_state, result, epoch)
-                advance(f"loss {train_loss:.4f}  val {score:.4f}  best {result.best_score:.4f}")
+                    _save_checkpoint(ckpt_path, model, opt, sched, scaler, sampler_gen, best_state, result, epoch)
+                advance(f"loss {train_loss:.4f}  val {score:.4f}  best {result.best_score:.4f}"
+                        + ("  (stopped early)" if result.stopped_early else ""))
+                if result.stopped_early:
+                    break
         model.load_state_dict(best_state)
     model.eval()
     return result
 
 
-def _train_one_epoch(model, loader, opt, sched, loss_fn, cfg: TrainConfig, on_step, first_step: int,
+def _device_type(model: nn.Module) -> str:
+    return next((p.device.type for p in model.parameters()), "cpu")
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _fp32_layers:
+    """While training under autocast, run the modules matching ``cfg.fp32_layers`` in float32."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        from fnmatch import fnmatchcase
+
+        self.device = _device_type(model)
+        self.modules = [m for name, m in model.named_modules()
+                        if cfg.precision != "fp32" and any(fnmatchcase(name, g) for g in cfg.fp32_layers)]
+        if cfg.fp32_layers and cfg.precision != "fp32" and not self.modules:
+            raise SlimkitError(f"fp32_layers {cfg.fp32_layers} match no module")
+
+    def __enter__(self) -> None:
+        for module in self.modules:
+            module.forward = self._in_fp32(module.forward)
+
+    def __exit__(self, *exc) -> None:
+        for module in self.modules:
+            del module.forward  # the instance attribute goes; the class's forward is back
+
+    def _in_fp32(self, forward):
+        def run(*args, **kwargs):
+            with torch.autocast(self.device, enabled=False):
+                args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+                return forward(*args, **kwargs)
+
+        return run
+
+
+def _train_one_epoch(model, loader, opt, sched, scaler, loss_fn, cfg: TrainConfig, on_step, first_step: int,
                      total_steps: int) -> float:
     model.train()
     total, count = 0.0, 0
+    device = _device_type(model)
     for i, (x, y) in enumerate(loader):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device, dtype=AUTOCAST_DTYPES.get(cfg.precision), enabled=cfg.precision != "fp32"):
+            loss = loss_fn(model(x), y).float()
         if not torch.isfinite(loss):
             raise SlimkitError(f"training diverged: loss is {loss.item()} (try a lower lr)")
-        loss.backward()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         if on_step is not None:
             on_step(first_step + i + 1, total_steps)
@@ -191,11 +250,14 @@ def _train_one_epoch(model, loader, opt, sched, loss_fn, cfg: TrainConfig, on_st
     return total / max(1, count)
 
 
-def _save_checkpoint(path: Path, model, opt, sched, sampler_gen, best_state, result: TrainResult, epoch: int) -> None:
+def _save_checkpoint(path: Path, model, opt, sched, scaler, sampler_gen, best_state, result: TrainResult,
+                     epoch: int) -> None:
     state: dict[str, Any] = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "stopped_early": result.stopped_early,
         "rng": torch.get_rng_state(),
         "sampler_rng": sampler_gen.get_state() if sampler_gen is not None else None,
         "best_model": best_state,
