@@ -104,8 +104,11 @@ def train(
         raise SlimkitError(f"invalid training option: {exc}") from None
     net = build_seeded(model, seed, task)
     metrics = train_model(net, task, cfg, out, resume=resume, progress=progress, description=f"train {model}")
-    typer.echo(f"{model}: test accuracy {metrics['test_accuracy']:.4f} "
-               f"(val {metrics['val_accuracy']:.4f}, best epoch {metrics['best_epoch']}) -> {out / 'model'}")
+    from .train.distributed import is_main
+
+    if is_main():
+        typer.echo(f"{model}: test accuracy {metrics['test_accuracy']:.4f} "
+                   f"(val {metrics['val_accuracy']:.4f}, best epoch {metrics['best_epoch']}) -> {out / 'model'}")
 
 
 @app.command()
@@ -460,9 +463,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     Usage errors, ``--help`` and ``--version`` are handled by typer itself (``SystemExit``).
     """
+    from .train.distributed import init_from_env, shutdown
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
+        init_from_env()  # under torchrun: join the process group before any training
         app(args=args, prog_name="slimkit")
     except (SlimkitError, KeyboardInterrupt) as exc:
         if debug:
@@ -474,6 +480,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
         return 1
+    finally:
+        shutdown()
     return 0
 
 

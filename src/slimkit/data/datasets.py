@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from ..errors import SlimkitError
 from .augment import shift_collate
@@ -55,14 +55,19 @@ def make_loader(
 
     ``augment`` applies random one-pixel shifts (for image training sets).
     """
+    from ..train.distributed import RankSlices, world
+
     x, y = splits.split(which)
     # Always a private generator: DataLoader draws a seed from it on every iteration, and without one it
     # would draw from the global RNG, so merely evaluating would change later dropout and augmentation.
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator,
-        collate_fn=shift_collate if augment else None,
-    )
+    dataset, collate = TensorDataset(x, y), shift_collate if augment else None
+    rank, size = world()
+    if shuffle and size > 1:  # data-parallel training: every rank draws the same global batches, keeps its slice
+        batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
+        return DataLoader(dataset, batch_sampler=RankSlices(batches, rank, size), generator=generator,
+                          collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
 
 def calibration_subset(splits: Splits, n: int, seed: int = 0) -> torch.Tensor:

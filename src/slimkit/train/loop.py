@@ -22,6 +22,7 @@ from torch import nn
 from ..config import Config
 from ..errors import SlimkitError
 from ..io import atomic_path
+from .distributed import barrier, world
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -134,6 +135,8 @@ def fit(
         raise SlimkitError("training data is empty")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     sampler_gen: torch.Generator | None = getattr(train_loader, "generator", None)
+    rank, world_size = world()
+    progress = progress and rank == 0
 
     with torch.random.fork_rng(devices=[]), _fp32_layers(model, cfg):
         torch.manual_seed(cfg.seed)
@@ -161,9 +164,11 @@ def fit(
             # the starting weights compete too: recovery never returns a model worse on validation
             result.best_score = float(score_fn(model))
 
+        # data parallel under torchrun: DDP averages the ranks' gradients (the model itself is what is scored)
+        runner = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
         with _progress(progress, description, cfg.epochs, start_epoch) as advance:
             for epoch in range(start_epoch, cfg.epochs):
-                train_loss = _train_one_epoch(model, train_loader, opt, sched, scaler, loss_fn, cfg,
+                train_loss = _train_one_epoch(model, runner, train_loader, opt, sched, scaler, loss_fn, cfg,
                                               on_step, epoch * steps_per_epoch, cfg.epochs * steps_per_epoch)
                 score = float(score_fn(model))
                 record = {"epoch": epoch, "train_loss": train_loss, "val_score": score, "lr": sched.get_last_lr()[0]}
@@ -172,8 +177,9 @@ def fit(
                     result.best_score, result.best_epoch = score, epoch
                     best_state = copy.deepcopy(model.state_dict())
                 result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
-                if ckpt_path is not None:
+                if ckpt_path is not None and rank == 0:
                     _save_checkpoint(ckpt_path, model, opt, sched, scaler, sampler_gen, best_state, result, epoch)
+                barrier()
                 advance(f"loss {train_loss:.4f}  val {score:.4f}  best {result.best_score:.4f}"
                         + ("  (stopped early)" if result.stopped_early else ""))
                 if result.stopped_early:
@@ -219,15 +225,16 @@ class _fp32_layers:
         return run
 
 
-def _train_one_epoch(model, loader, opt, sched, scaler, loss_fn, cfg: TrainConfig, on_step, first_step: int,
-                     total_steps: int) -> float:
+def _train_one_epoch(model, runner, loader, opt, sched, scaler, loss_fn, cfg: TrainConfig, on_step,
+                     first_step: int, total_steps: int) -> float:
+    """One pass over ``loader``; ``runner`` is the model, or its DistributedDataParallel wrapper."""
     model.train()
     total, count = 0.0, 0
     device = _device_type(model)
     for i, (x, y) in enumerate(loader):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=AUTOCAST_DTYPES.get(cfg.precision), enabled=cfg.precision != "fp32"):
-            loss = loss_fn(model(x), y).float()
+            loss = loss_fn(runner(x), y).float()
         if not torch.isfinite(loss):
             raise SlimkitError(f"training diverged: loss is {loss.item()} (try a lower lr)")
         if scaler is not None:

@@ -17,6 +17,7 @@ from torch import nn
 from ..io import write_json_atomic
 from ..modelfile import new_model, save
 from ..models import ZOO
+from .distributed import barrier, is_main
 from .loop import TrainConfig, TrainResult, fit
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ def train_model(
     )
     metrics = {**task.metrics(model), "best_epoch": result.best_epoch, "epochs": cfg.epochs,
                "train_seconds": time.perf_counter() - started, "config": cfg.to_dict(), "history": result.history}
-    save(model, out / MODEL_SUBDIR)
-    write_json_atomic(out / METRICS_FILE, metrics)
+    if is_main():  # data-parallel runs: one writer
+        save(model, out / MODEL_SUBDIR)
+        write_json_atomic(out / METRICS_FILE, metrics)
+    barrier()
     return metrics
