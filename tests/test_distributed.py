@@ -34,4 +34,4 @@ def test_two_processes_match_one(tmp_path):
     for name in one:  # same global batches, gradients averaged across the ranks: equal up to float rounding
         np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
-    assert metrics[0]["best_epoch"] == metrics[1]["best_epoch"] and metrics[1]["test_accuracy"] > 0.9
+    assert metrics[0]["best_epoch"] == metrics[1]["best_epoch"] and metrics[1]["test_accuracy"] > 0.8
