@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prune.py
 	$(BIN)/python benchmarks/quant.py
 	$(BIN)/python benchmarks/deep_compression.py
+	$(BIN)/python benchmarks/distill.py
 
 clean:
 	rm -rf runs benchmarks/results

@@ -35,3 +35,9 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
     assert metrics[0]["best_epoch"] == metrics[1]["best_epoch"] and metrics[1]["test_accuracy"] > 0.8
+
+
+def test_commands_that_are_not_data_parallel_refuse_torchrun(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "slimkit", "zoo"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "does not run under torchrun yet" in proc.stderr

@@ -458,6 +458,9 @@ def _print_summary(report: dict) -> None:
     Console().print(table)
 
 
+DISTRIBUTED_COMMANDS = ("train",)  # commands whose every write is rank 0's
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the CLI, turning errors into one line and an exit code.
 
@@ -468,7 +471,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        init_from_env()  # under torchrun: join the process group before any training
+        if init_from_env():  # under torchrun: join the process group before any training
+            command = next((a for a in args if not a.startswith("-")), None)
+            if command not in DISTRIBUTED_COMMANDS:
+                raise SlimkitError(f"{command!r} does not run under torchrun yet; "
+                                   f"data-parallel commands: {', '.join(DISTRIBUTED_COMMANDS)}")
         app(args=args, prog_name="slimkit")
     except (SlimkitError, KeyboardInterrupt) as exc:
         if debug:
