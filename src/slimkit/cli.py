@@ -56,6 +56,25 @@ def _load_for_data(path: Path, arch: Optional[str], trust_code: bool, data: Opti
     return model, splits
 
 
+def _torch_device(name: str):
+    """A torch device from --device; under torchrun, cuda means this process's local GPU."""
+    import os
+
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SlimkitError(f"--device {name}: no CUDA device is available")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:
+            name = f"cuda:{os.environ['LOCAL_RANK']}"
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SlimkitError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
+
+
 def _input_shape(model, splits) -> tuple[int, ...]:
     if splits is not None:
         return splits.input_shape
@@ -84,6 +103,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or fp16 (autocast + loss scaling)"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)"),
     patience: Optional[int] = typer.Option(None, "--patience", help="stop after this many epochs without improvement"),
     resume: bool = typer.Option(False, "--resume", help="continue from out/checkpoint/last.pt"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -102,7 +122,7 @@ def train(
                                    precision=precision, patience=patience)
     except ValueError as exc:
         raise SlimkitError(f"invalid training option: {exc}") from None
-    net = build_seeded(model, seed, task)
+    net = build_seeded(model, seed, task).to(_torch_device(device))
     metrics = train_model(net, task, cfg, out, resume=resume, progress=progress, description=f"train {model}")
     from .train.distributed import is_main
 

@@ -98,8 +98,8 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
 
 
 def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous, de-aliased copies (safetensors refuses shared storage)."""
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    """Contiguous, de-aliased copies on the CPU (safetensors refuses shared storage)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any],

@@ -72,6 +72,7 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def _make_projections(self, example: torch.Tensor) -> None:
         was = (self.student.training, self.teacher.training)
+        example = example.to(next((p.device for p in self.student.parameters()), example.device))
         self.student.eval()(example)
         self.teacher.eval()(example)
         self.student.train(was[0])
@@ -87,7 +88,7 @@ class Distiller(nn.Module):
                 width_in, width_out = s.shape[channel], t.shape[channel]
                 proj = nn.Conv2d(width_in, width_out, 1, bias=False) if s.dim() == 4 else \
                     nn.Linear(width_in, width_out, bias=False)
-                self.projections[_key(s_name)] = proj
+                self.projections[_key(s_name)] = proj.to(example.device)
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)

@@ -75,9 +75,10 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, cfg: DistillConf
     Weights of the student that are exactly zero (a pruned student) stay zero.
     """
     cfg, train = cfg or DistillConfig(), train or TrainConfig()
-    teacher = copy.deepcopy(teacher)
     if student is teacher:
         raise SlimkitError("the student and the teacher are the same model")
+    device = next((p.device for p in student.parameters()), None)
+    teacher = copy.deepcopy(teacher).to(device) if device is not None else copy.deepcopy(teacher)
     distiller = Distiller(student, teacher, cfg, task.example_inputs, hard_loss=task.loss_fn)
     try:
         with zeros_kept(student):  # a pruned student stays pruned

@@ -65,8 +65,10 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn | None =
     model.eval()
     correct = total = 0
     loss_sum = 0.0
+    device = _device(model)
     try:
         for x, y in loader:
+            x, y = _to(x, device), _to(y, device)
             logits = model(x)
             loss_sum += float(loss_fn(logits, y)) * len(y)
             correct += int((logits.argmax(dim=-1) == y).sum())
@@ -189,8 +191,17 @@ def fit(
     return result
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are: batches follow them there."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _device_type(model: nn.Module) -> str:
-    return next((p.device.type for p in model.parameters()), "cpu")
+    return _device(model).type
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -230,10 +241,12 @@ def _train_one_epoch(model, runner, loader, opt, sched, scaler, loss_fn, cfg: Tr
     """One pass over ``loader``; ``runner`` is the model, or its DistributedDataParallel wrapper."""
     model.train()
     total, count = 0.0, 0
-    device = _device_type(model)
+    device = _device(model)
     for i, (x, y) in enumerate(loader):
+        x, y = _to(x, device), _to(y, device)
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=AUTOCAST_DTYPES.get(cfg.precision), enabled=cfg.precision != "fp32"):
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(cfg.precision),
+                            enabled=cfg.precision != "fp32"):
             loss = loss_fn(runner(x), y).float()
         if not torch.isfinite(loss):
             raise SlimkitError(f"training diverged: loss is {loss.item()} (try a lower lr)")
