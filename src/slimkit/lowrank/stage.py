@@ -4,24 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
-from ..train.loop import TrainConfig, fit
+from ..train.loop import RecoveryConfig, TrainConfig, fit
 from ..train.run import CHECKPOINT_SUBDIR
 from .svd import FactorizeConfig, factorize
-
-
-class FactorizeFinetune(TrainConfig):
-    epochs: int = Field(0, ge=0)
-    lr: float = Field(1e-3, gt=0)
 
 
 @register_stage
 class FactorizeStage(Stage, FactorizeConfig):
     type: Literal["factorize"] = "factorize"
-    finetune: FactorizeFinetune = FactorizeFinetune()
+    finetune: RecoveryConfig = RecoveryConfig()
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         cfg = FactorizeConfig(**self.model_dump(include=set(FactorizeConfig.model_fields)))

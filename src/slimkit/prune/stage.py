@@ -20,17 +20,12 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
-from ..train.loop import TrainConfig, fit
+from ..train.loop import RecoveryConfig, TrainConfig, fit
 from ..train.run import CHECKPOINT_SUBDIR
 from .mask import remove_masks
 from .sensitivity import allocate_sparsity, sensitivity
 from .structured import prune_channels
 from .unstructured import PruneConfig, prune_weights
-
-
-class PruneFinetune(TrainConfig):
-    epochs: int = Field(0, ge=0)
-    lr: float = Field(1e-3, gt=0)
 
 
 @register_stage
@@ -42,7 +37,7 @@ class PruneStage(Stage, PruneConfig):
     agp_ramp: float = Field(0.75, gt=0, le=1)
     structured: bool = False
     allocate: Literal["uniform", "sensitivity"] = "uniform"
-    finetune: PruneFinetune = PruneFinetune()
+    finetune: RecoveryConfig = RecoveryConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneStage":

@@ -5,24 +5,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
-from ..train.loop import TrainConfig, fit
+from ..train.loop import RecoveryConfig, TrainConfig, fit
 from ..train.run import CHECKPOINT_SUBDIR
 from .cluster import ClusterConfig, cluster, remove_sharing, round_to_half, share_centroids
-
-
-class CentroidFinetune(TrainConfig):
-    epochs: int = Field(0, ge=0)
-    lr: float = Field(1e-3, gt=0)
 
 
 @register_stage
 class ClusterStage(Stage, ClusterConfig):
     type: Literal["cluster"] = "cluster"
-    finetune: CentroidFinetune = CentroidFinetune()  # trains the centroids; assignments stay fixed
+    finetune: RecoveryConfig = RecoveryConfig()  # trains the centroids; assignments stay fixed
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         result = cluster(model, ClusterConfig(**self.model_dump(include=set(ClusterConfig.model_fields))))

@@ -49,6 +49,13 @@ class TrainConfig(Config):
     fp32_layers: list[str] = Field(default_factory=list)  # module name globs kept in fp32 under autocast
 
 
+class RecoveryConfig(TrainConfig):
+    """Training right after a compression step: none unless ``epochs`` is given, at a fine-tuning rate."""
+
+    epochs: int = Field(0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+
+
 @dataclass
 class TrainResult:
     best_score: float
