@@ -117,3 +117,23 @@ def test_distill_stage_recovers_a_pruned_model_and_trains_new_students(trained_r
                            "lenet300:hidden=[64,32]", "--feature", "fc2", "--out", str(tmp_path / "e")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "STUDENT_LAYER=TEACHER_LAYER" in proc.stderr
+
+
+def test_recovery_section_on_a_compression_stage(trained_run, tmp_path):
+    recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False},
+                           "stages": [{"type": "prune", "sparsity": 0.95, "scope": "global",
+                                       "recovery": {"type": "distill", "train": {"epochs": 2}}}]})
+    report = run_recipe(recipe, tmp_path / "r", progress=False)
+    notes = report["stages"][1]["notes"]["recovery"]
+    assert notes["type"] == "distill" and notes["val_score_after"] >= notes["val_score_before"]
+    assert report["stages"][1]["nonzero_params"] < 0.1 * report["stages"][0]["nonzero_params"]  # still pruned
+    assert (tmp_path / "r" / "stages" / "00-prune" / "recovery" / "checkpoint" / "last.pt").is_file()
+    for bad, message in (({"type": "prune"}, "type must be one of finetune, distill"),
+                         ({"type": "finetune", "epochs": -1}, "recovery \\(finetune\\)"),
+                         ({"type": "finetune", "recovery": {"type": "finetune"}}, "no recovery of its own")):
+        with pytest.raises(SlimkitError, match=message):
+            parse_recipe({"model": {"path": str(trained_run)},
+                          "stages": [{"type": "prune", "sparsity": 0.5, "recovery": bad}]})
+    with pytest.raises(SlimkitError, match="does not change the model"):
+        parse_recipe({"model": {"path": str(trained_run)},
+                      "stages": [{"type": "export", "recovery": {"type": "finetune"}}]})

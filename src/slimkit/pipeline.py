@@ -75,6 +75,14 @@ def run_recipe(
         ctx = StageContext(task, out, stage_dir, resume, progress, artifacts, baseline=baseline_model)
         started = time.perf_counter()
         model = stage.apply(_copy_for_stage(model, baseline_model), ctx)
+        recovery = stage.recovery_stage()
+        if recovery is not None:  # the stage's own recovery training, in its folder
+            recovery_ctx = StageContext(task, out, stage_dir / "recovery", resume, progress, artifacts,
+                                        baseline=baseline_model)
+            before = task.val_score(model)
+            model = recovery.apply(model, recovery_ctx)
+            ctx.notes["recovery"] = {"type": recovery.type, "val_score_before": before,
+                                     "val_score_after": task.val_score(model), **recovery_ctx.notes}
         seconds = time.perf_counter() - started
         if stage.changes_model:
             save(model, stage_dir / MODEL_SUBDIR)

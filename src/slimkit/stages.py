@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import ValidationError, model_validator
 from torch import nn
 
 from .config import Config
@@ -36,10 +37,38 @@ class StageContext:
     baseline: nn.Module | None = None  # the recipe's starting model (a distillation teacher), never modified
 
 
+RECOVERY_TYPES = ("finetune", "distill")
+
+
 class Stage(Config):
     type: str
+    # a finetune or distill stage (as a mapping) that the runner applies right after this one
+    recovery: dict[str, Any] | None = None
     # True when the stage writes an artifact instead of changing the model (the runner skips re-measuring).
     changes_model: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _valid_recovery(self) -> "Stage":
+        if self.recovery is not None:
+            if not self.changes_model:
+                raise ValueError(f"recovery: a {self.type} stage does not change the model")
+            self.recovery_stage()  # raises ValueError on a bad section
+        return self
+
+    def recovery_stage(self) -> "Stage | None":
+        """The recovery section as a stage (None without one)."""
+        if self.recovery is None:
+            return None
+        kind = self.recovery.get("type")
+        if kind not in RECOVERY_TYPES:
+            raise ValueError(f"recovery: type must be one of {', '.join(RECOVERY_TYPES)}, got {kind!r}")
+        if self.recovery.get("recovery") is not None:
+            raise ValueError("recovery: a recovery section has no recovery of its own")
+        try:
+            return stage_types()[kind].model_validate(self.recovery)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or kind}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"recovery ({kind}): {problems}") from None
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         raise NotImplementedError

@@ -20,7 +20,7 @@ class FinetuneStage(Stage, TrainConfig):
     lr: float = Field(1e-4, gt=0)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump(exclude={"type"}))
+        return TrainConfig(**self.model_dump(exclude={"type", "recovery"}))
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         cfg = self.train_config()
