@@ -7,7 +7,8 @@ augmentation and label smoothing, which cost the quarter-width lenet5 two points
 scratch), three times (seeds 0, 1, 2);
 accuracy is on the 360-image test split, reported as mean and standard deviation, with
 the share of the teacher-student gap that distillation closes. Then training throughput
-and accuracy with bf16 autocast against fp32 (resnet8, vit; same seed and settings). Prints
+and accuracy with bf16 autocast against fp32 (resnet8, vit; same seed and settings), and
+`slimkit train` in one process against two under torchrun (resnet8). Prints
 Markdown tables and writes benchmarks/results/distill.json.
 
     python benchmarks/distill.py [--seeds 3]
@@ -71,14 +72,41 @@ def precision_rows(task: Task, epochs: int) -> list[dict]:
     return rows
 
 
+def ddp_rows(epochs: int) -> list[dict]:
+    """`slimkit train` in one process (2 threads) vs `torchrun` with 2 processes (1 thread each) on this CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, launcher, threads in (("1 process", [sys.executable, "-m", "slimkit"], "2"),
+                                         ("2 processes (torchrun, gloo)", [sys.executable, "-m",
+                                          "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                          "-m", "slimkit"], "1")):
+            out = Path(tmp) / label.split()[0]
+            subprocess.run([*launcher, "train", "--model", "resnet8", "--epochs", str(epochs), "--seed", "0",
+                            "--no-progress", "--out", str(out)], check=True, capture_output=True,
+                           env={**os.environ, "OMP_NUM_THREADS": threads})
+            metrics = json.loads((out / "metrics.json").read_text())
+            rows.append({"setup": label, "epochs": epochs, "train_seconds": metrics["train_seconds"],
+                         "samples_per_s": epochs * 1078 / metrics["train_seconds"],
+                         "accuracy": metrics["test_accuracy"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--precision-epochs", type=int, default=20)
+    parser.add_argument("--sections", default="kd,precision,ddp", help="which tables to measure")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     task = Task.classification(load_data("digits"))
     rows = []
-    for teacher_name, spec, hints, train in CASES:
+    for teacher_name, spec, hints, train in CASES if "kd" in sections else []:
         teacher = trained(teacher_name, task)
         teacher_acc = task.test_score(teacher)
         results = {method: [run_student(task, teacher, spec, method, hints, train, seed)
@@ -94,7 +122,7 @@ def main() -> None:
                          "gap_closed": (mean - scratch) / (teacher_acc - scratch) if teacher_acc != scratch else 0.0,
                          "seconds": statistics.mean(r["seconds"] for r in runs)})
         print(f"measured {spec}", flush=True)
-    precision = precision_rows(task, args.precision_epochs)
+    precision = precision_rows(task, args.precision_epochs) if "precision" in sections else []
     print(f"\n### Distillation ({args.seeds} seeds; test accuracy mean +/- std; same training for every method)\n")
     print("| teacher (params, acc) | student (params) | method | test acc | gap to teacher closed |")
     print("|---|---|---|---:|---:|")
@@ -110,7 +138,16 @@ def main() -> None:
         base = next(p for p in precision if p["model"] == r["model"] and p["precision"] == "fp32")
         print(f"| {r['model']} | {r['precision']} | {r['samples_per_s']:,.0f} "
               f"| {r['samples_per_s'] / base['samples_per_s']:.2f}x | {100 * r['accuracy']:.2f}% |")
-    write_json_atomic(RESULTS / "distill.json", {"distillation": rows, "precision": precision})
+    ddp = ddp_rows(args.precision_epochs) if "ddp" in sections else []
+    print(f"\n### Data-parallel training on this CPU (resnet8, {args.precision_epochs} epochs, the same global "
+          f"batches)\n")
+    print("| setup | samples/s | vs 1 process | test acc |")
+    print("|---|---:|---:|---:|")
+    for r in ddp:
+        print(f"| {r['setup']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / ddp[0]['samples_per_s']:.2f}x "
+              f"| {100 * r['accuracy']:.2f}% |")
+    name = "distill" if sections == {"kd", "precision", "ddp"} else "distill-" + "-".join(sorted(sections))
+    write_json_atomic(RESULTS / f"{name}.json", {"distillation": rows, "precision": precision, "ddp": ddp})
 
 
 if __name__ == "__main__":
