@@ -105,6 +105,8 @@ def test_distill_stage_recovers_a_pruned_model_and_trains_new_students(trained_r
     assert recovered["nonzero_params"] == pruned["nonzero_params"]
     assert recovered["accuracy"] >= pruned["accuracy"]
     assert recovered["notes"]["distill"]["teacher_val_score"] > 0.9
+    assert len(finetuned["notes"]["finetune"]["history"]) == 2
+    assert (tmp_path / "r" / "report.html").read_text().count("Training curves") == 1
     with pytest.raises(SlimkitError, match="cannot teach itself"):
         parse_recipe({"model": {"path": str(trained_run)}, "stages": [{"type": "distill", "teacher": "input"}]})
     proc = subprocess.run([sys.executable, "-m", "slimkit", "distill", "--teacher", str(trained_run), "--student",

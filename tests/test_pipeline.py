@@ -36,7 +36,7 @@ def test_run_writes_model_report_and_onnx(run_dir):
 def test_html_report_is_self_contained(run_dir):
     html = (run_dir / "report.html").read_text()
     assert "baseline vs final" in html and "<table>" in html
-    assert len(re.findall(r'src="data:image/png;base64,', html)) == 3
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 4  # + the fine-tuning curve
     assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from the network
 
 

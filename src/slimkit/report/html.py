@@ -73,6 +73,17 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _training_runs(stages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per-epoch histories the stages recorded (their own training, and a recovery's)."""
+    runs = {}
+    for stage in stages:
+        notes = stage.get("notes", {})
+        for key, value in [*notes.items(), *notes.get("recovery", {}).items()]:
+            if isinstance(value, dict) and value.get("history"):
+                runs[f"{stage['name']} {key}"] = value["history"]
+    return runs
+
+
 def _accounting_rows(table: dict[str, Any]) -> list[list[str]]:
     def num(x: float, fmt: str) -> str:
         return "-" if x != x else format(x, fmt)
@@ -111,6 +122,9 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     if report["histograms"]:
         parts += ["<h2>Weight histograms</h2>", _img(plots.weight_histograms(report["histograms"]), "weight histograms")]
+    curves = _training_runs(stages)
+    if curves:
+        parts += ["<h2>Training curves</h2>", _img(plots.training_curves(curves, metric), "training curves")]
     for stage in stages:
         sens = stage.get("notes", {}).get("sensitivity")
         if sens:

@@ -94,3 +94,18 @@ def sensitivity_curves(sens: dict[str, Any]) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     return to_png(fig)
+
+
+def training_curves(runs: dict[str, list[dict[str, Any]]], metric: str) -> bytes:
+    """Validation score per epoch of each training run a recipe did (fine-tuning, distillation...)."""
+    fig = figure(6.4, 3.8)
+    ax = fig.add_subplot()
+    for name, history in runs.items():
+        ax.plot([r["epoch"] + 1 for r in history], [r["val_score"] for r in history], marker="o", markersize=2,
+                label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("Training during the recipe")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return to_png(fig)

@@ -26,7 +26,8 @@ class FinetuneStage(Stage, TrainConfig):
         cfg = self.train_config()
         task = ctx.task
         with zeros_kept(model):  # fine-tuning a pruned model must not regrow it
-            fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
-                checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
-                description="finetune")
+            result = fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
+                         checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume,
+                         progress=ctx.progress, description="finetune")
+        ctx.notes["finetune"] = {"best_epoch": result.best_epoch, "history": result.history}
         return model
