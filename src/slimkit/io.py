@@ -112,7 +112,9 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any
     check_finite(state, f"model being saved to {out_dir}")
     tensors, encodings = encode_state(state, int8_scales)
     full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta, "tensors": encodings}
-    if Path(out_dir).suffix == ".slim":
+    from .codec.container import SUFFIX as SLIM_SUFFIX
+
+    if Path(out_dir).suffix == SLIM_SUFFIX:
         from .codec.container import reencode, write_container
 
         write_container(out_dir, *reencode(full_meta, tensors, str(out_dir)))

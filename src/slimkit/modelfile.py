@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .codec import decode_state
+from .codec.container import SUFFIX as SLIM_SUFFIX
 from .codec.container import is_container, read_container, reencode, write_container
 from .codec.entropy import CODERS
 from .errors import SlimkitError
@@ -41,7 +42,7 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 def load(path: str | os.PathLike, arch: dict[str, Any] | str | None = None, trust_code: bool = False) -> nn.Module:
     """Load a model directory, or a weights file for ``arch`` (a zoo name or an architecture spec)."""
     path = resolve_model_dir(path)
-    if path.is_dir() or is_container(path) or (path.is_file() and path.suffix == ".slim"):
+    if path.is_dir() or is_container(path) or (path.is_file() and path.suffix == SLIM_SUFFIX):
         if arch is not None:
             raise SlimkitError(f"{path}: a model directory or .slim file names its own architecture; do not pass one")
         meta, stored = read_stored(path)

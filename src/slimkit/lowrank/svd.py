@@ -96,8 +96,7 @@ def _output_sizes(model: nn.Module, example: torch.Tensor, names: list[str]) -> 
         module = model.get_submodule(name)
         if isinstance(module, nn.Conv2d):
             def hook(m, inputs, output, name=name):
-                h_in, w_in = inputs[0].shape[-2:]
-                sizes[name] = (tuple(output.shape[-2:]), (output.shape[-2], w_in))
+                sizes[name] = (tuple(output.shape[-2:]), (output.shape[-2], inputs[0].shape[-1]))
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
