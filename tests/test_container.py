@@ -146,3 +146,21 @@ def test_deep_compression_recipe_is_the_demo(tmp_path):
     assert report["packed"]["ratio_vs_baseline"] > 35 and report["summary"]["accuracy_delta"] >= -0.01
     assert report["packed"]["file_bytes"] == (tmp_path / "demo" / "model.slim").stat().st_size
     assert "Where the bytes of model.slim go" in (tmp_path / "demo" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("field, value", [(1, "save"), (2, [-1, 4]), (4, 1 << 40), (5, "gzip"), (0, None)])
+def test_hostile_headers_are_refused_before_any_allocation(deep_compressed, tmp_path, field, value):
+    import json
+    import struct
+    import zlib
+
+    save(deep_compressed, tmp_path / "m.slim")
+    blob = (tmp_path / "m.slim").read_bytes()
+    magic, version, length, _ = struct.unpack_from("<4sHII", blob)
+    content = json.loads(zlib.decompress(blob[14 : 14 + length]))
+    content["streams"][0][field] = value
+    header = zlib.compress(json.dumps(content).encode())
+    hostile = struct.pack("<4sHII", magic, version, len(header), zlib.crc32(header)) + header + blob[14 + length:]
+    (tmp_path / "h.slim").write_bytes(hostile)
+    with pytest.raises(SlimkitError, match="header cannot be read"):
+        load(tmp_path / "h.slim")

@@ -148,6 +148,27 @@ def write_container(path: str | os.PathLike, meta: dict[str, Any], tensors: dict
     return {"file_bytes": Path(path).stat().st_size, "header_bytes": PREAMBLE.size + len(header), "streams": stats}
 
 
+DTYPES = {"float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+MAX_ELEMENTS = 1 << 34  # per stream: a header claiming more is damaged or hostile, not a model
+VIEWS = {"raw", "f16", "bytes", *(f"codes{b}" for b in range(1, 9))}
+
+
+def _checked_record(record: Any) -> tuple:
+    """A stream record whose every field has the type and range the reader relies on (ValueError otherwise)."""
+    if not isinstance(record, list) or len(record) != 8:
+        raise ValueError("a stream record is not an 8-field list")
+    name, dtype, shape, view, count, coder, length, crc = record
+    if not isinstance(name, str) or dtype not in DTYPES or view not in VIEWS or coder not in {"raw", *CODERS,
+                                                                                            "constant"}:
+        raise ValueError(f"stream {name!r}: unknown dtype, view or coder")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"stream {name!r}: bad shape {shape!r}")
+    if any(not isinstance(v, int) or v < 0 for v in (count, length, crc)) or count > MAX_ELEMENTS or \
+            math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(f"stream {name!r}: bad sizes")
+    return name, dtype, shape, view, count, coder, length, crc
+
+
 def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(meta, stored tensors) of a ``.slim`` file; any damage is a SlimkitError naming it."""
     path = Path(path)
@@ -165,7 +186,7 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         raise SlimkitError(f"{path}: the .slim header is truncated or corrupt (checksum mismatch)")
     try:
         content = json.loads(zlib.decompress(header))
-        meta, records = content["meta"], content["streams"]
+        meta, records = content["meta"], [_checked_record(r) for r in content["streams"]]
     except (zlib.error, ValueError, KeyError, TypeError) as exc:
         raise SlimkitError(f"{path}: the .slim header cannot be read ({exc})") from None
     offset = PREAMBLE.size + header_length
