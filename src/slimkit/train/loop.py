@@ -159,6 +159,10 @@ def fit(
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            for param_state in opt.state.values():  # fresh allocations, as an uninterrupted run's state has
+                for key, value in param_state.items():
+                    if isinstance(value, torch.Tensor):
+                        param_state[key] = value.clone()
             sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             if sampler_gen is not None and state.get("sampler_rng") is not None:
