@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from slimkit import SlimkitError, Task, load, parse_recipe, run_recipe
-from slimkit.distill import DistillConfig, Distiller, build_student, distill, feature_loss, kd_loss
+from slimkit.distill import (DistillConfig, Distiller, attention_loss, build_student, distill, feature_loss,
+                             kd_loss)
 from slimkit.distill.run import parse_student_spec
 from slimkit.train import TrainConfig
 
@@ -105,7 +106,7 @@ def test_distill_stage_recovers_a_pruned_model_and_trains_new_students(trained_r
     assert recovered["nonzero_params"] == pruned["nonzero_params"]
     assert recovered["accuracy"] >= pruned["accuracy"]
     assert recovered["notes"]["distill"]["teacher_val_score"] > 0.9
-    assert len(finetuned["notes"]["finetune"]["history"]) == 2
+    assert len(finetuned["notes"]["training"]["finetune"]["history"]) == 2
     assert (tmp_path / "r" / "report.html").read_text().count("Training curves") == 1
     with pytest.raises(SlimkitError, match="cannot teach itself"):
         parse_recipe({"model": {"path": str(trained_run)}, "stages": [{"type": "distill", "teacher": "input"}]})
@@ -139,3 +140,51 @@ def test_recovery_section_on_a_compression_stage(trained_run, tmp_path):
     with pytest.raises(SlimkitError, match="does not change the model"):
         parse_recipe({"model": {"path": str(trained_run)},
                       "stages": [{"type": "export", "recovery": {"type": "finetune"}}]})
+
+
+def test_attention_loss_matches_float64_kl():
+    g = torch.Generator().manual_seed(0)
+    maps = lambda *shape: torch.softmax(3 * torch.randn(*shape, generator=g, dtype=torch.float64), -1)  # noqa: E731
+    s, t = maps(2, 4, 5, 5), maps(2, 4, 5, 5)
+    torch.testing.assert_close(attention_loss(s, t), (t * (t.log() - s.log())).sum(-1).mean())
+    assert float(attention_loss(t, t)) == pytest.approx(0.0, abs=1e-12)
+    s2 = maps(2, 2, 5, 5)  # two student heads against four teacher heads: the mean maps are compared
+    ms, mt = s2.mean(1, keepdim=True), t.mean(1, keepdim=True)
+    torch.testing.assert_close(attention_loss(s2, t), (mt * (mt.log() - ms.log())).sum(-1).mean())
+    one_hot = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    one_hot[..., 0] = 1.0  # a teacher that gives keys no weight, a student that underflowed to zero: finite
+    assert torch.isfinite(attention_loss(one_hot.flip(-1), one_hot))
+    with pytest.raises(ValueError, match="beyond their head count"):
+        attention_loss(maps(2, 4, 5, 5), maps(2, 4, 3, 3))
+
+
+def test_attention_maps_distil_from_a_deeper_teacher(digits):
+    task = Task.classification(digits)
+    teacher = build_student("vit", task, seed=1)
+    student = build_student("vit:depth=2,heads=2", task)
+    pairs = {"blocks.0.attn": "blocks.1.attn", "blocks.1.attn": "blocks.3.attn"}
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(name).softmax.register_forward_hook(
+        lambda _m, _i, out, key=f"{side}:{name}": seen.__setitem__(key, out.double()))
+        for side, model, names in (("s", student, pairs), ("t", teacher, pairs.values())) for name in names]
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    losses = {}
+    for weight in (0.0, 2.0):
+        distiller = Distiller(student, teacher, DistillConfig(attention=pairs, attention_weight=weight), digits.x_test)
+        distiller.train()
+        losses[weight] = distiller.loss(distiller(x), y)
+        distiller.close()
+    expected = sum(attention_loss(seen[f"s:{s}"], seen[f"t:{t}"]) for s, t in pairs.items())
+    torch.testing.assert_close(losses[2.0].double() - losses[0.0].double(), 2 * expected, rtol=1e-5, atol=1e-6)
+    losses[2.0].backward()
+    for hook in hooks:
+        hook.remove()
+    assert student.blocks[0].attn.q.weight.grad.abs().sum() > 0
+    with pytest.raises(SlimkitError, match="holds 0 nn.Softmax"):
+        Distiller(student, teacher, DistillConfig(attention={"blocks.0.fc1": "blocks.1.attn"}), digits.x_test)
+    with pytest.raises(SlimkitError, match="over the same tokens"):
+        Distiller(build_student("vit:patch=4,depth=1", task), teacher,
+                  DistillConfig(attention={"blocks.0.attn": "blocks.0.attn"}), digits.x_test)
+    trained, result = distill(student, teacher, task, DistillConfig(attention=pairs), TrainConfig(epochs=1),
+                              progress=False)
+    assert len(result.history) == 1 and not trained.blocks[0].attn.softmax._forward_hooks

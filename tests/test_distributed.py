@@ -1,13 +1,17 @@
 """Data-parallel training under torchrun (2 CPU processes, gloo) equals one process on the same global batches."""
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
+import yaml
 
 from slimkit.io import read_safetensors
 from slimkit.train.distributed import RankSlices
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "slimkit"]
 
 
 def test_rank_slices_partition_every_global_batch():
@@ -25,8 +29,7 @@ def test_two_processes_match_one(tmp_path):
     single = subprocess.run([sys.executable, "-m", "slimkit", *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          "-m", "slimkit", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True)
+    ddp = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr
     assert ddp.stdout.count("test accuracy") == 1  # rank 0 reports; rank 1 is silent
     one = read_safetensors(tmp_path / "one" / "model" / "model.safetensors")
@@ -38,6 +41,44 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_commands_that_are_not_data_parallel_refuse_torchrun(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           "-m", "slimkit", "zoo"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "does not run under torchrun yet" in proc.stderr
+    proc = subprocess.run([*TORCHRUN, "pack", "x", "--out", str(tmp_path / "x.slim")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0 and "does not train, so it does not run under torchrun" in proc.stderr
+
+
+def _weights(folder):
+    return read_safetensors(folder / "model.safetensors")
+
+
+def test_a_recipe_runs_data_parallel_and_resumes(trained_run, tmp_path):
+    """Pruning with a schedule, then distillation into the pruned model: 2 ranks equal 1; rank 0 alone writes."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "ddp", "model": {"path": str(trained_run)}, "evaluate": {"latency": False},
+        "stages": [{"type": "prune", "sparsity": 0.8, "schedule": "agp", "agp_every": 5,
+                    "finetune": {"epochs": 2, "lr": 1e-3}},
+                   {"type": "distill", "train": {"epochs": 2}, "features": {"fc2": "fc2"}}]}))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    args = ["run", str(recipe), "--no-progress"]
+    single = subprocess.run([sys.executable, "-m", "slimkit", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr
+    assert ddp.stdout.count("report:") == 1 and not list(scratch.glob("slimkit-rank*"))  # rank 1 cleaned up
+    for stage in ("stages/00-prune/model", "stages/01-distill/model", "model"):
+        one, two = _weights(tmp_path / "one" / stage), _weights(tmp_path / "two" / stage)
+        for name in one:
+            np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{stage}: {name}")
+    reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two")]
+    assert [s["nonzero_params"] for s in reports[0]["stages"]] == [s["nonzero_params"] for s in reports[1]["stages"]]
+    assert list(reports[1]["stages"][2]["notes"]["training"]) == ["distill"]
+    again = subprocess.run([*TORCHRUN, *args, "--resume", "--out", str(tmp_path / "two")], capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("already done") == 2  # both stages come from rank 0's folder, on both ranks
+    resumed = _weights(tmp_path / "two" / "model")
+    assert all(np.array_equal(resumed[k].numpy(), two[k].numpy()) for k in two)

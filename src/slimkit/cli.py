@@ -24,6 +24,7 @@ app = typer.Typer(
 DataOpt = typer.Option(None, "--data", help="'digits', an .npz file or an image folder (default: the model's own data)")
 TrustOpt = typer.Option(False, "--trust-code", help="allow a model directory to import the Python factory it names")
 ArchOpt = typer.Option(None, "--arch", help="zoo architecture of a bare weights file (.safetensors/.pt)")
+DeviceOpt = typer.Option("cpu", "--device", help="where training runs: cpu, cuda, cuda:N, or auto (cuda when available)")
 
 
 def _version(value: bool) -> None:
@@ -103,7 +104,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or fp16 (autocast + loss scaling)"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)"),
+    device: str = DeviceOpt,
     patience: Optional[int] = typer.Option(None, "--patience", help="stop after this many epochs without improvement"),
     resume: bool = typer.Option(False, "--resume", help="continue from out/checkpoint/last.pt"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -123,9 +124,10 @@ def train(
     except ValueError as exc:
         raise SlimkitError(f"invalid training option: {exc}") from None
     net = build_seeded(model, seed, task).to(_torch_device(device))
-    metrics = train_model(net, task, cfg, out, resume=resume, progress=progress, description=f"train {model}")
-    from .train.distributed import is_main
+    from .train.distributed import is_main, rank_folder
 
+    with rank_folder(out) as folder:
+        metrics = train_model(net, task, cfg, folder, resume=resume, progress=progress, description=f"train {model}")
     if is_main():
         typer.echo(f"{model}: test accuracy {metrics['test_accuracy']:.4f} "
                    f"(val {metrics['val_accuracy']:.4f}, best epoch {metrics['best_epoch']}) -> {out / 'model'}")
@@ -229,6 +231,7 @@ def prune(
     data: Optional[str] = DataOpt,
     latency: bool = typer.Option(False, "--latency/--no-latency", help="also measure latency in the report"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = DeviceOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Prune: unstructured or N:M (stored sparse), or --structured (a physically smaller model)."""
@@ -245,7 +248,7 @@ def prune(
     recipe = {"name": f"prune {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress)
+    _run_and_summarize(recipe, out, progress, device)
 
 
 @app.command()
@@ -275,6 +278,7 @@ def quantize(
     data: Optional[str] = DataOpt,
     latency: bool = typer.Option(True, "--latency/--no-latency"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = DeviceOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Quantize to int8 with slimkit's own scales; writes a verified integer ONNX model (QDQ)."""
@@ -289,7 +293,7 @@ def quantize(
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress)
+    _run_and_summarize(recipe, out, progress, device)
 
 
 @app.command("sensitivity")
@@ -351,30 +355,39 @@ def distill(
     alpha: float = typer.Option(0.7, "--alpha", help="weight of the teacher's soft targets (the rest: labels)"),
     feature: list[str] = typer.Option([], "--feature",
                                       help="STUDENT_LAYER=TEACHER_LAYER hint (repeatable; widths may differ)"),
+    attention: list[str] = typer.Option([], "--attention",
+                                        help="STUDENT_ATTN=TEACHER_ATTN attention-map pair, e.g. blocks.0.attn=blocks.1.attn "
+                                             "(repeatable)"),
     mutual: bool = typer.Option(False, "--mutual", help="two-way: teacher and student learn from each other"),
     seed: int = typer.Option(0, "--seed"),
     latency: bool = typer.Option(True, "--latency/--no-latency"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = DeviceOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
-    """Distil a teacher into a student (Hinton KD, FitNets hints, mutual learning); reports teacher vs student."""
+    """Distil a teacher into a student (Hinton KD, FitNets hints, attention maps, mutual learning)."""
     from .modelfile import load
 
-    pairs = {}
-    for item in feature:
-        s_layer, sep, t_layer = item.partition("=")
-        if not sep or not s_layer or not t_layer:
-            raise SlimkitError(f"--feature {item!r}: expected STUDENT_LAYER=TEACHER_LAYER")
-        pairs[s_layer] = t_layer
     source = load(teacher, trust_code=trust_code)
     stage = {"type": "distill", "teacher": "baseline", "student": student, "temperature": temperature,
-             "alpha": alpha, "features": pairs, "mutual": mutual, "trust_code": trust_code,
+             "alpha": alpha, "features": _layer_pairs(feature, "--feature"),
+             "attention": _layer_pairs(attention, "--attention"), "mutual": mutual, "trust_code": trust_code,
              "train": {"epochs": epochs, "lr": lr, "seed": seed}}
     recipe = {"name": f"distill {teacher} -> {student}", "seed": seed,
               "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(teacher), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress)
+    _run_and_summarize(recipe, out, progress, device)
+
+
+def _layer_pairs(items: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        s_layer, sep, t_layer = item.partition("=")
+        if not sep or not s_layer or not t_layer:
+            raise SlimkitError(f"{option} {item!r}: expected STUDENT_LAYER=TEACHER_LAYER")
+        pairs[s_layer] = t_layer
+    return pairs
 
 
 @app.command()
@@ -429,24 +442,27 @@ def run(
     out: Path = typer.Option(..., "--out", help="run directory (model/, report.json, report.html)"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished stages and continue interrupted training"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = DeviceOpt,
 ) -> None:
     """Run a recipe: train or load, compress stage by stage, evaluate, report."""
     from .recipe import load_recipe
 
-    _run_and_summarize(load_recipe(recipe), out, progress, resume)
+    _run_and_summarize(load_recipe(recipe), out, progress, device, resume)
 
 
-def _run_and_summarize(recipe, out: Path, progress: bool, resume: bool = False) -> None:
+def _run_and_summarize(recipe, out: Path, progress: bool, device: str, resume: bool = False) -> None:
     from .pipeline import run_recipe
     from .recipe import parse_recipe
+    from .train.distributed import is_main
 
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe, "options")
     console = _console()
-    report = run_recipe(recipe, out, resume=resume, progress=progress,
+    report = run_recipe(recipe, out, resume=resume, progress=progress, device=_torch_device(device),
                         log=lambda m: console.print(f"[dim]{m}[/dim]"))
-    _print_summary(report)
-    typer.echo(f"report: {out / 'report.html'}")
+    if is_main():
+        _print_summary(report)
+        typer.echo(f"report: {out / 'report.html'}")
 
 
 def _print_summary(report: dict) -> None:
@@ -478,7 +494,7 @@ def _print_summary(report: dict) -> None:
     Console().print(table)
 
 
-DISTRIBUTED_COMMANDS = ("train",)  # commands whose every write is rank 0's
+DISTRIBUTED_COMMANDS = ("train", "run", "prune", "quantize", "distill")  # the commands that train
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -494,7 +510,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if init_from_env():  # under torchrun: join the process group before any training
             command = next((a for a in args if not a.startswith("-")), None)
             if command not in DISTRIBUTED_COMMANDS:
-                raise SlimkitError(f"{command!r} does not run under torchrun yet; "
+                raise SlimkitError(f"{command!r} does not train, so it does not run under torchrun; "
                                    f"data-parallel commands: {', '.join(DISTRIBUTED_COMMANDS)}")
         app(args=args, prog_name="slimkit")
     except (SlimkitError, KeyboardInterrupt) as exc:

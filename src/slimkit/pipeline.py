@@ -31,7 +31,9 @@ from .recipe import Recipe
 from .stages import StageContext
 from .task import Task
 from .train import build_seeded, default_train_config, train_model
-from .train.run import MODEL_SUBDIR
+from .train.distributed import check_same_model, is_main, mirror_from_main, rank_folder
+from .train.loop import on_device
+from .train.run import METRICS_FILE, MODEL_SUBDIR
 
 STAGE_RECORD = "stage.json"
 HISTOGRAM_BINS = 60
@@ -44,46 +46,58 @@ def run_recipe(
     resume: bool = False,
     progress: bool = True,
     task: Task | None = None,
+    device: str | torch.device | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
     """Execute ``recipe`` into ``out_dir`` and return the report (also written as JSON and HTML).
 
-    ``task`` replaces the recipe's ``data`` with the caller's own loaders and scores.
+    ``task`` replaces the recipe's ``data`` with the caller's own loaders and scores; ``device``
+    is where training runs (the model returns to the CPU between trainings). Under ``torchrun``
+    every rank runs the recipe and trains data-parallel; rank 0 alone keeps files and reports
+    (the other ranks return an empty report).
     """
-    out = Path(out_dir)
-    task = task or Task.classification(load_data(recipe.data, seed=recipe.seed))
+    with rank_folder(out_dir) as out:
+        return _run(recipe, out, resume, progress, task, torch.device(device) if device else None,
+                    log if is_main() else lambda msg: None)
 
-    model, baseline_dir = _baseline(recipe, task, out, resume, progress, log)
-    entries = [_measure("baseline", model, baseline_dir, task, 0.0)]
-    log(f"baseline: {task.metric} {entries[0]['accuracy']:.4f}, {entries[0]['file_bytes']} bytes")
+
+def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | None, device, log) -> dict[str, Any]:
+    task = task or Task.classification(load_data(recipe.data, seed=recipe.seed))
+    main = is_main()
+    model, baseline_dir = _baseline(recipe, task, out, resume, progress, device, log)
+    entries = [_measure("baseline", model, baseline_dir, task, 0.0)] if main else []
+    if main:
+        log(f"baseline: {task.metric} {entries[0]['accuracy']:.4f}, {entries[0]['file_bytes']} bytes")
     baseline_model = model
     artifacts: dict[str, str] = {}
 
     for i, stage in enumerate(recipe.stages):
         stage_dir = out / "stages" / f"{i:02d}-{stage.type}"
-        record = stage_dir / STAGE_RECORD
-        done = _finished_stage(record, stage.to_dict()) if resume else None
         if stage.changes_model:  # files exported before this stage no longer are the model
             artifacts.pop("onnx", None)
             artifacts.pop("slim", None)
+        done = _finished_stage(stage_dir, stage) if resume else None
         if done is not None:
             log(f"stage {i} ({stage.type}): already done, loading it")
             model = load(stage_dir / MODEL_SUBDIR) if stage.changes_model else model
             artifacts.update(done.get("artifacts", {}))
             entries.append(done["metrics"])
             continue
-        ctx = StageContext(task, out, stage_dir, resume, progress, artifacts, baseline=baseline_model)
+        ctx = StageContext(task, out, stage_dir, resume, progress, artifacts, baseline=baseline_model, device=device)
         started = time.perf_counter()
         model = stage.apply(_copy_for_stage(model, baseline_model), ctx)
         recovery = stage.recovery_stage()
         if recovery is not None:  # the stage's own recovery training, in its folder
             recovery_ctx = StageContext(task, out, stage_dir / "recovery", resume, progress, artifacts,
-                                        baseline=baseline_model)
+                                        baseline=baseline_model, device=device)
             before = task.val_score(model)
             model = recovery.apply(model, recovery_ctx)
             ctx.notes["recovery"] = {"type": recovery.type, "val_score_before": before,
                                      "val_score_after": task.val_score(model), **recovery_ctx.notes}
         seconds = time.perf_counter() - started
+        check_same_model(model, f"stage {i} ({stage.type})")
+        if not main:
+            continue
         if stage.changes_model:
             save(model, stage_dir / MODEL_SUBDIR)
         measured_dir = stage_dir / MODEL_SUBDIR if stage.changes_model else _last_model_dir(entries, baseline_dir)
@@ -91,10 +105,17 @@ def run_recipe(
         entry["config"] = stage.to_dict()
         entry["notes"] = ctx.notes
         entries.append(entry)
-        write_json_atomic(record, {"config": stage.to_dict(), "metrics": entry, "artifacts": dict(artifacts)})
+        write_json_atomic(stage_dir / STAGE_RECORD,
+                          {"config": stage.to_dict(), "metrics": entry, "artifacts": dict(artifacts)})
         log(f"stage {i} ({stage.type}): {task.metric} {entry['accuracy']:.4f}, {entry['file_bytes']} bytes, "
             f"{seconds:.1f}s")
+    if not main:
+        return {}
+    return _finish(recipe, task, entries, baseline_model, model, artifacts, out, log)
 
+
+def _finish(recipe: Recipe, task: Task, entries, baseline_model, model, artifacts, out: Path, log) -> dict[str, Any]:
+    """Save the final model, measure it (and time both ends), write report.json and report.html."""
     save(model, out / MODEL_SUBDIR)
     final = _measure("final", model, out / MODEL_SUBDIR, task, 0.0)
     report = _report(recipe, task, entries, final, baseline_model, model, artifacts, out)
@@ -114,20 +135,21 @@ def run_recipe(
     return report
 
 
-def _baseline(recipe: Recipe, task: Task, out: Path, resume: bool, progress: bool, log) -> tuple[nn.Module, Path]:
+def _baseline(recipe: Recipe, task: Task, out: Path, resume: bool, progress: bool, device,
+              log) -> tuple[nn.Module, Path]:
     section = recipe.model
-    if section.path is not None:
-        model = load(section.path, trust_code=section.trust_code)
-        return model, resolve_model_dir(section.path)
+    if section.path is not None:  # an input: every node needs it, like the data
+        return load(section.path, trust_code=section.trust_code), resolve_model_dir(section.path)
     base = out / "baseline"
-    if resume and (base / MODEL_SUBDIR / "slimkit.json").is_file() and (base / "metrics.json").is_file():
+    if resume and mirror_from_main(base, (MODEL_SUBDIR, METRICS_FILE)) and (base / METRICS_FILE).is_file():
         log("baseline: already trained, loading it")
         return load(base / MODEL_SUBDIR, trust_code=section.trust_code), base / MODEL_SUBDIR
     overrides = section.train.model_dump(include=section.train.model_fields_set)
     cfg = default_train_config(section.zoo, **{"seed": recipe.seed, **overrides})
     model = build_seeded({"zoo": section.zoo, "args": section.args}, cfg.seed, task, section.trust_code)
     log(f"training {section.zoo} for {cfg.epochs} epochs")
-    train_model(model, task, cfg, base, resume=resume, progress=progress, description=f"train {section.zoo}")
+    with on_device(model, device):
+        train_model(model, task, cfg, base, resume=resume, progress=progress, description=f"train {section.zoo}")
     return model, base / MODEL_SUBDIR
 
 
@@ -140,11 +162,13 @@ def _copy_for_stage(model: nn.Module, baseline: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _finished_stage(record: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    if not record.is_file():
+def _finished_stage(stage_dir: Path, stage) -> dict[str, Any] | None:
+    """The record of a stage finished with this very config (its folder mirrored from rank 0 when distributed)."""
+    record = stage_dir / STAGE_RECORD
+    if not mirror_from_main(stage_dir, (STAGE_RECORD, MODEL_SUBDIR)) or not record.is_file():
         return None
     done = json.loads(record.read_text(encoding="utf-8"))
-    return done if done.get("config") == config else None
+    return done if done.get("config") == stage.to_dict() else None
 
 
 def _last_model_dir(entries: list[dict[str, Any]], baseline_dir: Path) -> Path:

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from pydantic import ValidationError, model_validator
 from torch import nn
 
 from .config import Config
+from .train.loop import TrainConfig, TrainResult, fit, on_device
+from .train.run import CHECKPOINT_SUBDIR
 
 if TYPE_CHECKING:
     from .task import Task
@@ -35,6 +38,25 @@ class StageContext:
     artifacts: dict[str, str] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)  # what the stage decided, for the report
     baseline: nn.Module | None = None  # the recipe's starting model (a distillation teacher), never modified
+    device: torch.device | None = None  # where training runs (None: where the model is); the model comes back
+
+    def fit(self, model: nn.Module, cfg: TrainConfig, name: str, *, checkpoint: str | None = None,
+            **kwargs: Any) -> TrainResult:
+        """Train ``model`` on the task with the shared loop, checkpointed (resumable) in this stage's folder,
+        on the run's device; its history goes to the report under ``name``. ``kwargs`` go to ``fit``."""
+        kwargs = {"score_fn": self.task.val_score, "loss_fn": self.task.loss_fn, **kwargs}
+        folder = self.stage_dir / CHECKPOINT_SUBDIR / (checkpoint or "")
+        with on_device(model, self.device):
+            result = fit(model, self.task.train_batches(cfg), None, cfg, checkpoint_dir=folder, resume=self.resume,
+                         progress=self.progress, description=name, **kwargs)
+        self.record(name, result)
+        return result
+
+    def record(self, name: str, result: TrainResult) -> None:
+        """Keep a training run's per-epoch history for the report (plotted as a training curve)."""
+        self.notes.setdefault("training", {})[name] = {
+            "best_epoch": result.best_epoch, "best_val_score": result.best_score,
+            "stopped_early": result.stopped_early, "history": result.history}
 
 
 RECOVERY_TYPES = ("finetune", "distill")

@@ -10,7 +10,10 @@ both networks, each on the labels and on the other's softened outputs.
 Feature distillation (FitNets) maps student layers to teacher layers by name; where
 their widths differ a learned projection (a 1x1 convolution for feature maps, a linear
 map for vectors and token sequences) carries the student's feature to the teacher's
-width. Mapping transformer blocks (``blocks.1`` -> ``blocks.3``) distils hidden states.
+width. Mapping transformer blocks (``blocks.1`` -> ``blocks.3``) distils hidden states;
+``attention`` maps distil attention probabilities (TinyBERT/MiniLM): name the modules that
+output them, an ``nn.Softmax``, or an attention module holding exactly one (the zoo ViT's
+``blocks.N.attn``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.nn import functional as F
 
 from ..config import Config
 from ..errors import SlimkitError
-from .losses import feature_loss, kd_loss
+from .losses import attention_loss, feature_loss, kd_loss
 
 
 class DistillConfig(Config):
@@ -32,6 +35,8 @@ class DistillConfig(Config):
     alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) targets; 1 - alpha on the labels
     features: dict[str, str] = Field(default_factory=dict)  # student layer -> teacher layer
     feature_weight: float = Field(1.0, ge=0)
+    attention: dict[str, str] = Field(default_factory=dict)  # student attention module -> teacher's
+    attention_weight: float = Field(1.0, ge=0)
     mutual: bool = False  # two-way: the teacher is a peer that learns from the student too
 
 
@@ -54,29 +59,44 @@ class Distiller(nn.Module):
         if not cfg.mutual:
             teacher.requires_grad_(False)
         self._captured: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
-        self._hooks = [self._capture(student, name, "student") for name in cfg.features]
-        self._hooks += [self._capture(teacher, name, "teacher") for name in cfg.features.values()]
+        self._hooks = [self._capture(name, "student", _layer(student, name, "student")) for name in cfg.features]
+        self._hooks += [self._capture(name, "teacher", _layer(teacher, name, "teacher"))
+                        for name in cfg.features.values()]
+        self._hooks += [self._capture("attention:" + name, "student", _softmax_of(student, name, "student"))
+                        for name in cfg.attention]
+        self._hooks += [self._capture("attention:" + name, "teacher", _softmax_of(teacher, name, "teacher"))
+                        for name in cfg.attention.values()]
         self.projections = nn.ModuleDict()
         self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        if cfg.features:
-            self._make_projections(example[:2])
+        if cfg.features or cfg.attention:
+            self._probe(example[:2])
 
-    def _capture(self, model: nn.Module, name: str, side: str):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise SlimkitError(f"distillation features: the {side} has no layer {name!r}") from None
+    def _capture(self, key: str, side: str, module: nn.Module):
         return module.register_forward_hook(
-            lambda _m, _i, output: self._captured[side].__setitem__(name, _first_tensor(output)))
+            lambda _m, _i, output: self._captured[side].__setitem__(key, _first_tensor(output)))
 
     @torch.no_grad()
-    def _make_projections(self, example: torch.Tensor) -> None:
+    def _probe(self, example: torch.Tensor) -> None:
+        """Run both models once: check the mapped shapes, and make projections where widths differ."""
         was = (self.student.training, self.teacher.training)
         example = example.to(next((p.device for p in self.student.parameters()), example.device))
         self.student.eval()(example)
         self.teacher.eval()(example)
         self.student.train(was[0])
         self.teacher.train(was[1])
+        for side, keys in (("student", [*self.cfg.features, *("attention:" + k for k in self.cfg.attention)]),
+                           ("teacher", [*self.cfg.features.values(),
+                                        *("attention:" + k for k in self.cfg.attention.values())])):
+            silent = [k.removeprefix("attention:") for k in keys if k not in self._captured[side]]
+            if silent:
+                raise SlimkitError(f"distillation: the {side}'s {', '.join(silent)} did not run in its forward pass "
+                                   "(a quantized model's layers are graph operations: distil its outputs only)")
+        for s_name, t_name in self.cfg.attention.items():
+            s, t = self._captured["student"]["attention:" + s_name], self._captured["teacher"]["attention:" + t_name]
+            if s.dim() != 4 or t.dim() != 4 or s.shape[2:] != t.shape[2:] or s.shape[-1] != s.shape[-2]:
+                raise SlimkitError(f"distillation attention {s_name} -> {t_name}: expected attention maps "
+                                   f"(batch, heads, tokens, tokens) over the same tokens, got {tuple(s.shape)} and "
+                                   f"{tuple(t.shape)}")
         for s_name, t_name in self.cfg.features.items():
             s, t = self._captured["student"][s_name], self._captured["teacher"][t_name]
             channel = 1 if s.dim() == 4 else -1
@@ -123,6 +143,9 @@ class Distiller(nn.Module):
             if _key(s_name) in self.projections:
                 s = self.projections[_key(s_name)](s)
             total = total + cfg.feature_weight * feature_loss(s, self._captured["teacher"][t_name].detach())
+        for s_name, t_name in cfg.attention.items():
+            s, t = self._captured["student"]["attention:" + s_name], self._captured["teacher"]["attention:" + t_name]
+            total = total + cfg.attention_weight * attention_loss(s, t.detach())
         self._outputs = None
         return total
 
@@ -132,6 +155,25 @@ class Distiller(nn.Module):
             hook.remove()
         self._hooks = []
         return self.student
+
+
+def _layer(model: nn.Module, name: str, side: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise SlimkitError(f"distillation: the {side} has no layer {name!r}") from None
+
+
+def _softmax_of(model: nn.Module, name: str, side: str) -> nn.Module:
+    """The module whose output is the attention probabilities: ``name`` itself, or its one ``nn.Softmax``."""
+    module = _layer(model, name, side)
+    if isinstance(module, nn.Softmax):
+        return module
+    found = [m for m in module.modules() if isinstance(m, nn.Softmax)]
+    if len(found) != 1:
+        raise SlimkitError(f"distillation attention: the {side}'s {name!r} holds {len(found)} nn.Softmax modules; "
+                           "name the module that outputs the attention probabilities")
+    return found[0]
 
 
 def _key(layer: str) -> str:

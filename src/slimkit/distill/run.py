@@ -11,8 +11,8 @@ import yaml
 from torch import nn
 
 from ..errors import SlimkitError
-from ..prune.mask import zeros_kept
 from ..task import Task
+from ..train.compressed import compression_kept
 from ..train.loop import TrainConfig, TrainResult, fit
 from .distiller import DistillConfig, Distiller
 
@@ -72,7 +72,7 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, cfg: DistillConf
     """Train ``student`` from ``teacher`` (and the labels); returns the student with its best validation weights.
 
     The teacher is not modified (one-way distillation uses it frozen; mutual distillation trains a copy).
-    Weights of the student that are exactly zero (a pruned student) stay zero.
+    A compressed student keeps its compression (``train.compressed``): pruned zeros, shared values, grids.
     """
     cfg, train = cfg or DistillConfig(), train or TrainConfig()
     if student is teacher:
@@ -81,7 +81,7 @@ def distill(student: nn.Module, teacher: nn.Module, task: Task, cfg: DistillConf
     teacher = copy.deepcopy(teacher).to(device) if device is not None else copy.deepcopy(teacher)
     distiller = Distiller(student, teacher, cfg, task.example_inputs, hard_loss=task.loss_fn)
     try:
-        with zeros_kept(student):  # a pruned student stays pruned
+        with compression_kept(student):  # a pruned, shared or quantized student stays so
             result = fit(distiller, task.train_batches(train), None, train,
                          score_fn=lambda m: task.val_score(m.student), loss_fn=distiller.loss,
                          checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, description="distill")

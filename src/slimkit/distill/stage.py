@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import SlimkitError
 from ..stages import Stage, StageContext, register_stage
-from ..train.loop import TrainConfig
+from ..train.loop import TrainConfig, on_device
 from ..train.run import CHECKPOINT_SUBDIR
 from .distiller import DistillConfig
 from .run import build_student, distill
@@ -53,9 +53,10 @@ class DistillStage(Stage, DistillConfig):
         student = model if self.student is None else build_student(self.student, ctx.task, self.train.seed,
                                                                    self.trust_code)
         cfg = DistillConfig(**self.model_dump(include=set(DistillConfig.model_fields)))
-        trained, result = distill(student, teacher, ctx.task, cfg, TrainConfig(**self.train.model_dump()),
-                                  checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume,
-                                  progress=ctx.progress)
-        ctx.notes["distill"] = {"teacher_val_score": ctx.task.val_score(teacher), "best_val_score": result.best_score,
-                                "best_epoch": result.best_epoch, "history": result.history}
+        with on_device(student, ctx.device):
+            trained, result = distill(student, teacher, ctx.task, cfg, TrainConfig(**self.train.model_dump()),
+                                      checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume,
+                                      progress=ctx.progress)
+        ctx.record("distill", result)
+        ctx.notes["distill"] = {"teacher_val_score": ctx.task.val_score(teacher)}
         return trained

@@ -153,6 +153,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(dim, inner)
         self.v = nn.Linear(dim, inner)
         self.out = nn.Linear(inner, dim)
+        self.softmax = nn.Softmax(dim=-1)  # a module, so hooks can see the attention maps (distillation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -162,7 +163,7 @@ class Attention(nn.Module):
             return t.reshape(b, n, heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
+        attn = self.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim)))
         out = (attn @ v).transpose(1, 2).reshape(b, n, heads * self.head_dim)
         return self.out(out)
 

@@ -9,8 +9,6 @@ parameter's identity.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -69,21 +67,3 @@ def remove_masks(model: nn.Module) -> nn.Module:
     for _, module in masked_layers(model):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
-
-
-@contextlib.contextmanager
-def zeros_kept(model: nn.Module) -> Iterator[nn.Module]:
-    """Train a pruned model without regrowing it: while inside, every conv/linear weight holding exact
-    zeros computes through a mask of its non-zeros (no gradient reaches the zeros); the masks go on exit."""
-    masked = []
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not parametrize.is_parametrized(module):
-            weight = module.weight.detach()
-            if bool((weight == 0).any()):
-                set_mask(module, (weight != 0).to(weight.dtype))
-                masked.append(module)
-    try:
-        yield model
-    finally:
-        for module in masked:
-            remove_masks(module)

@@ -20,8 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
-from ..train.loop import RecoveryConfig, TrainConfig, fit
-from ..train.run import CHECKPOINT_SUBDIR
+from ..train.loop import RecoveryConfig, TrainConfig
 from .mask import remove_masks
 from .sensitivity import allocate_sparsity, sensitivity
 from .structured import prune_channels
@@ -58,9 +57,7 @@ class PruneStage(Stage, PruneConfig):
 
         def recover(tag: str, on_step=None, score_fn=task.val_score, model: nn.Module = model) -> None:
             if train_cfg.epochs:
-                fit(model, task.train_batches(train_cfg), None, train_cfg, score_fn=score_fn,
-                    loss_fn=task.loss_fn, checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR / tag,
-                    resume=ctx.resume, progress=ctx.progress, description=f"prune {tag}", on_step=on_step)
+                ctx.fit(model, train_cfg, f"prune {tag}", checkpoint=tag, score_fn=score_fn, on_step=on_step)
 
         if self.structured:
             return self._apply_structured(model, ctx, recover)

@@ -81,3 +81,25 @@ def onnx_translations() -> dict:
                                opset21.Shape(weight))
 
     return {torch.ops.slimkit.dynamic_fake_quant.default: dynamic, torch.ops.slimkit.group_fake_quant.default: group}
+
+
+# Straight-through gradients, so a quantized model's float weights can be trained through its fixed
+# quantizers (fine-tuning or distilling a quantized model); the scales get none.
+def _dynamic_backward(ctx, grad: torch.Tensor):
+    return grad  # the range always covers the tensor: nothing is clipped
+
+
+def _group_setup(ctx, inputs, output) -> None:
+    weight, scale, group_size, qmax = inputs
+    ctx.save_for_backward(weight, scale)
+    ctx.group_size, ctx.qmax = group_size, qmax
+
+
+def _group_backward(ctx, grad: torch.Tensor):
+    weight, scale = ctx.saved_tensors
+    inside = (weight / expand_group_scale(scale, weight.shape, ctx.group_size)).abs() <= ctx.qmax + 0.5
+    return grad * inside, None, None, None
+
+
+dynamic_fake_quant.register_autograd(_dynamic_backward)
+group_fake_quant.register_autograd(_group_backward, setup_context=_group_setup)

@@ -288,13 +288,12 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
         group = spec.get("group_size")
         scale = scales[name] if scales is not None else torch.ones(
             weight.shape[0], *([group_count(weight[0].numel(), group)] if group else []))
-        limit = 127 if step.get("weight_levels") == "log" else weight_scheme(
-            spec.get("bits", step.get("weight_bits", 8))).qmax  # int8 containers may carry fewer bits
         gm.register_buffer(weight_scale_buffer(i), scale)
         with gm.graph.inserting_before(op):
             s = gm.graph.get_attr(weight_scale_buffer(i))
             if group:
-                fq = gm.graph.call_function(torch.ops.slimkit.group_fake_quant.default, (op.args[1], s, group, limit))
+                fq = gm.graph.call_function(torch.ops.slimkit.group_fake_quant.default,
+                                            (op.args[1], s, group, _weight_limit(step, spec)))
             else:
                 gm.register_buffer(f"_slimkit_wzero_{i}", torch.zeros_like(scale, dtype=torch.int32))
                 z = gm.graph.get_attr(f"_slimkit_wzero_{i}")
@@ -303,17 +302,7 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
             if spec.get("activation") == "dynamic":
                 dq = gm.graph.call_function(torch.ops.slimkit.dynamic_fake_quant.default, (op.args[0],))
                 op.replace_input_with(op.args[0], dq)
-        with torch.no_grad():
-            if group:
-                weight.copy_(group_fake_quant(weight, scale, group, limit))
-            else:
-                weight.copy_(torch.fake_quantize_per_channel_affine(
-                    weight, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -limit, limit))
-            bias_node = op.args[2] if len(op.args) > 2 else None
-            if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" and spec["input"] in step["activations"]:
-                bias = gm.get_parameter(bias_node.target)  # int32 at s_x * s_w, as integer kernels add it
-                unit = scale.double() * step["activations"][spec["input"]][0]
-                bias.copy_((torch.round(bias.double() / unit) * unit).float())
+    round_onto_grids(gm, step)
     for name, (scale, zero) in step["activations"].items():
         value = nodes[name]
         with gm.graph.inserting_after(value):
@@ -324,6 +313,37 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
     gm.recompile()
     gm.requires_grad_(False)  # an inference artifact; also keeps fake-quant ops exportable (no autograd variant)
     return gm
+
+
+def _weight_limit(step: dict[str, Any], spec: dict[str, Any]) -> int:
+    """The largest weight code: int8 containers may carry fewer bits; power-of-two levels use the int8 range."""
+    return 127 if step.get("weight_levels") == "log" else weight_scheme(spec.get("bits", step.get("weight_bits", 8))).qmax
+
+
+@torch.no_grad()
+def round_onto_grids(gm: fx.GraphModule, step: dict[str, Any]) -> None:
+    """Put each quantized weight on its grid and its bias on the int32 grid ``s_x * s_w``, in place.
+
+    The integer runtime adds biases as int32 at that scale, so the simulation rounds them the same
+    way; after training a quantized model's float weights this puts both back where they belong.
+    """
+    biases = {}
+    for op in gm.graph.nodes:
+        if op.op == "call_function" and op.target in WEIGHTED and len(op.args) > 2:
+            weight = op.args[1].args[0] if op.args[1].op == "call_function" else op.args[1]
+            if isinstance(op.args[2], fx.Node) and op.args[2].op == "get_attr":
+                biases[weight.target] = op.args[2].target
+    for i, (name, spec) in enumerate(step["weights"].items()):
+        weight, scale, limit = gm.get_parameter(name), gm.get_buffer(weight_scale_buffer(i)), _weight_limit(step, spec)
+        if spec.get("group_size"):
+            weight.copy_(group_fake_quant(weight, scale, spec["group_size"], limit))
+        else:
+            weight.copy_(torch.fake_quantize_per_channel_affine(
+                weight, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -limit, limit))
+        if name in biases and spec["input"] in step["activations"]:
+            bias = gm.get_parameter(biases[name])
+            unit = scale.double() * step["activations"][spec["input"]][0]
+            bias.copy_((torch.round(bias.double() / unit) * unit).float())
 
 
 def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfig, scales: dict[str, torch.Tensor],

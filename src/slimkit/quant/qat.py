@@ -29,11 +29,11 @@ class LearnedFakeQuant(nn.Module):
     """Fake quantization with a straight-through estimator and (optionally) a learned step size."""
 
     def __init__(self, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int, learn_scale: bool = True,
-                 group_size: int | None = None):
+                 group_size: int | None = None, activation: bool = False):
         super().__init__()
         self.scale = nn.Parameter(scale.clone().float(), requires_grad=learn_scale)
         self.register_buffer("zero", zero.clone().float())
-        self.qmin, self.qmax, self.group_size = qmin, qmax, group_size
+        self.qmin, self.qmax, self.group_size, self.activation = qmin, qmax, group_size, activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale.abs().clamp_min(1e-8)
@@ -42,8 +42,10 @@ class LearnedFakeQuant(nn.Module):
         else:
             shape = (-1,) + (1,) * (x.dim() - 1) if self.scale.numel() > 1 else ()
             scale, zero = scale.reshape(shape), self.zero.reshape(shape)
-        per_scale = x.numel() / max(1, self.scale.numel())
-        g = 1.0 / math.sqrt(per_scale * self.qmax)  # LSQ: keeps step-size updates on the weights' scale
+        # LSQ: values per step size, per sample for activations (so neither the batch size nor a
+        # data-parallel split changes the update), keeps step-size updates on the weights' scale
+        per_scale = (x[0].numel() if self.activation else x.numel()) / max(1, self.scale.numel())
+        g = 1.0 / math.sqrt(per_scale * self.qmax)
         scale = (scale - scale * g).detach() + scale * g
         v = x / scale + zero
         q = torch.clamp((v.round() - v).detach() + v, self.qmin, self.qmax)
@@ -89,7 +91,7 @@ def prepare_qat(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | 
     for i, (name, (scale, zero)) in enumerate(step["activations"].items()):
         value = nodes[name]
         module = LearnedFakeQuant(torch.tensor(scale), torch.tensor(float(zero)), ACT_SCHEME.qmin, ACT_SCHEME.qmax,
-                                  learn_scale)
+                                  learn_scale, activation=True)
         gm.add_submodule(f"_slimkit_aq_{i}", module)
         with gm.graph.inserting_after(value):
             node = gm.graph.call_module(f"_slimkit_aq_{i}", (value,))

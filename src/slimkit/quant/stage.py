@@ -71,13 +71,8 @@ class QuantizeStage(Stage, StaticQuantConfig):
         self.quant_config()
 
     def _train(self, model: nn.Module, calib, cfg: StaticQuantConfig, ctx: StageContext):
-        from ..train.loop import fit
-        from ..train.run import CHECKPOINT_SUBDIR
         from .qat import convert_qat, prepare_qat
 
         trainable, qat_ctx = prepare_qat(model, calib, cfg, learn_scale=self.learn_scale)
-        task = ctx.task
-        fit(trainable, task.train_batches(self.qat), None, self.qat, score_fn=task.val_score, loss_fn=task.loss_fn,
-            checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
-            description="QAT")
+        ctx.fit(trainable, self.qat, "QAT")
         return convert_qat(trainable, qat_ctx)

@@ -78,9 +78,9 @@ def _training_runs(stages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     runs = {}
     for stage in stages:
         notes = stage.get("notes", {})
-        for key, value in [*notes.items(), *notes.get("recovery", {}).items()]:
-            if isinstance(value, dict) and value.get("history"):
-                runs[f"{stage['name']} {key}"] = value["history"]
+        for name, run in [*notes.get("training", {}).items(), *notes.get("recovery", {}).get("training", {}).items()]:
+            if run["history"]:
+                runs[f"{stage['name']} {name}"] = run["history"]
     return runs
 
 

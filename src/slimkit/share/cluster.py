@@ -133,6 +133,7 @@ def share_centroids(model: nn.Module, tensors: list[str], max_clusters: int = 25
         if count > max_clusters + 1:
             raise SlimkitError(f"{name} has {count} distinct values: cluster it before sharing centroids")
         parametrize.register_parametrization(module, param, SharedCentroids(getattr(module, param)))
+        module.parametrizations[param].original.requires_grad_(False)  # unused: the centroids are what trains
 
 
 def remove_sharing(model: nn.Module) -> nn.Module:
@@ -143,4 +144,5 @@ def remove_sharing(model: nn.Module) -> nn.Module:
         for param in list(module.parametrizations):
             if any(isinstance(p, SharedCentroids) for p in module.parametrizations[param]):
                 parametrize.remove_parametrizations(module, param, leave_parametrized=True)
+                getattr(module, param).requires_grad_(True)
     return model

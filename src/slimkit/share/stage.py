@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
-from ..train.loop import RecoveryConfig, TrainConfig, fit
-from ..train.run import CHECKPOINT_SUBDIR
+from ..train.loop import RecoveryConfig, TrainConfig
 from .cluster import ClusterConfig, cluster, remove_sharing, round_to_half, share_centroids
 
 
@@ -20,14 +19,10 @@ class ClusterStage(Stage, ClusterConfig):
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         result = cluster(model, ClusterConfig(**self.model_dump(include=set(ClusterConfig.model_fields))))
-        task = ctx.task
-        result["score_after_clustering"] = task.val_score(model)
+        result["score_after_clustering"] = ctx.task.val_score(model)
         if self.finetune.epochs:
             share_centroids(model, [row["tensor"] for row in result["layers"]])
-            cfg = TrainConfig(**self.finetune.model_dump())
-            fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
-                checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume, progress=ctx.progress,
-                description="cluster finetune")
+            ctx.fit(model, TrainConfig(**self.finetune.model_dump()), "centroid finetune")
             remove_sharing(model)
             if self.codebook_dtype == "float16":  # the trained centroids, back on the half-precision grid
                 with torch.no_grad():

@@ -3,13 +3,23 @@
 Every process draws the same sequence of global batches (the loader's generator is
 seeded identically on all ranks) and trains on its slice of each; DistributedDataParallel
 averages the gradients, so with equal slices a step equals one single-process step on the
-whole global batch. Only rank 0 writes checkpoints, models, metrics and progress.
+whole global batch.
+
+Every rank runs every step of a command (the compression steps between trainings too), so
+the collectives inside training line up. Only rank 0's files are kept: the other ranks write
+into a private folder that is deleted at the end (``rank_folder``), and what a run reads back
+from its own folder (checkpoints, finished stages) is read by rank 0 and sent to the others
+(``from_main``), so nodes need no shared file system for the run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from typing import Iterator
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -21,7 +31,11 @@ def init_from_env() -> bool:
     """Join the process group ``torchrun`` describes (gloo on CPU, nccl with CUDA); False when not launched so."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():  # one GPU per process; nccl's collectives run on the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
     return True
 
 
@@ -44,6 +58,85 @@ def is_main() -> bool:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
+
+
+T = TypeVar("T")
+
+
+def from_main(produce: Callable[[], T]) -> T:
+    """``produce()`` run on rank 0 and its result (pickled) sent to every rank; just ``produce()`` when alone.
+
+    An exception on rank 0 is raised on every rank, so no rank waits for a result that never comes.
+    """
+    rank, size = world()
+    if size == 1:
+        return produce()
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = (True, produce())
+        except Exception as exc:  # re-raised below, on every rank
+            box[0] = (False, exc)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def mirror_from_main(folder: Path, names: tuple[str, ...] | None = None) -> bool:
+    """Give this rank rank 0's copy of a folder of the run (``names``: only those entries of it).
+
+    Each rank passes its own path of the folder; rank 0 reads its files and the others write them
+    there. Returns whether rank 0 has the folder. Alone, only checks that it exists.
+    """
+    if world()[1] == 1:
+        return folder.is_dir()
+    files = from_main(lambda: _read_tree(folder, names))
+    if files is None:
+        return False
+    if not is_main():
+        for relative, data in files.items():
+            target = folder / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    return True
+
+
+def _read_tree(folder: Path, names: tuple[str, ...] | None) -> dict[str, bytes] | None:
+    if not folder.is_dir():
+        return None
+    roots = [folder / name for name in names] if names is not None else [folder]
+    files = [f for root in roots for f in ([root] if root.is_file() else sorted(root.rglob("*"))) if f.is_file()]
+    return {str(f.relative_to(folder)): f.read_bytes() for f in files}
+
+
+def check_same_model(model: torch.nn.Module, where: str) -> None:
+    """Raise if the ranks' copies of ``model`` differ (they take compression decisions independently)."""
+    if world()[1] == 1:
+        return
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digests: list = [None] * world()[1]
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        from ..errors import SlimkitError
+
+        raise SlimkitError(f"data-parallel ranks disagree on the model after {where}: run every rank with the same "
+                           "software, data and thread count (OMP_NUM_THREADS)")
+
+
+@contextlib.contextmanager
+def rank_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Where this process writes a run: ``out`` on rank 0; elsewhere a private folder, deleted afterwards."""
+    rank = world()[0]
+    if rank == 0:
+        yield Path(out)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"slimkit-rank{rank}-") as tmp:
+        yield Path(tmp)
 
 
 class RankSlices:

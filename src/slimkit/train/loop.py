@@ -8,12 +8,13 @@ dropout masks as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -22,7 +23,7 @@ from torch import nn
 from ..config import Config
 from ..errors import SlimkitError
 from ..io import atomic_path
-from .distributed import barrier, world
+from .distributed import barrier, from_main, world
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -155,8 +156,8 @@ def fit(
         start_epoch = 0
         result = TrainResult(best_score=-math.inf, best_epoch=-1)
         best_state = copy.deepcopy(model.state_dict())
-        if resume and ckpt_path is not None and ckpt_path.is_file():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = from_main(lambda: _load_checkpoint(ckpt_path)) if resume and ckpt_path is not None else None
+        if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             for param_state in opt.state.values():  # fresh allocations, as an uninterrupted run's state has
@@ -205,6 +206,21 @@ def fit(
 def _device(model: nn.Module) -> torch.device:
     """Where the model's parameters are: batches follow them there."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:
+    """Train on ``device`` (None: where the model is), then move the model back to where it was:
+    the stages around training (pruning decisions, export, packing) keep working on the CPU."""
+    home = _device(model)
+    if device is None or torch.device(device) == home:
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def _device_type(model: nn.Module) -> str:
@@ -279,6 +295,10 @@ def _train_one_epoch(model, runner, loader, opt, sched, scaler, loss_fn, cfg: Tr
         total += loss.item() * len(y)
         count += len(y)
     return total / max(1, count)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 def _save_checkpoint(path: Path, model, opt, sched, scaler, sampler_gen, best_state, result: TrainResult,

@@ -17,7 +17,6 @@ from torch import nn
 from ..io import write_json_atomic
 from ..modelfile import new_model, save
 from ..models import ZOO
-from .distributed import barrier, is_main
 from .loop import TrainConfig, TrainResult, fit
 
 if TYPE_CHECKING:
@@ -54,7 +53,10 @@ def train_model(
     progress: bool = True,
     description: str = "train",
 ) -> dict[str, Any]:
-    """Fit ``model`` on ``task``, save the best-on-val weights and metrics under ``out_dir``."""
+    """Fit ``model`` on ``task``, save the best-on-val weights and metrics under ``out_dir``.
+
+    Under ``torchrun`` give each rank its own ``out_dir`` (``distributed.rank_folder``): rank 0's is the run's.
+    """
     out = Path(out_dir)
     started = time.perf_counter()
     result: TrainResult = fit(
@@ -63,8 +65,6 @@ def train_model(
     )
     metrics = {**task.metrics(model), "best_epoch": result.best_epoch, "epochs": cfg.epochs,
                "train_seconds": time.perf_counter() - started, "config": cfg.to_dict(), "history": result.history}
-    if is_main():  # data-parallel runs: one writer
-        save(model, out / MODEL_SUBDIR)
-        write_json_atomic(out / METRICS_FILE, metrics)
-    barrier()
+    save(model, out / MODEL_SUBDIR)
+    write_json_atomic(out / METRICS_FILE, metrics)
     return metrics

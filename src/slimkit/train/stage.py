@@ -8,9 +8,8 @@ from pydantic import Field
 from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
-from ..prune.mask import zeros_kept
-from .loop import TrainConfig, fit
-from .run import CHECKPOINT_SUBDIR
+from .compressed import compression_kept
+from .loop import TrainConfig
 
 
 @register_stage
@@ -23,11 +22,6 @@ class FinetuneStage(Stage, TrainConfig):
         return TrainConfig(**self.model_dump(exclude={"type", "recovery"}))
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
-        cfg = self.train_config()
-        task = ctx.task
-        with zeros_kept(model):  # fine-tuning a pruned model must not regrow it
-            result = fit(model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
-                         checkpoint_dir=ctx.stage_dir / CHECKPOINT_SUBDIR, resume=ctx.resume,
-                         progress=ctx.progress, description="finetune")
-        ctx.notes["finetune"] = {"best_epoch": result.best_epoch, "history": result.history}
+        with compression_kept(model):  # no regrown zeros, no drifting shared values, weights on their grids
+            ctx.fit(model, self.train_config(), "finetune")
         return model
