@@ -101,3 +101,30 @@ def test_an_export_before_a_model_changing_stage_is_not_timed_as_the_final_model
                            "stages": [{"type": "export"}, {"type": "finetune", "epochs": 1}]})
     report = run_recipe(recipe, tmp_path, progress=False)
     assert "onnx" not in report["artifacts"]
+
+
+def test_every_training_stage_records_its_history_and_runs_on_the_chosen_device(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False}, "stages": [
+        {"type": "prune", "sparsity": 0.7, "schedule": "iterative", "steps": 2, "finetune": {"epochs": 1}},
+        {"type": "factorize", "energy": 0.95, "finetune": {"epochs": 2}},
+        {"type": "cluster", "bits": 5, "finetune": {"epochs": 1}},
+        {"type": "quantize", "qat": {"epochs": 1}}]})
+    report = run_recipe(recipe, tmp_path / "r", progress=False, device=torch.device("cpu"))
+    runs = {stage["name"]: stage["notes"]["training"] for stage in report["stages"][1:]}
+    assert {name: list(r) for name, r in runs.items()} == {
+        "0:prune": ["prune step1", "prune step2"], "1:factorize": ["factorize finetune"],
+        "2:cluster": ["centroid finetune"], "3:quantize": ["QAT"]}
+    assert [len(r["history"]) for r in runs["1:factorize"].values()] == [2]
+    assert all(r["best_val_score"] > 0.5 for stage in runs.values() for r in stage.values())
+    assert (tmp_path / "r" / "stages" / "00-prune" / "checkpoint" / "step2" / "last.pt").is_file()
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert html.count("Training curves") == 1
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "slimkit", "prune", str(trained_run), "--sparsity", "0.5",
+                               "--device", "cuda", "--out", str(tmp_path / "c")], capture_output=True, text=True)
+        assert proc.returncode == 2 and "no CUDA device is available" in proc.stderr

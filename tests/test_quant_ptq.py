@@ -193,3 +193,15 @@ def test_weight_only_quantization_keeps_activations_float(digits, tmp_path, brie
     save(model, tmp_path / "m")
     report = run_recipe(recipe, tmp_path / "r", progress=False)
     assert report["summary"]["compression_ratio"] > 5  # 4-bit codes packed two per byte
+
+
+def test_a_channel_pruned_away_keeps_a_usable_scale(digits, briefly_trained, tmp_path):
+    """Regression: an all-zero output channel got the smallest float scale, so its bias overflowed int32."""
+    model = briefly_trained("lenet300")
+    with torch.no_grad():
+        model.fc1.weight[:5] = 0  # five dead neurons; their biases stay
+    gm, _ = quantize_static(model, calibration_subset(digits, 128), StaticQuantConfig())
+    scale = gm.get_buffer("_slimkit_wscale_0")
+    assert torch.all(scale[:5] == scale[5:].double().median().float())
+    check = export_int8_verified(gm, tmp_path / "q.onnx", digits.x_test)
+    assert check["top1_agreement"] == 1.0 and check["sqnr_db"] >= 40

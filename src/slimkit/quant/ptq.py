@@ -204,10 +204,15 @@ def weight_scales(weight: torch.Tensor, bits: int, cfg: StaticQuantConfig) -> to
         groups = group_count(rows.shape[1], cfg.group_size)
         padded = torch.nn.functional.pad(rows, (0, groups * cfg.group_size - rows.shape[1]))
         top = padded.reshape(rows.shape[0], groups, cfg.group_size).abs().amax(2)
-        return qparams(-top, top, scheme)[0].float()
-    if cfg.per_channel:
-        return qparams(rows.amin(1), rows.amax(1), scheme)[0].float()
-    return qparams(rows.min(), rows.max(), scheme)[0].float().reshape(1).expand(rows.shape[0]).clone()
+    elif cfg.per_channel:
+        top = rows.abs().amax(1)
+    else:
+        top = rows.abs().amax().reshape(1).expand(rows.shape[0]).clone()
+    # An all-zero channel (pruned away) may have any scale; the smallest float one would put its bias on a
+    # grid of ~1e-40 that overflows the runtime's int32 bias: it takes the median of the live channels'.
+    live = top[top > 0]
+    top = torch.where(top > 0, top, live.median() if live.numel() else torch.ones(()))
+    return qparams(-top, top, scheme)[0].float()
 
 
 @torch.no_grad()
