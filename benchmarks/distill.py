@@ -1,7 +1,8 @@
-"""Distillation benchmark: small students from scratch vs with KD vs with KD + feature hints, in one run.
+"""Distillation benchmark: small students from scratch vs with KD, KD + feature hints, KD + attention maps.
 
 Teachers are the zoo's lenet5 and vit (trained with their defaults, cached in
-benchmarks/results/zoo). Students: lenet5 at quarter width, and a 2-block vit. Every
+benchmarks/results/zoo). Students: lenet5 at quarter width, and a 2-block vit (which also
+distils the attention maps of teacher blocks 1 and 3 into its blocks 0 and 1). Every
 method trains a student with the same settings (listed in CASES: the zoo's, without
 augmentation and label smoothing, which cost the quarter-width lenet5 two points from
 scratch), three times (seeds 0, 1, 2);
@@ -29,10 +30,10 @@ from slimkit.io import write_json_atomic
 from slimkit.train import TrainConfig, build_seeded, default_train_config, train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASES = [  # teacher, student spec, feature hints (student layer -> teacher layer), the students' training
-    ("lenet5", "lenet5:width=0.25", {"conv2": "conv2"}, {"epochs": 60, "lr": 3e-3}),
-    ("vit", "vit:depth=2", {"blocks.1": "blocks.3"}, {"epochs": 100, "lr": 3e-3, "weight_decay": 0.05,
-                                                      "warmup_epochs": 5}),
+CASES = [  # teacher, student spec, feature hints and attention pairs (student -> teacher), students' training
+    ("lenet5", "lenet5:width=0.25", {"conv2": "conv2"}, {}, {"epochs": 60, "lr": 3e-3}),
+    ("vit", "vit:depth=2", {"blocks.1": "blocks.3"}, {"blocks.0.attn": "blocks.1.attn", "blocks.1.attn": "blocks.3.attn"},
+     {"epochs": 100, "lr": 3e-3, "weight_decay": 0.05, "warmup_epochs": 5}),
 ]
 
 
@@ -43,14 +44,20 @@ def trained(name: str, task: Task):
     return load(run)
 
 
-def run_student(task: Task, teacher, spec: str, method: str, hints: dict, train: dict, seed: int) -> dict:
+def methods(attention: dict) -> list[str]:
+    return ["scratch", "kd", "kd+features"] + (["kd+attention", "kd+features+attention"] if attention else [])
+
+
+def run_student(task: Task, teacher, spec: str, method: str, hints: dict, attention: dict, train: dict,
+                seed: int) -> dict:
     cfg = TrainConfig(**train, seed=seed)
     student = build_student(spec, task, seed)
     started = time.perf_counter()
     if method == "scratch":
         fit(student, task.train_batches(cfg), None, cfg, score_fn=task.val_score, progress=False)
     else:
-        kd = DistillConfig(features=hints if method == "kd+features" else {})
+        kd = DistillConfig(features=hints if "features" in method else {},
+                           attention=attention if "attention" in method else {})
         student, _ = distill(student, teacher, task, kd, cfg, progress=False)
     return {"accuracy": task.test_score(student), "seconds": time.perf_counter() - started,
             "params": count_params(student)[0]}
@@ -106,11 +113,11 @@ def main() -> None:
     sections = set(args.sections.split(","))
     task = Task.classification(load_data("digits"))
     rows = []
-    for teacher_name, spec, hints, train in CASES if "kd" in sections else []:
+    for teacher_name, spec, hints, attention, train in CASES if "kd" in sections else []:
         teacher = trained(teacher_name, task)
         teacher_acc = task.test_score(teacher)
-        results = {method: [run_student(task, teacher, spec, method, hints, train, seed)
-                            for seed in range(args.seeds)] for method in ("scratch", "kd", "kd+features")}
+        results = {method: [run_student(task, teacher, spec, method, hints, attention, train, seed)
+                            for seed in range(args.seeds)] for method in methods(attention)}
         scratch = statistics.mean(r["accuracy"] for r in results["scratch"])
         for method, runs in results.items():
             accs = [r["accuracy"] for r in runs]
