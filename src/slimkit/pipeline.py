@@ -13,6 +13,7 @@ instead of re-run, and interrupted training continues from its checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -85,33 +86,44 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | N
             continue
         ctx = StageContext(task, out, stage_dir, resume, progress, artifacts, baseline=baseline_model, device=device)
         started = time.perf_counter()
-        model = stage.apply(_copy_for_stage(model, baseline_model), ctx)
-        recovery = stage.recovery_stage()
-        if recovery is not None:  # the stage's own recovery training, in its folder
-            recovery_ctx = StageContext(task, out, stage_dir / "recovery", resume, progress, artifacts,
-                                        baseline=baseline_model, device=device)
-            before = task.val_score(model)
-            model = recovery.apply(model, recovery_ctx)
-            ctx.notes["recovery"] = {"type": recovery.type, "val_score_before": before,
-                                     "val_score_after": task.val_score(model), **recovery_ctx.notes}
+        model = _apply_with_recovery(stage, _copy_for_stage(model, baseline_model), ctx)
         seconds = time.perf_counter() - started
         check_same_model(model, f"stage {i} ({stage.type})")
-        if not main:
-            continue
-        if stage.changes_model:
-            save(model, stage_dir / MODEL_SUBDIR)
-        measured_dir = stage_dir / MODEL_SUBDIR if stage.changes_model else _last_model_dir(entries, baseline_dir)
-        entry = _measure(f"{i}:{stage.type}", model, measured_dir, task, seconds)
-        entry["config"] = stage.to_dict()
-        entry["notes"] = ctx.notes
-        entries.append(entry)
-        write_json_atomic(stage_dir / STAGE_RECORD,
-                          {"config": stage.to_dict(), "metrics": entry, "artifacts": dict(artifacts)})
-        log(f"stage {i} ({stage.type}): {task.metric} {entry['accuracy']:.4f}, {entry['file_bytes']} bytes, "
-            f"{seconds:.1f}s")
+        if main:
+            entries.append(_keep_stage(f"{i}:{stage.type}", stage, model, ctx, seconds,
+                                       _last_model_dir(entries, baseline_dir)))
+            log(f"stage {i} ({stage.type}): {task.metric} {entries[-1]['accuracy']:.4f}, "
+                f"{entries[-1]['file_bytes']} bytes, {seconds:.1f}s")
     if not main:
         return {}
     return _finish(recipe, task, entries, baseline_model, model, artifacts, out, log)
+
+
+def _apply_with_recovery(stage, model: nn.Module, ctx: StageContext) -> nn.Module:
+    """The stage, then its own recovery training (in the stage's folder, noted with the scores around it)."""
+    model = stage.apply(model, ctx)
+    recovery = stage.recovery_stage()
+    if recovery is not None:
+        recovery_ctx = dataclasses.replace(ctx, stage_dir=ctx.stage_dir / "recovery", notes={})
+        before = ctx.task.val_score(model)
+        model = recovery.apply(model, recovery_ctx)
+        ctx.notes["recovery"] = {"type": recovery.type, "val_score_before": before,
+                                 "val_score_after": ctx.task.val_score(model), **recovery_ctx.notes}
+    return model
+
+
+def _keep_stage(name: str, stage, model: nn.Module, ctx: StageContext, seconds: float, previous_dir: Path,
+                ) -> dict[str, Any]:
+    """Save a finished stage's model, measure it, and write its record (which marks the stage done)."""
+    if stage.changes_model:
+        save(model, ctx.stage_dir / MODEL_SUBDIR)
+    entry = _measure(name, model, ctx.stage_dir / MODEL_SUBDIR if stage.changes_model else previous_dir,
+                     ctx.task, seconds)
+    entry["config"] = stage.to_dict()
+    entry["notes"] = ctx.notes
+    write_json_atomic(ctx.stage_dir / STAGE_RECORD,
+                      {"config": stage.to_dict(), "metrics": entry, "artifacts": dict(ctx.artifacts)})
+    return entry
 
 
 def _finish(recipe: Recipe, task: Task, entries, baseline_model, model, artifacts, out: Path, log) -> dict[str, Any]:
