@@ -82,3 +82,37 @@ def test_a_recipe_runs_data_parallel_and_resumes(trained_run, tmp_path):
     assert again.stderr.count("already done") == 2  # both stages come from rank 0's folder, on both ranks
     resumed = _weights(tmp_path / "two" / "model")
     assert all(np.array_equal(resumed[k].numpy(), two[k].numpy()) for k in two)
+
+
+def test_data_parallel_training_resumes_after_kill_9(tmp_path):
+    """Rank 1 has no checkpoint of its own: it resumes from the one rank 0 reads and sends."""
+    import signal
+    import time
+
+    import torch
+
+    args = ["train", "--model", "lenet300", "--epochs", "8", "--batch-size", "16", "--seed", "2", "--no-progress"]
+    full = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "full")], capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([*TORCHRUN, *args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = tmp_path / "killed" / "checkpoint" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if torch.load(checkpoint, weights_only=True)["epoch"] >= 2:
+                break
+        except Exception:  # not written yet, or caught mid-rename
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = subprocess.run([*TORCHRUN, *args, "--resume", "--out", str(tmp_path / "killed")], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    one, two = _weights(tmp_path / "full" / "model"), _weights(tmp_path / "killed" / "model")
+    for name in one:
+        np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
