@@ -120,6 +120,10 @@ def test_distill_stage_recovers_a_pruned_model_and_trains_new_students(trained_r
                            "lenet300:hidden=[64,32]", "--feature", "fc2", "--out", str(tmp_path / "e")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "STUDENT_LAYER=TEACHER_LAYER" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "slimkit", "distill", "--teacher", str(trained_run), "--student",
+                           "lenet300", "--attention", "fc1=fc1", "--out", str(tmp_path / "a")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "holds 0 nn.Softmax modules" in proc.stderr  # an MLP has no attention maps
 
 
 def test_recovery_section_on_a_compression_stage(trained_run, tmp_path):
