@@ -9,10 +9,13 @@ scratch), three times (seeds 0, 1, 2);
 accuracy is on the 360-image test split, reported as mean and standard deviation, with
 the share of the teacher-student gap that distillation closes. Then training throughput
 and accuracy with bf16 autocast against fp32 (resnet8, vit; same seed and settings), and
-`slimkit train` in one process against two under torchrun (resnet8). Prints
-Markdown tables and writes benchmarks/results/distill.json.
+`slimkit train` in one process against two under torchrun (resnet8). Last, distillation as
+the recovery step of a recipe: lenet5 pruned to 90% (one shot), and pruned then quantized to
+int8, recovered with nothing, with label fine-tuning or with distillation from the unpruned
+model (the same epochs and learning rate; three seeds). Prints Markdown tables and writes
+benchmarks/results/distill.json.
 
-    python benchmarks/distill.py [--seeds 3]
+    python benchmarks/distill.py [--seeds 3] [--sections kd,precision,ddp,recovery]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from slimkit import Task, count_params, fit, load, load_data
+from slimkit import Task, count_params, fit, load, load_data, parse_recipe, run_recipe
 from slimkit.distill import DistillConfig, build_student, distill
 from slimkit.io import write_json_atomic
 from slimkit.train import TrainConfig, build_seeded, default_train_config, train_model
@@ -104,11 +107,39 @@ def ddp_rows(epochs: int) -> list[dict]:
     return rows
 
 
+def recovery_rows(seeds: int) -> list[dict]:
+    """A compressed lenet5 recovered by nothing, label fine-tuning or distillation, through recipes."""
+    import tempfile
+
+    compressions = {"pruned 90%": [{"type": "prune", "sparsity": 0.9, "scope": "global"}],
+                    "pruned 90% + int8": [{"type": "prune", "sparsity": 0.9, "scope": "global"},
+                                          {"type": "quantize", "scheme": "int8-static"}]}
+    recoveries = {"none": lambda seed: [],
+                  "finetune": lambda seed: [{"type": "finetune", "epochs": 10, "lr": 1e-3, "seed": seed}],
+                  "distill": lambda seed: [{"type": "distill", "train": {"epochs": 10, "lr": 1e-3, "seed": seed}}]}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for compression, stages in compressions.items():
+            for recovery, extra in recoveries.items():
+                runs = []
+                for seed in range(seeds if recovery != "none" else 1):
+                    recipe = parse_recipe({"name": "recovery", "model": {"path": str(RESULTS / "zoo" / "lenet5")},
+                                           "evaluate": {"latency": False}, "stages": [*stages, *extra(seed)]})
+                    runs.append(run_recipe(recipe, Path(tmp) / f"{compression}-{recovery}-{seed}", progress=False))
+                accs = [r["final"]["accuracy"] for r in runs]
+                rows.append({"compression": compression, "recovery": recovery, "accuracies": accs,
+                             "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                             "baseline": runs[0]["baseline"]["accuracy"],
+                             "nonzero_params": runs[0]["final"]["nonzero_params"],
+                             "file_bytes": runs[0]["final"]["file_bytes"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--precision-epochs", type=int, default=20)
-    parser.add_argument("--sections", default="kd,precision,ddp", help="which tables to measure")
+    parser.add_argument("--sections", default="kd,precision,ddp,recovery", help="which tables to measure")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     task = Task.classification(load_data("digits"))
@@ -153,8 +184,17 @@ def main() -> None:
     for r in ddp:
         print(f"| {r['setup']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / ddp[0]['samples_per_s']:.2f}x "
               f"| {100 * r['accuracy']:.2f}% |")
-    name = "distill" if sections == {"kd", "precision", "ddp"} else "distill-" + "-".join(sorted(sections))
-    write_json_atomic(RESULTS / f"{name}.json", {"distillation": rows, "precision": precision, "ddp": ddp})
+    recovery = recovery_rows(args.seeds) if "recovery" in sections else []
+    print(f"\n### Recovery of a compressed lenet5 (10 epochs, lr 1e-3; {args.seeds} seeds; teacher: the unpruned "
+          f"model)\n")
+    print("| compression | recovery | test acc | vs unpruned | non-zero params | model dir bytes |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in recovery:
+        print(f"| {r['compression']} | {r['recovery']} | {100 * r['mean']:.2f}% +/- {100 * r['std']:.2f} "
+              f"| {100 * (r['mean'] - r['baseline']):+.2f} pts | {r['nonzero_params']:,} | {r['file_bytes']:,} |")
+    name = "distill" if sections == {"kd", "precision", "ddp", "recovery"} else "distill-" + "-".join(sorted(sections))
+    write_json_atomic(RESULTS / f"{name}.json", {"distillation": rows, "precision": precision, "ddp": ddp,
+                                                 "recovery": recovery})
 
 
 if __name__ == "__main__":

@@ -64,3 +64,30 @@ def test_pruned_model_file_really_shrinks_and_reloads_exactly(tmp_path):
         assert torch.equal(v, again.state_dict()[k])
     x = torch.randn(8, 1, 8, 8)
     assert torch.equal(model(x), again(x))
+
+
+@pytest.mark.parametrize("density, bits", [(1.0, 8), (0.3, 8), (0.03, 8), (0.3, 4)])
+def test_quantized_codes_are_stored_at_sparse_positions_when_smaller(density, bits):
+    """A pruned, then quantized weight: its non-zero int8/int4 codes only, exactly as many bytes as counted."""
+    g = torch.Generator().manual_seed(0)
+    qmax = 2 ** (bits - 1) - 1
+    codes = torch.randint(-qmax, qmax + 1, (300, 64), generator=g) * (torch.rand(300, 64, generator=g) < density)
+    scale = torch.rand(300, generator=g) * 0.01 + 1e-3
+    weight = codes.float() * scale[:, None]
+    tensors, encodings = encode_state({"w": weight}, {"w": (scale, None)})
+    enc = encodings["w"]
+    assert enc["encoding"] == f"int{bits}-channel"
+    assert torch.equal(decode_state(tensors, encodings, "test")["w"], weight)
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    nnz, numel = int((codes != 0).sum()), codes.numel()
+    value_bytes = (lambda n: n) if bits == 8 else (lambda n: (n + 1) // 2)
+    dense = 4 * 300 + value_bytes(numel)
+    if density == 1.0:
+        assert "positions" not in enc and stored == dense
+    elif density == 0.3:
+        assert enc["positions"] == "bitmask" and stored == 4 * 300 + numel // 8 + value_bytes(nnz) < dense
+    else:
+        assert enc["positions"] == "indices" and stored < 4 * 300 + 2 * nnz + numel // MAX_GAP + 1
+    tensors[f"w::int{bits}"] = tensors[f"w::int{bits}"][:-1]
+    with pytest.raises(SlimkitError, match="sparse tensor 'w' is corrupt"):
+        decode_state(tensors, encodings, "test")

@@ -79,6 +79,15 @@ def test_quantized_models_pack_too(digits, briefly_trained, tmp_path):
     assert torch.equal(load(tmp_path / "q.slim")(digits.x_test), load(tmp_path / "q")(digits.x_test))
     _, stored = read_container(tmp_path / "q.slim")
     assert stored.keys() == read_safetensors(tmp_path / "q" / "model.safetensors").keys()
+    with torch.no_grad():  # pruned, then quantized: each weight's code layout chosen by coded size
+        for layer in (model.conv2, model.fc1, model.fc2):
+            layer.weight.mul_(layer.weight.abs() > layer.weight.abs().flatten().quantile(0.85))
+    sparse, step = quantize_static(model, calibration_subset(digits, 64))
+    sparse.slimkit_meta = {**model.slimkit_meta, "plan": [*model.slimkit_meta["plan"], step]}
+    save(sparse, tmp_path / "s")
+    pack(tmp_path / "s", tmp_path / "s.slim")
+    assert torch.equal(load(tmp_path / "s.slim")(digits.x_test), sparse(digits.x_test))
+    assert (tmp_path / "s.slim").stat().st_size < 0.6 * (tmp_path / "q.slim").stat().st_size
 
 
 def damaged(source, tmp_path, how):

@@ -205,3 +205,21 @@ def test_a_channel_pruned_away_keeps_a_usable_scale(digits, briefly_trained, tmp
     assert torch.all(scale[:5] == scale[5:].double().median().float())
     check = export_int8_verified(gm, tmp_path / "q.onnx", digits.x_test)
     assert check["top1_agreement"] == 1.0 and check["sqnr_db"] >= 40
+
+
+def test_a_pruned_then_quantized_model_directory_is_smaller_than_the_pruned_one(digits, briefly_trained, tmp_path):
+    from slimkit.prune.mask import remove_masks
+    from slimkit.prune.unstructured import PruneConfig, prune_weights
+
+    model = briefly_trained("lenet300")
+    prune_weights(model, PruneConfig(sparsity=0.9, scope="global"), Task.classification(digits))
+    remove_masks(model)
+    save(model, tmp_path / "pruned")
+    gm, step = quantize_static(model, calibration_subset(digits, 128), StaticQuantConfig())
+    gm.slimkit_meta = {**model.slimkit_meta, "plan": [step]}
+    save(gm, tmp_path / "quantized")
+    meta = json.loads((tmp_path / "quantized" / "slimkit.json").read_text())
+    assert meta["tensors"]["fc1.weight"]["positions"] in ("bitmask", "indices")  # the non-zero int8 codes only
+    assert dir_bytes(tmp_path / "quantized") < 0.7 * dir_bytes(tmp_path / "pruned")
+    reloaded = load(tmp_path / "quantized")
+    assert torch.equal(reloaded(digits.x_test), gm(digits.x_test))

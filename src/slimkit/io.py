@@ -26,7 +26,7 @@ from .errors import SlimkitError
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "slimkit.json"
 FORMAT_NAME = "slimkit-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: integer codes may be stored at sparse positions (1 is read too)
 
 
 @contextlib.contextmanager

@@ -33,10 +33,11 @@ import torch
 from ..errors import SlimkitError
 from .bits import pack_bits, unpack_bits
 from .entropy import CODERS, decode, encode, encode_with, entropy_bits
-from .state import SEP, decode_state, smallest_float_encoding, value_count
+from .state import (INTEGER_CODES, SEP, decode_state, integer_codes, smallest_code_encoding,
+                    smallest_float_encoding, value_count)
 
 MAGIC = b"SLIM"
-VERSION = 1
+VERSION = 2  # 2: integer codes may be stored at sparse positions (1 is read too)
 PREAMBLE = struct.Struct("<4sHII")
 SUFFIX = ".slim"
 
@@ -61,7 +62,7 @@ def _symbol_view(stream: str, tensor: torch.Tensor, encoding: dict[str, Any] | N
         count = value_count(encoding, {f"t{SEP}{k}": v for k, v in siblings.items()}, "t")
         return f"codes{encoding['codebook_bits']}", unpack_bits(tensor.numpy(), int(encoding["codebook_bits"]), count)
     if stream == "int4":
-        return "codes4", unpack_bits(tensor.numpy(), 4, math.prod(int(d) for d in encoding["shape"]))
+        return "codes4", unpack_bits(tensor.numpy(), 4, value_count(encoding, {f"t{SEP}{k}": v for k, v in siblings.items()}, "t"))
     return "bytes", tensor.numpy().view(np.uint8).reshape(-1).astype(np.int64)
 
 
@@ -77,22 +78,25 @@ def _coded_bytes(streams: dict[str, torch.Tensor], encoding: dict[str, Any] | No
 
 def reencode(meta: dict[str, Any], stored: dict[str, torch.Tensor], source: str,
              coders: tuple[str, ...] = CODERS) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The same tensors, each float tensor re-encoded for the container: its layout (dense, bitmask,
-    relative indices; raw or codebook values) chosen by entropy-coded size rather than stored size.
-    Integer-quantized weights keep their streams. Lossless: decoding gives the identical tensors."""
+    """The same tensors, each re-encoded for the container: its layout (dense, bitmask, relative
+    indices; raw or codebook values; integer codes for quantized weights) chosen by entropy-coded
+    size rather than stored size. Lossless: decoding gives the identical tensors."""
     encodings = meta.get("tensors", {})
     state = decode_state(stored, encodings, source)
     tensors, new_encodings = {}, {}
+    coded_size = lambda st, e: _coded_bytes(st, e, coders)  # noqa: E731
     for name, tensor in state.items():
         enc = encodings.get(name)
-        if enc is not None and enc["encoding"] in ("int8-channel", "int4-channel"):
-            tensors.update({k: v for k, v in stored.items() if k.partition(SEP)[0] == name and SEP in k})
+        if enc is not None and enc["encoding"] in INTEGER_CODES:
+            scale, group = stored[name + SEP + "scale"], enc.get("group_size")
+            streams, enc = smallest_code_encoding(integer_codes(tensor, scale, group), scale, group, cost=coded_size)
+            tensors.update({name + SEP + k: v for k, v in streams.items()})
             new_encodings[name] = enc
             continue
         if not tensor.is_floating_point() or tensor.numel() < 64:
             tensors[name] = tensor
             continue
-        streams, enc = smallest_float_encoding(tensor, cost=lambda st, e: _coded_bytes(st, e, coders))
+        streams, enc = smallest_float_encoding(tensor, cost=coded_size)
         if enc is None:
             tensors[name] = tensor
         else:

@@ -6,7 +6,8 @@ Positions of the stored values: all of them (``dense``), a ``bitmask`` of the no
 as filler). Values: raw, or (at most 256 distinct values: a clustered layer) a codebook
 plus n-bit codes. Plain dense storage wins when nothing is gained, so a dense model is
 unchanged. Weights a quantization plan names are stored as int8 or packed int4 codes
-with their scales. Decoding restores the exact tensors.
+with their scales, all of them or (a pruned, then quantized weight) the non-zero ones at
+bitmask or relative-index positions. Decoding restores the exact tensors.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _scale_grid(scale: torch.Tensor, shape: list[int], group_size: int | None) -
     return scale.reshape(-1, *([1] * (len(shape) - 1)))
 
 
-def _as_int8(tensor: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> torch.Tensor | None:
+def integer_codes(tensor: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> torch.Tensor | None:
     """int8 codes if ``tensor`` is exactly ``codes * scale`` (a quantized weight), else None."""
     s = _scale_grid(scale, list(tensor.shape), group_size)
     codes = torch.round(tensor / s)
@@ -85,16 +86,11 @@ def encode_state(state: dict[str, torch.Tensor],
         if SEP in name:
             raise SlimkitError(f"tensor name {name!r} contains the reserved separator {SEP!r}")
         scale, group_size = int8_scales[name] if int8_scales and name in int8_scales else (None, None)
-        codes = _as_int8(tensor, scale, group_size) if scale is not None else None
+        codes = integer_codes(tensor, scale, group_size) if scale is not None else None
         if codes is not None:
-            tensors[name + SEP + "scale"] = scale.float().contiguous()
-            meta = {"shape": list(tensor.shape), **({"group_size": group_size} if group_size else {})}
-            if int(codes.min()) >= -8 and int(codes.max()) <= 7:  # 4-bit codes: two per byte
-                tensors[name + SEP + "int4"] = _pack_int4(codes)
-                encodings[name] = {"encoding": "int4-channel", **meta}
-            else:
-                tensors[name + SEP + "int8"] = codes
-                encodings[name] = {"encoding": "int8-channel", **meta}
+            streams, encoding = smallest_code_encoding(codes, scale, group_size)
+            tensors.update({name + SEP + key: value for key, value in streams.items()})
+            encodings[name] = encoding
             continue
         if not tensor.is_floating_point() or tensor.numel() < 64:
             tensors[name] = tensor
@@ -113,6 +109,38 @@ def stored_bytes(streams: dict[str, torch.Tensor], encoding: dict[str, Any] | No
     return sum(t.numel() * t.element_size() for t in streams.values())
 
 
+def _layouts(flat: torch.Tensor) -> dict[str, tuple[dict[str, torch.Tensor], np.ndarray | None]]:
+    """Ways to position a flat tensor's stored values: layout -> (position streams, the values' positions)."""
+    nonzero = torch.nonzero(flat).reshape(-1).numpy()
+    gaps = _gaps(nonzero)
+    mask = np.zeros(flat.numel(), dtype=bool)
+    mask[nonzero] = True
+    return {
+        "dense": ({}, None),
+        "bitmask": ({"bitmask": torch.from_numpy(np.packbits(mask))}, nonzero),
+        "indices": ({"gaps": torch.from_numpy(gaps.astype(np.uint8))}, np.cumsum(gaps) - 1),
+    }
+
+
+def smallest_code_encoding(codes: torch.Tensor, scale: torch.Tensor, group_size: int | None, cost=stored_bytes,
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A quantized weight's integer codes in the cheapest layout: all of them, or the non-zero ones at
+    bitmask or relative-index positions; int4 (two per byte) when every code fits in 4 bits."""
+    flat = codes.reshape(-1)
+    kind = "int4" if int(codes.min()) >= -8 and int(codes.max()) <= 7 else "int8"
+    meta = {"encoding": f"{kind}-channel", "shape": list(codes.shape), **({"group_size": group_size} if group_size else {})}
+    best = None
+    for layout, (position_streams, positions) in _layouts(flat).items():
+        values = flat if positions is None else flat[torch.from_numpy(positions)]
+        candidate = ({"scale": scale.float().contiguous(), **position_streams,
+                      kind: _pack_int4(values) if kind == "int4" else values.clone()},
+                     {**meta, **({"positions": layout} if positions is not None else {})})
+        price = cost(*candidate)
+        if best is None or price < best[0]:
+            best = (price, candidate)
+    return best[1]
+
+
 def smallest_float_encoding(tensor: torch.Tensor, cost=stored_bytes,
                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The cheapest of: positions (all, bitmask, relative indices) x values (raw, codebook + n-bit codes).
@@ -121,18 +149,9 @@ def smallest_float_encoding(tensor: torch.Tensor, cost=stored_bytes,
     them); ``({tensor}, None)`` means plain dense storage.
     """
     flat = tensor.detach().reshape(-1)
-    nonzero = torch.nonzero(flat).reshape(-1).numpy()
-    gaps = _gaps(nonzero)
-    mask = np.zeros(flat.numel(), dtype=bool)
-    mask[nonzero] = True
-    layouts = {  # name -> (position streams, positions of the values stream)
-        "dense": ({}, None),
-        "bitmask": ({"bitmask": torch.from_numpy(np.packbits(mask))}, nonzero),
-        "indices": ({"gaps": torch.from_numpy(gaps.astype(np.uint8))}, np.cumsum(gaps) - 1),
-    }
     plain: tuple[dict[str, torch.Tensor], dict[str, Any] | None] = ({"": tensor}, None)
     best = (cost(*plain), plain)
-    for layout, (position_streams, positions) in layouts.items():
+    for layout, (position_streams, positions) in _layouts(flat).items():
         values = flat if positions is None else flat[torch.from_numpy(positions)]
         options = [({"values": values.clone()}, {})] if layout != "dense" else []
         table, codes = torch.unique(values, return_inverse=True)
@@ -150,22 +169,24 @@ def smallest_float_encoding(tensor: torch.Tensor, cost=stored_bytes,
     return ({}, None) if encoding is None else (streams, encoding)
 
 
+INTEGER_CODES = ("int8-channel", "int4-channel")
+
+
 def _positions(enc: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) -> np.ndarray:
     """Flat positions of a tensor's stored values, from its position stream."""
     numel = math.prod(int(d) for d in enc["shape"])
-    if enc["encoding"] == "bitmask":
+    layout = enc.get("positions", "dense") if enc["encoding"] in INTEGER_CODES else enc["encoding"]
+    if layout == "bitmask":
         return np.flatnonzero(np.unpackbits(tensors[name + SEP + "bitmask"].numpy(), count=numel))
-    if enc["encoding"] == "indices":
+    if layout == "indices":
         return np.cumsum(tensors[name + SEP + "gaps"].numpy().astype(np.int64)) - 1
-    if enc["encoding"] == "dense":
+    if layout == "dense":
         return np.arange(numel)
-    raise ValueError(f"unknown encoding {enc['encoding']!r}")
+    raise ValueError(f"unknown encoding {layout!r}")
 
 
 def value_count(enc: dict[str, Any], tensors: dict[str, torch.Tensor], name: str) -> int:
-    """How many values a tensor's value stream holds (the codes of a codebook-coded tensor)."""
-    if enc["encoding"] in ("int8-channel", "int4-channel"):
-        return math.prod(int(d) for d in enc["shape"])
+    """How many values a tensor's value stream holds (the codes of a codebook- or integer-coded tensor)."""
     return len(_positions(enc, tensors, name))
 
 
@@ -176,14 +197,11 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str
         try:
             shape = [int(d) for d in enc["shape"]]
             numel = math.prod(shape)
-            if enc["encoding"] in ("int8-channel", "int4-channel"):
-                scale = tensors[name + SEP + "scale"]
-                codes = (tensors[name + SEP + "int8"] if enc["encoding"] == "int8-channel"
-                         else _unpack_int4(tensors[name + SEP + "int4"], numel))
-                state[name] = codes.float().reshape(shape) * _scale_grid(scale, shape, enc.get("group_size"))
-                continue
             positions = _positions(enc, tensors, name)
-            if "codebook_bits" in enc:
+            if enc["encoding"] in INTEGER_CODES:
+                values = (tensors[name + SEP + "int8"] if enc["encoding"] == "int8-channel"
+                          else _unpack_int4(tensors[name + SEP + "int4"], len(positions)))
+            elif "codebook_bits" in enc:
                 table = tensors[name + SEP + "codebook"]
                 codes = unpack_bits(tensors[name + SEP + "codes"].numpy(), int(enc["codebook_bits"]), len(positions))
                 if len(codes) and codes.max() >= len(table):
@@ -193,9 +211,12 @@ def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str
                 values = tensors[name + SEP + "values"]
             if len(positions) != values.numel() or (len(positions) and positions[-1] >= numel):
                 raise ValueError("positions do not match the values")
-        except (KeyError, ValueError, TypeError) as exc:
+            flat = torch.zeros(numel, dtype=values.dtype)
+            flat[torch.from_numpy(positions)] = values
+            state[name] = flat.reshape(shape)
+            if enc["encoding"] in INTEGER_CODES:
+                scale = _scale_grid(tensors[name + SEP + "scale"], shape, enc.get("group_size"))
+                state[name] = state[name].float() * scale
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise SlimkitError(f"{source}: sparse tensor '{name}' is corrupt ({exc})") from None
-        flat = torch.zeros(numel, dtype=values.dtype)
-        flat[torch.from_numpy(positions)] = values
-        state[name] = flat.reshape(shape)
     return state
