@@ -116,3 +116,63 @@ def test_data_parallel_training_resumes_after_kill_9(tmp_path):
     one, two = _weights(tmp_path / "full" / "model"), _weights(tmp_path / "killed" / "model")
     for name in one:
         np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def _helpers_on_rank(rank: int, init_file: str, folder: str, results: str) -> None:
+    """One rank of the helper test: what each helper gives this rank, written to a JSON file."""
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from slimkit import SlimkitError
+    from slimkit.train.distributed import check_same_model, from_main, mirror_from_main
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    def fail():
+        raise SlimkitError(f"rank {rank} failed")
+
+    out: dict = {"value": from_main(lambda: {"rank": rank})}
+    try:
+        from_main(fail)
+    except SlimkitError as exc:
+        out["error"] = str(exc)
+    mine = Path(folder) / f"rank{rank}"
+    if rank == 0:
+        (mine / "model").mkdir(parents=True)
+        (mine / "model" / "w.bin").write_bytes(b"\x00\x01weights")
+        (mine / "stage.json").write_text("{}")
+        (mine / "checkpoint.pt").write_bytes(b"not mirrored")
+    out["mirrored"] = mirror_from_main(mine, ("stage.json", "model"))
+    out["files"] = sorted(str(p.relative_to(mine)) for p in mine.rglob("*") if p.is_file())
+    out["weights"] = (mine / "model" / "w.bin").read_bytes().hex()
+    out["missing"] = mirror_from_main(Path(folder) / f"none{rank}")
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    check_same_model(model, "an equal stage")
+    if rank == 1:
+        with torch.no_grad():
+            model.bias[0] = 1e-7
+    try:
+        check_same_model(model, "a diverged stage")
+    except SlimkitError as exc:
+        out["diverged"] = str(exc)
+    Path(results, f"{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def test_distributed_helpers_share_rank_0s_results_files_and_failures(tmp_path):
+    import torch.multiprocessing as mp
+
+    (tmp_path / "results").mkdir()
+    mp.spawn(_helpers_on_rank, args=(str(tmp_path / "init"), str(tmp_path), str(tmp_path / "results")), nprocs=2)
+    for rank in (0, 1):
+        out = json.loads((tmp_path / "results" / f"{rank}.json").read_text())
+        assert out["value"] == {"rank": 0} and out["error"] == "rank 0 failed"  # rank 0's result, and its failure
+        assert out["mirrored"] and not out["missing"]
+        assert out["files"] == (["checkpoint.pt", "model/w.bin", "stage.json"] if rank == 0
+                                else ["model/w.bin", "stage.json"])  # only the named entries travel
+        assert out["weights"] == b"\x00\x01weights".hex()
+        assert "ranks disagree on the model after a diverged stage" in out["diverged"]
