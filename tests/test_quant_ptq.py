@@ -223,3 +223,26 @@ def test_a_pruned_then_quantized_model_directory_is_smaller_than_the_pruned_one(
     assert dir_bytes(tmp_path / "quantized") < 0.7 * dir_bytes(tmp_path / "pruned")
     reloaded = load(tmp_path / "quantized")
     assert torch.equal(reloaded(digits.x_test), gm(digits.x_test))
+
+
+def test_quantizer_buffers_the_codes_carry_are_not_stored_twice(digits, briefly_trained, tmp_path):
+    from slimkit.io import read_safetensors, save_model
+    from slimkit.quant.ptq import weight_scale_buffer, weight_zero_buffer
+
+    model = briefly_trained("lenet300")
+    gm, step = quantize_static(model, calibration_subset(digits, 128), StaticQuantConfig())
+    gm.slimkit_meta = {**model.slimkit_meta, "plan": [step]}
+    save(gm, tmp_path / "new")
+    stored = read_safetensors(tmp_path / "new" / "model.safetensors")
+    assert not [k for k in stored if k.startswith(("_slimkit_wscale", "_slimkit_wzero"))]
+    reloaded = load(tmp_path / "new")
+    for i in range(len(step["weights"])):
+        for buffer in (weight_scale_buffer(i), weight_zero_buffer(i)):
+            assert torch.equal(reloaded.get_buffer(buffer), gm.get_buffer(buffer)), buffer
+    assert torch.equal(reloaded(digits.x_test), gm(digits.x_test))
+    meta = {k: v for k, v in gm.slimkit_meta.items()}  # a directory from before: the buffers stored as well
+    save_model(gm, tmp_path / "old", meta, {name: (gm.get_buffer(weight_scale_buffer(i)), None)
+                                            for i, name in enumerate(step["weights"])})
+    assert torch.equal(load(tmp_path / "old")(digits.x_test), gm(digits.x_test))
+    channels = 300 + 100 + 10  # a float32 scale and an int32 zero point per output channel, no longer twice
+    assert dir_bytes(tmp_path / "old") - dir_bytes(tmp_path / "new") >= 8 * channels

@@ -103,12 +103,13 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any],
-               int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None) -> Path:
+               int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None,
+               derived: set[str] = frozenset()) -> Path:
     """Write ``model`` and its metadata as a model directory (or a ``.slim`` file), atomically, each tensor
-    in its smallest lossless encoding."""
+    in its smallest lossless encoding; the ``derived`` tensors, which loading rebuilds, are left out."""
     from .codec import encode_state
 
-    state = state_dict_for_saving(model)
+    state = {k: v for k, v in state_dict_for_saving(model).items() if k not in derived}
     check_finite(state, f"model being saved to {out_dir}")
     tensors, encodings = encode_state(state, int8_scales)
     full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta, "tensors": encodings}

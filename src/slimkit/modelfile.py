@@ -47,6 +47,7 @@ def load(path: str | os.PathLike, arch: dict[str, Any] | str | None = None, trus
             raise SlimkitError(f"{path}: a model directory or .slim file names its own architecture; do not pass one")
         meta, stored = read_stored(path)
         state = decode_state(stored, meta.get("tensors", {}), str(path))
+        state.update(_quantizer_buffers(meta.get("plan", []), stored, state))
     elif path.is_file():
         if arch is None:
             raise SlimkitError(f"{path}: a bare weights file needs its architecture (for example --arch lenet5)")
@@ -81,15 +82,56 @@ def save(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | No
     meta.setdefault("plan", [])
     for derived in ("format", "version", "tensors"):
         meta.pop(derived, None)
-    return save_model(model, out_dir, meta, _int8_scales(model, meta["plan"]))
+    scales = _int8_scales(model, meta["plan"])
+    return save_model(model, out_dir, meta, scales, derived=_derived_buffers(model, meta["plan"]))
+
+
+def _quantized_weights(plan: list[dict[str, Any]]) -> list[tuple[int, str, dict[str, Any]]]:
+    """(index, weight name, spec) of every weight a quantization step made integer codes."""
+    from .quant.ptq import PLAN_OP
+
+    return [(i, name, spec) for step in plan if step.get("op") == PLAN_OP
+            for i, (name, spec) in enumerate(step["weights"].items())]
 
 
 def _int8_scales(model: nn.Module, plan: list[dict[str, Any]]) -> dict[str, tuple[torch.Tensor, int | None]]:
     """Weights a quantization step made integer codes, with their scales and group size (stored as codes)."""
-    from .quant.ptq import PLAN_OP, weight_scale_buffer
+    from .quant.ptq import weight_scale_buffer
 
     return {name: (model.get_buffer(weight_scale_buffer(i)), spec.get("group_size"))
-            for step in plan if step.get("op") == PLAN_OP for i, (name, spec) in enumerate(step["weights"].items())}
+            for i, name, spec in _quantized_weights(plan)}
+
+
+def _derived_buffers(model: nn.Module, plan: list[dict[str, Any]]) -> set[str]:
+    """Quantizer buffers a file need not hold: the scale of each weight stored as integer codes (the codes
+    carry it) and its zero point (always 0)."""
+    from .codec.state import integer_codes
+    from .quant.ptq import weight_scale_buffer, weight_zero_buffer
+
+    derived = set()
+    for i, name, spec in _quantized_weights(plan):
+        scale = model.get_buffer(weight_scale_buffer(i)).detach().cpu()
+        if integer_codes(model.get_parameter(name).detach().cpu(), scale, spec.get("group_size")) is not None:
+            derived |= {weight_scale_buffer(i), *([] if spec.get("group_size") else [weight_zero_buffer(i)])}
+    return derived
+
+
+def _quantizer_buffers(plan: list[dict[str, Any]], stored: dict[str, torch.Tensor],
+                       state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The derived quantizer buffers rebuilt from the stored codes' scales (files from before they were
+    dropped hold them, and keep them)."""
+    from .codec.state import SEP
+    from .quant.ptq import weight_scale_buffer, weight_zero_buffer
+
+    buffers = {}
+    for i, name, spec in _quantized_weights(plan):
+        scale = stored.get(name + SEP + "scale")
+        if scale is None or weight_scale_buffer(i) in state:
+            continue
+        buffers[weight_scale_buffer(i)] = scale.float()
+        if not spec.get("group_size"):
+            buffers[weight_zero_buffer(i)] = torch.zeros(scale.shape, dtype=torch.int32)
+    return buffers
 
 
 def new_model(arch: dict[str, Any] | str, trust_code: bool = False, **meta: Any) -> nn.Module:

@@ -274,6 +274,10 @@ def weight_scale_buffer(index: int) -> str:
     return f"_slimkit_wscale_{index}"
 
 
+def weight_zero_buffer(index: int) -> str:
+    return f"_slimkit_wzero_{index}"
+
+
 def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.Tensor] | None = None,
              ) -> fx.GraphModule:
     """Insert the plan's fake quantizers into a captured graph (weights and biases rounded in place).
@@ -300,8 +304,8 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
                 fq = gm.graph.call_function(torch.ops.slimkit.group_fake_quant.default,
                                             (op.args[1], s, group, _weight_limit(step, spec)))
             else:
-                gm.register_buffer(f"_slimkit_wzero_{i}", torch.zeros_like(scale, dtype=torch.int32))
-                z = gm.graph.get_attr(f"_slimkit_wzero_{i}")
+                gm.register_buffer(weight_zero_buffer(i), torch.zeros_like(scale, dtype=torch.int32))
+                z = gm.graph.get_attr(weight_zero_buffer(i))
                 fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (op.args[1], s, z, 0, -128, 127))
             op.replace_input_with(op.args[1], fq)
             if spec.get("activation") == "dynamic":
