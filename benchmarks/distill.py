@@ -135,6 +135,17 @@ def recovery_rows(seeds: int) -> list[dict]:
     return rows
 
 
+def print_table(title: str, columns: list[str], rows: list[list[str]], text: int = 1) -> None:
+    """A Markdown table under a heading: the first ``text`` columns left-aligned, the numbers right-aligned."""
+    if not rows:  # a section not measured in this run
+        return
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if i < text else "---:" for i in range(len(columns))) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -161,37 +172,28 @@ def main() -> None:
                          "seconds": statistics.mean(r["seconds"] for r in runs)})
         print(f"measured {spec}", flush=True)
     precision = precision_rows(task, args.precision_epochs) if "precision" in sections else []
-    print(f"\n### Distillation ({args.seeds} seeds; test accuracy mean +/- std; same training for every method)\n")
-    print("| teacher (params, acc) | student (params) | method | test acc | gap to teacher closed |")
-    print("|---|---|---|---:|---:|")
-    for r in rows:
-        print(f"| {r['teacher']} ({r['teacher_params']:,}, {100 * r['teacher_accuracy']:.2f}%) "
-              f"| {r['student']} ({r['student_params']:,}) | {r['method']} "
-              f"| {100 * r['mean']:.2f}% +/- {100 * r['std']:.2f} | {100 * r['gap_closed']:.0f}% |")
-    print(f"\n### bf16 autocast vs fp32 training on this CPU ({args.precision_epochs} epochs, zoo settings, "
-          f"{torch.get_num_threads()} threads)\n")
-    print("| model | precision | samples/s | vs fp32 | test acc |")
-    print("|---|---|---:|---:|---:|")
-    for r in precision:
-        base = next(p for p in precision if p["model"] == r["model"] and p["precision"] == "fp32")
-        print(f"| {r['model']} | {r['precision']} | {r['samples_per_s']:,.0f} "
-              f"| {r['samples_per_s'] / base['samples_per_s']:.2f}x | {100 * r['accuracy']:.2f}% |")
+    print_table(f"Distillation ({args.seeds} seeds; test accuracy mean +/- std; same training for every method)",
+                ["teacher (params, acc)", "student (params)", "method", "test acc", "gap to teacher closed"],
+                [[f"{r['teacher']} ({r['teacher_params']:,}, {100 * r['teacher_accuracy']:.2f}%)",
+                  f"{r['student']} ({r['student_params']:,})", r["method"],
+                  f"{100 * r['mean']:.2f}% +/- {100 * r['std']:.2f}", f"{100 * r['gap_closed']:.0f}%"] for r in rows],
+                text=3)
+    fp32 = {r["model"]: r["samples_per_s"] for r in precision if r["precision"] == "fp32"}
+    print_table(f"bf16 autocast vs fp32 training on this CPU ({args.precision_epochs} epochs, zoo settings, "
+                f"{torch.get_num_threads()} threads)", ["model", "precision", "samples/s", "vs fp32", "test acc"],
+                [[r["model"], r["precision"], f"{r['samples_per_s']:,.0f}", f"{r['samples_per_s'] / fp32[r['model']]:.2f}x",
+                  f"{100 * r['accuracy']:.2f}%"] for r in precision], text=2)
     ddp = ddp_rows(args.precision_epochs) if "ddp" in sections else []
-    print(f"\n### Data-parallel training on this CPU (resnet8, {args.precision_epochs} epochs, the same global "
-          f"batches)\n")
-    print("| setup | samples/s | vs 1 process | test acc |")
-    print("|---|---:|---:|---:|")
-    for r in ddp:
-        print(f"| {r['setup']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / ddp[0]['samples_per_s']:.2f}x "
-              f"| {100 * r['accuracy']:.2f}% |")
+    print_table(f"Data-parallel training on this CPU (resnet8, {args.precision_epochs} epochs, the same global batches)",
+                ["setup", "samples/s", "vs 1 process", "test acc"],
+                [[r["setup"], f"{r['samples_per_s']:,.0f}", f"{r['samples_per_s'] / ddp[0]['samples_per_s']:.2f}x",
+                  f"{100 * r['accuracy']:.2f}%"] for r in ddp])
     recovery = recovery_rows(args.seeds) if "recovery" in sections else []
-    print(f"\n### Recovery of a compressed lenet5 (10 epochs, lr 1e-3; {args.seeds} seeds; teacher: the unpruned "
-          f"model)\n")
-    print("| compression | recovery | test acc | vs unpruned | non-zero params | model dir bytes |")
-    print("|---|---|---:|---:|---:|---:|")
-    for r in recovery:
-        print(f"| {r['compression']} | {r['recovery']} | {100 * r['mean']:.2f}% +/- {100 * r['std']:.2f} "
-              f"| {100 * (r['mean'] - r['baseline']):+.2f} pts | {r['nonzero_params']:,} | {r['file_bytes']:,} |")
+    print_table(f"Recovery of a compressed lenet5 (10 epochs, lr 1e-3; {args.seeds} seeds; teacher: the unpruned model)",
+                ["compression", "recovery", "test acc", "vs unpruned", "non-zero params", "model dir bytes"],
+                [[r["compression"], r["recovery"], f"{100 * r['mean']:.2f}% +/- {100 * r['std']:.2f}",
+                  f"{100 * (r['mean'] - r['baseline']):+.2f} pts", f"{r['nonzero_params']:,}", f"{r['file_bytes']:,}"]
+                 for r in recovery], text=2)
     name = "distill" if sections == {"kd", "precision", "ddp", "recovery"} else "distill-" + "-".join(sorted(sections))
     write_json_atomic(RESULTS / f"{name}.json", {"distillation": rows, "precision": precision, "ddp": ddp,
                                                  "recovery": recovery})
