@@ -78,10 +78,10 @@ def test_int4_group_weights_train_on_their_grids_and_log_levels_refuse(digits, b
 def test_shared_values_stay_shared_and_half_precision(digits, briefly_trained):
     task = Task.classification(digits)
     model = _pruned(briefly_trained("lenet300"), task, 0.5)
-    cluster(model, ClusterConfig(bits=4, codebook_dtype="float16", include=["fc1", "fc2"]))
+    cluster(model, ClusterConfig(bits=4, codebook_dtype="float16", include=["fc1", "fc2"], biases=True))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _train(model, task)
-    for name in ("fc1.weight", "fc2.weight"):
+    for name in ("fc1.weight", "fc2.weight", "fc1.bias", "fc2.bias"):
         weight = model.get_parameter(name)
         assert weight.requires_grad and torch.equal(before[name] == 0, weight == 0), name
         values = torch.unique(weight[weight != 0])

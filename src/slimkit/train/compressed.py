@@ -6,8 +6,9 @@ quantized weights leave their grids. Inside ``compression_kept(model)``:
 * a quantized model trains its float weights through its fixed quantizers (straight-through
   gradients; scales and zero points stay), and on exit every weight goes back on its grid
   and every bias on its int32 grid, so the model still is exactly what the runtime executes;
-* a weight with at most 256 distinct values, each used twice or more on average (weight
-  sharing), trains its shared values, the assignments fixed (half-precision codebooks are rounded back to half precision on exit);
+* a weight or bias with at most 256 distinct values, each used twice or more on average
+  (weight sharing), trains its shared values, the assignments fixed (half-precision codebooks
+  are rounded back to half precision on exit);
 * any other conv/linear weight holding exact zeros (pruning) trains through a mask of its
   non-zeros.
 """
@@ -40,15 +41,19 @@ def compression_kept(model: nn.Module) -> Iterator[nn.Module]:
     for name, module in model.named_modules():
         if not isinstance(module, WEIGHTED) or torch.nn.utils.parametrize.is_parametrized(module):
             continue
-        weight = module.weight.detach()
-        distinct = int(torch.unique(weight).numel())
-        if distinct <= SHARED_MAX_VALUES and int((weight != 0).sum()) >= 2 * distinct:  # values really shared
-            shared.append(f"{name}.weight" if name else "weight")
-            if torch.equal(round_to_half(weight), weight):
-                half.append(module)
-        elif bool((weight == 0).any()):
-            set_mask(module, (weight != 0).to(weight.dtype))
-            masked.append(module)
+        for kind in ("weight", "bias"):
+            tensor = getattr(module, kind)
+            if tensor is None:
+                continue
+            values = tensor.detach()
+            distinct = int(torch.unique(values).numel())
+            if distinct <= SHARED_MAX_VALUES and int((values != 0).sum()) >= 2 * distinct:  # values really shared
+                shared.append(f"{name}.{kind}" if name else kind)
+                if torch.equal(round_to_half(values), values):
+                    half.append(shared[-1])
+            elif kind == "weight" and bool((values == 0).any()):
+                set_mask(module, (values != 0).to(values.dtype))
+                masked.append(module)
     share_centroids(model, shared, SHARED_MAX_VALUES)
     try:
         yield model
@@ -57,8 +62,9 @@ def compression_kept(model: nn.Module) -> Iterator[nn.Module]:
         for module in masked:
             remove_masks(module)
         with torch.no_grad():
-            for module in half:
-                module.weight.copy_(round_to_half(module.weight))
+            for name in half:
+                tensor = model.get_parameter(name)
+                tensor.copy_(round_to_half(tensor))
 
 
 @contextlib.contextmanager
