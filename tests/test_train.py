@@ -106,6 +106,13 @@ def test_divergence_is_reported(digits):
         _fit(digits, TrainConfig(epochs=1, lr=1e12, optimizer="sgd"))
 
 
+def test_a_model_without_trainable_parameters_is_a_named_error(digits):
+    frozen = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).requires_grad_(False)
+    with pytest.raises(SlimkitError, match="nothing to train: Sequential has no trainable parameters"):
+        fit(frozen, [(digits.x_train[:8], digits.y_train[:8])], None, TrainConfig(epochs=1), score_fn=lambda m: 0.0,
+            progress=False)
+
+
 def test_train_config_validation_names_field():
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=-1)

@@ -90,6 +90,8 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn | None =
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise SlimkitError(f"nothing to train: {type(model).__name__} has no trainable parameters")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
