@@ -1,6 +1,7 @@
 """Recovery training keeps compression: pruned zeros, shared values, quantization grids (and still exports)."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -108,3 +109,22 @@ def test_a_quantized_student_distils_in_a_recipe(trained_run, tmp_path, digits, 
     gm, _ = _quantized(briefly_trained("lenet300"), digits)
     with pytest.raises(SlimkitError, match="did not run in its forward pass"):
         distill(gm, briefly_trained("lenet300"), task, DistillConfig(features={"fc2": "fc2"}), TrainConfig(epochs=1))
+
+
+def test_a_quantized_input_model_refuses_float_only_stages(digits, briefly_trained, tmp_path):
+    from slimkit import save
+
+    gm, _ = _quantized(briefly_trained("lenet300"), digits)
+    save(gm, tmp_path / "q")
+    recipe = parse_recipe({"model": {"path": str(tmp_path / "q")}, "evaluate": {"latency": False},
+                           "stages": [{"type": "factorize"}]})
+    with pytest.raises(SlimkitError, match="a factorize stage works on float weights, but the model entering it is "
+                                           "quantized"):
+        run_recipe(recipe, tmp_path / "r", progress=False)
+    # recovery stages do take it (regression: the pipeline's copy of a loaded quantized model lost its metadata)
+    recipe = parse_recipe({"model": {"path": str(tmp_path / "q")}, "evaluate": {"latency": False},
+                           "stages": [{"type": "finetune", "epochs": 1}]})
+    report = run_recipe(recipe, tmp_path / "f", progress=False)
+    assert report["final"]["accuracy"] >= report["baseline"]["accuracy"] - 0.02
+    meta = json.loads((tmp_path / "f" / "model" / "slimkit.json").read_text())
+    assert meta["tensors"]["fc1.weight"]["encoding"] == "int8-channel"

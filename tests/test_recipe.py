@@ -68,3 +68,14 @@ def test_invalid_yaml_and_non_mapping(tmp_path):
 
 def test_registry_has_the_spine_stages():
     assert {"finetune", "export"} <= set(stage_types())
+
+
+def test_stages_that_need_float_weights_cannot_follow_quantize():
+    with pytest.raises(SlimkitError) as err:
+        parse_recipe({"model": {"zoo": "lenet5"}, "stages": [
+            {"type": "prune", "sparsity": 0.5}, {"type": "quantize"}, {"type": "prune", "sparsity": 0.5},
+            {"type": "finetune"}, {"type": "cluster"}, {"type": "export", "format": "onnx-int8"}]})
+    message = str(err.value)
+    assert "stages[2]: a prune stage works on float weights, but stages[1] (quantize)" in message
+    assert "stages[4]: a cluster stage" in message
+    assert "stages[0]" not in message and "stages[3]" not in message and "stages[5]" not in message

@@ -28,6 +28,8 @@ from .analyze import count_macs, count_params, layer_stats, measure_latency
 from .data import load_data
 from .io import dir_bytes, read_meta, write_json_atomic
 from .modelfile import load, resolve_model_dir, save
+from .errors import SlimkitError
+from .quant.ptq import is_quantized
 from .recipe import Recipe
 from .stages import StageContext
 from .task import Task
@@ -101,6 +103,9 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | N
 
 def _apply_with_recovery(stage, model: nn.Module, ctx: StageContext) -> nn.Module:
     """The stage, then its own recovery training (in the stage's folder, noted with the scores around it)."""
+    if stage.needs_float_model and is_quantized(model):  # a quantized input model (recipes check their own order)
+        raise SlimkitError(f"a {stage.type} stage works on float weights, but the model entering it is quantized "
+                           "(integer codes): start from the float model")
     model = stage.apply(model, ctx)
     recovery = stage.recovery_stage()
     if recovery is not None:
@@ -171,7 +176,10 @@ def _copy_for_stage(model: nn.Module, baseline: nn.Module) -> nn.Module:
         return model
     import copy
 
-    return copy.deepcopy(model)
+    clone = copy.deepcopy(model)
+    if hasattr(model, "slimkit_meta"):  # a GraphModule's (quantized model's) deepcopy drops added attributes
+        clone.slimkit_meta = copy.deepcopy(model.slimkit_meta)
+    return clone
 
 
 def _finished_stage(stage_dir: Path, stage) -> dict[str, Any] | None:

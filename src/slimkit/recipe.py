@@ -96,6 +96,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             stages.append(cls.model_validate(raw))
         except ValidationError as exc:
             problems += _describe(exc, where, cls)
+    problems += _order_problems(stages)
     try:
         recipe = Recipe.model_validate({**data, "stages": []})
     except ValidationError as exc:
@@ -104,6 +105,16 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if problems:
         raise SlimkitError(f"{source}: invalid recipe:\n  " + "\n  ".join(problems))
     return recipe.model_copy(update={"stages": stages})
+
+
+def _order_problems(stages: list[Stage]) -> list[str]:
+    """Stages that need float weights cannot follow quantize (its output is integer codes)."""
+    first = next((i for i, stage in enumerate(stages) if stage.type == "quantize"), None)
+    if first is None:
+        return []
+    return [f"stages[{i}]: a {stage.type} stage works on float weights, but stages[{first}] (quantize) made them "
+            "integer codes; put it before the quantize stage" for i, stage in enumerate(stages)
+            if i > first and stage.needs_float_model]
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

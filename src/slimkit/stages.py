@@ -68,6 +68,8 @@ class Stage(Config):
     recovery: dict[str, Any] | None = None
     # True when the stage writes an artifact instead of changing the model (the runner skips re-measuring).
     changes_model: ClassVar[bool] = True
+    # True when the stage works on float weights (pruning, sharing, factorizing, quantizing): not after quantize.
+    needs_float_model: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _valid_recovery(self) -> "Stage":

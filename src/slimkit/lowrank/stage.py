@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torch import nn
 
@@ -14,6 +14,7 @@ from .svd import FactorizeConfig, factorize
 @register_stage
 class FactorizeStage(Stage, FactorizeConfig):
     type: Literal["factorize"] = "factorize"
+    needs_float_model: ClassVar[bool] = True
     finetune: RecoveryConfig = RecoveryConfig()
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:

@@ -14,7 +14,7 @@ prunable group, and the model itself shrinks (one-shot or iterative).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
@@ -30,6 +30,7 @@ from .unstructured import PruneConfig, prune_weights
 @register_stage
 class PruneStage(Stage, PruneConfig):
     type: Literal["prune"] = "prune"
+    needs_float_model: ClassVar[bool] = True
     schedule: Literal["one-shot", "iterative", "agp"] = "one-shot"
     steps: int = Field(3, ge=1)
     agp_every: int = Field(10, ge=1)

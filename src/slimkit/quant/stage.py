@@ -3,7 +3,7 @@ followed by quantization-aware training), exported as a verified integer ONNX mo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from torch import nn
@@ -16,6 +16,7 @@ from .ptq import StaticQuantConfig, calibration_batches, quantize_static
 @register_stage
 class QuantizeStage(Stage, StaticQuantConfig):
     type: Literal["quantize"] = "quantize"
+    needs_float_model: ClassVar[bool] = True
     # int8-static: int8 weights, uint8 activations calibrated once; int8-dynamic: linear layers with int8
     # weights and uint8 activation ranges taken per batch at run time; int8-weight: weights only
     # (activations stay float); int4-weight: 4-bit weights, one scale per group of group_size inputs

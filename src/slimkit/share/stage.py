@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from .cluster import ClusterConfig, cluster, remove_sharing, round_to_half, shar
 @register_stage
 class ClusterStage(Stage, ClusterConfig):
     type: Literal["cluster"] = "cluster"
+    needs_float_model: ClassVar[bool] = True
     finetune: RecoveryConfig = RecoveryConfig()  # trains the centroids; assignments stay fixed
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
