@@ -33,8 +33,7 @@ import torch
 from ..errors import SlimkitError
 from .bits import pack_bits, unpack_bits
 from .entropy import CODERS, decode, encode, encode_with, entropy_bits
-from .state import (INTEGER_CODES, SEP, decode_state, integer_codes, smallest_code_encoding,
-                    smallest_float_encoding, value_count)
+from .state import INTEGER_CODES, SEP, decode_state, encode_state, value_count
 
 MAGIC = b"SLIM"
 VERSION = 2  # 2: integer codes may be stored at sparse positions (1 is read too)
@@ -83,25 +82,9 @@ def reencode(meta: dict[str, Any], stored: dict[str, torch.Tensor], source: str,
     size rather than stored size. Lossless: decoding gives the identical tensors."""
     encodings = meta.get("tensors", {})
     state = decode_state(stored, encodings, source)
-    tensors, new_encodings = {}, {}
-    coded_size = lambda st, e: _coded_bytes(st, e, coders)  # noqa: E731
-    for name, tensor in state.items():
-        enc = encodings.get(name)
-        if enc is not None and enc["encoding"] in INTEGER_CODES:
-            scale, group = stored[name + SEP + "scale"], enc.get("group_size")
-            streams, enc = smallest_code_encoding(integer_codes(tensor, scale, group), scale, group, cost=coded_size)
-            tensors.update({name + SEP + k: v for k, v in streams.items()})
-            new_encodings[name] = enc
-            continue
-        if not tensor.is_floating_point() or tensor.numel() < 64:
-            tensors[name] = tensor
-            continue
-        streams, enc = smallest_float_encoding(tensor, cost=coded_size)
-        if enc is None:
-            tensors[name] = tensor
-        else:
-            tensors.update({name + SEP + k: v for k, v in streams.items()})
-            new_encodings[name] = enc
+    scales = {name: (stored[name + SEP + "scale"], enc.get("group_size")) for name, enc in encodings.items()
+              if enc["encoding"] in INTEGER_CODES}
+    tensors, new_encodings = encode_state(state, scales, cost=lambda st, e: _coded_bytes(st, e, coders))
     return {**meta, "tensors": new_encodings}, tensors
 
 

@@ -72,14 +72,16 @@ def _unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def encode_state(state: dict[str, torch.Tensor],
-                 int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None,
+                 int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None, cost=None,
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Encode each floating-point tensor in the smallest lossless form; returns tensors and their encodings.
 
     ``int8_scales`` names weights a quantization plan says are integer codes times scales
     (``(scales, group_size)``: per channel when the group size is None): those are stored as
-    int8 or packed int4 codes (and checked to decode to exactly the same values).
+    int8 or packed int4 codes (and checked to decode to exactly the same values). ``cost(streams,
+    encoding)`` prices the candidate layouts: bytes as stored by default (a container prices them coded).
     """
+    cost = cost or stored_bytes
     tensors: dict[str, torch.Tensor] = {}
     encodings: dict[str, dict[str, Any]] = {}
     for name, tensor in state.items():
@@ -88,14 +90,14 @@ def encode_state(state: dict[str, torch.Tensor],
         scale, group_size = int8_scales[name] if int8_scales and name in int8_scales else (None, None)
         codes = integer_codes(tensor, scale, group_size) if scale is not None else None
         if codes is not None:
-            streams, encoding = smallest_code_encoding(codes, scale, group_size)
+            streams, encoding = smallest_code_encoding(codes, scale, group_size, cost)
             tensors.update({name + SEP + key: value for key, value in streams.items()})
             encodings[name] = encoding
             continue
         if not tensor.is_floating_point() or tensor.numel() < 64:
             tensors[name] = tensor
             continue
-        streams, encoding = smallest_float_encoding(tensor)
+        streams, encoding = smallest_float_encoding(tensor, cost)
         if encoding is None:
             tensors[name] = tensor
             continue
