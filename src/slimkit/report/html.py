@@ -78,9 +78,11 @@ def _training_runs(stages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     runs = {}
     for stage in stages:
         notes = stage.get("notes", {})
+        kind = stage.get("config", {}).get("type", "")
         for name, run in [*notes.get("training", {}).items(), *notes.get("recovery", {}).get("training", {}).items()]:
-            if run["history"]:
-                runs[f"{stage['name']} {name}"] = run["history"]
+            if run["history"]:  # "0:prune step1", "3:distill" rather than "0:prune prune step1", "3:distill distill"
+                label = name.removeprefix(f"{kind} ") if name != kind else ""
+                runs[f"{stage['name']} {label}".strip()] = run["history"]
     return runs
 
 

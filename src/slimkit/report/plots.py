@@ -104,6 +104,9 @@ def training_curves(runs: dict[str, list[dict[str, Any]]], metric: str) -> bytes
         ax.plot([r["epoch"] + 1 for r in history], [r["val_score"] for r in history], marker="o", markersize=2,
                 label=name)
     ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"validation {metric}")
     ax.set_title("Training during the recipe")
     ax.grid(True, alpha=0.3)
