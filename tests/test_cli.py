@@ -88,7 +88,8 @@ def test_truncated_safetensors(trained_run, tmp_path):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     before = weights.read_bytes()
-    assert_user_error(slimkit_cli("analyze", broken), "model.safetensors: not a readable safetensors file")
+    assert_user_error(slimkit_cli("analyze", broken), "model.safetensors is damaged")
+    assert_user_error(slimkit_cli("--no-verify", "analyze", broken), "model.safetensors: not a readable safetensors file")
     assert weights.read_bytes() == before
 
 

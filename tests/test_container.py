@@ -11,7 +11,7 @@ from slimkit import SlimkitError, load, parse_recipe, run_recipe, save
 from slimkit.codec.container import read_container
 from slimkit.codec.entropy import CODERS, decode, encode, encode_with, entropy_bits
 from slimkit.data import calibration_subset
-from slimkit.io import read_safetensors
+from slimkit.modelfile.store import read_safetensors
 from slimkit.modelfile import pack, unpack
 from slimkit.prune import PruneConfig, prune_weights, remove_masks
 from slimkit.quant.ptq import quantize_static

@@ -8,24 +8,23 @@ import sys
 import numpy as np
 import yaml
 
-from slimkit.io import read_safetensors
-from slimkit.train.distributed import RankSlices
+from slimkit.modelfile.store import read_safetensors
+from slimkit.train.distributed import rank_share
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "slimkit"]
 
 
-def test_rank_slices_partition_every_global_batch():
-    batches = [[3, 1, 4, 1, 5, 9, 2], [6, 5, 3]]
-    for size in (1, 2, 3):
-        slices = [list(RankSlices(batches, rank, size)) for rank in range(size)]
-        for step, batch in enumerate(batches):
-            assert sum((s[step] for s in slices), []) == batch  # together, exactly the global batch, in order
-            sizes = [len(s[step]) for s in slices]
-            assert max(sizes) - min(sizes) <= 1
+def test_rank_shares_partition_every_global_batch():
+    for count in (0, 1, 7, 10):
+        for size in (1, 2, 3):
+            shares = [list(range(count))[rank_share(count, rank, size)] for rank in range(size)]
+            assert sum(shares, []) == list(range(count))  # together, exactly the global batch, in order
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+            assert shares == [a.tolist() for a in np.array_split(np.arange(count), size)]
 
 
-def test_two_processes_match_one(tmp_path):
-    args = ["train", "--model", "lenet300", "--epochs", "3", "--seed", "1", "--no-progress"]
+def _two_processes_match_one(tmp_path, model):
+    args = ["train", "--model", model, "--epochs", "3", "--seed", "1", "--no-progress"]
     single = subprocess.run([sys.executable, "-m", "slimkit", *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
@@ -36,8 +35,18 @@ def test_two_processes_match_one(tmp_path):
     two = read_safetensors(tmp_path / "two" / "model" / "model.safetensors")
     for name in one:  # same global batches, gradients averaged across the ranks: equal up to float rounding
         np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
-    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+    return [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+
+
+def test_two_processes_match_one(tmp_path):
+    metrics = _two_processes_match_one(tmp_path, "lenet300")
     assert metrics[0]["best_epoch"] == metrics[1]["best_epoch"] and metrics[1]["test_accuracy"] > 0.8
+
+
+def test_two_processes_match_one_with_augmentation(tmp_path):
+    """lenet5 trains with random shifts: each global batch's shifts are drawn once and shared by the ranks."""
+    metrics = _two_processes_match_one(tmp_path, "lenet5")
+    assert metrics[0]["config"]["augment"] and metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
 
 
 def test_commands_that_are_not_data_parallel_refuse_torchrun(tmp_path):

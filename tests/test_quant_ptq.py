@@ -226,7 +226,7 @@ def test_a_pruned_then_quantized_model_directory_is_smaller_than_the_pruned_one(
 
 
 def test_quantizer_buffers_the_codes_carry_are_not_stored_twice(digits, briefly_trained, tmp_path):
-    from slimkit.io import read_safetensors, save_model
+    from slimkit.modelfile.store import read_safetensors, save_model
     from slimkit.quant.ptq import weight_scale_buffer, weight_zero_buffer
 
     model = briefly_trained("lenet300")

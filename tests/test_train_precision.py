@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slimkit import SlimkitError, Task, fit
-from slimkit.io import read_safetensors
+from slimkit.modelfile.store import read_safetensors
 from slimkit.train import TrainConfig, build_seeded
 
 

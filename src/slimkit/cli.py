@@ -15,6 +15,7 @@ import typer
 
 from . import __version__
 from .errors import SlimkitError
+from .limits import echo
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,6 +26,9 @@ DataOpt = typer.Option(None, "--data", help="'digits', an .npz file or an image 
 TrustOpt = typer.Option(False, "--trust-code", help="allow a model directory to import the Python factory it names")
 ArchOpt = typer.Option(None, "--arch", help="zoo architecture of a bare weights file (.safetensors/.pt)")
 DeviceOpt = typer.Option("cpu", "--device", help="where training runs: cpu, cuda, cuda:N, or auto (cuda when available)")
+OverwriteOpt = typer.Option(False, "--overwrite",
+                            help="replace an existing output slimkit did not write (a run folder: start it over)")
+ResumeOpt = typer.Option(False, "--resume", help="continue the run in --out: reuse finished stages and checkpoints")
 
 
 def _version(value: bool) -> None:
@@ -37,6 +41,9 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks of errors"),
+    no_verify: bool = typer.Option(False, "--no-verify",
+                                   help="load model directories whose weights no longer match their recorded SHA-256 "
+                                        "(files you edited on purpose)"),
 ) -> None:
     """slimkit: model compression with real, measured gains."""
 
@@ -48,13 +55,22 @@ def _console():
 
 
 def _load_for_data(path: Path, arch: Optional[str], trust_code: bool, data: Optional[str]):
+    """The model and its data (``--data``, or the data it records), checked to fit each other."""
     from .data import load_data
     from .modelfile import load
+    from .task import Task
 
     model = load(path, arch=arch, trust_code=trust_code)
     spec = data or model.slimkit_meta.get("data")
     splits = load_data(spec) if spec else None
+    if splits is not None:
+        Task.classification(splits).check_model(model)
     return model, splits
+
+
+def _data_path(data: Optional[str]) -> Optional[str]:
+    """``--data`` when it names a file or folder (an input that outputs must not touch)."""
+    return data if data and data != "digits" else None
 
 
 def _torch_device(name: str):
@@ -107,16 +123,19 @@ def train(
     device: str = DeviceOpt,
     patience: Optional[int] = typer.Option(None, "--patience", help="stop after this many epochs without improvement"),
     resume: bool = typer.Option(False, "--resume", help="continue from out/checkpoint/last.pt"),
+    overwrite: bool = OverwriteOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a zoo model; keeps the best-on-validation weights, checkpoints every epoch."""
     from .data import load_data
+    from .io import check_disjoint
     from .models import ZOO
     from .task import Task
     from .train import build_seeded, default_train_config, train_model
 
     if model not in ZOO:
         raise SlimkitError(f"unknown zoo model {model!r}; choose one of {', '.join(ZOO)}")
+    check_disjoint(out, [_data_path(data)])
     task = Task.classification(load_data(data, seed=seed))
     try:
         cfg = default_train_config(model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -127,7 +146,8 @@ def train(
     from .train.distributed import is_main, rank_folder
 
     with rank_folder(out) as folder:
-        metrics = train_model(net, task, cfg, folder, resume=resume, progress=progress, description=f"train {model}")
+        metrics = train_model(net, task, cfg, folder, resume=resume, overwrite=overwrite, progress=progress,
+                              description=f"train {model}")
     if is_main():
         typer.echo(f"{model}: test accuracy {metrics['test_accuracy']:.4f} "
                    f"(val {metrics['val_accuracy']:.4f}, best epoch {metrics['best_epoch']}) -> {out / 'model'}")
@@ -146,9 +166,11 @@ def analyze(
     """Profile a model: params, MACs, bytes on disk, test accuracy, latency (torch and ONNX Runtime)."""
     from .analyze import profile
     from .data import make_loader
+    from .limits import check_threads
     from .modelfile import resolve_model_dir
     from .train import evaluate
 
+    check_threads(threads)
     model, splits = _load_for_data(path, arch, trust_code, data)
     score = (lambda m: evaluate(m, make_loader(splits, "test", 256))["accuracy"]) if splits else None
     result = profile(model, _input_shape(model, splits), model_path=resolve_model_dir(path), score_fn=score,
@@ -183,18 +205,21 @@ def export(
     fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch) or onnx-int8 (a quantized model)"),
     data: Optional[str] = DataOpt,
     arch: Optional[str] = ArchOpt,
+    overwrite: bool = OverwriteOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Export to a deployment format; the result is checked against torch on the test split."""
     import torch
 
     from .export import export_onnx
-
     from .export.qdq import export_int8_verified
+    from .io import check_disjoint
+    from .modelfile import resolve_model_dir
     from .quant.ptq import is_quantized
 
     if fmt not in ("onnx", "onnx-int8"):
         raise SlimkitError(f"--format {fmt!r}: supported formats: onnx, onnx-int8")
+    check_disjoint(out, [path, resolve_model_dir(path), _data_path(data)])
     model, splits = _load_for_data(path, arch, trust_code, data)
     if is_quantized(model) != (fmt == "onnx-int8"):
         raise SlimkitError(f"--format {fmt}: this is a {'quantized' if is_quantized(model) else 'float'} model; "
@@ -204,12 +229,12 @@ def export(
     else:
         check = torch.randn(64, *_input_shape(model, splits), generator=torch.Generator().manual_seed(0))
     if fmt == "onnx-int8":
-        result = export_int8_verified(model, out, check)
+        result = export_int8_verified(model, out, check, overwrite=overwrite)
         typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime int8 vs slimkit's simulation on "
                    f"{result['samples']} samples: top-1 agreement {result['top1_agreement']:.4f}, "
                    f"SQNR {result['sqnr_db']:.1f} dB")
         return
-    result = export_onnx(model, out, check[:2], verify_on=check)
+    result = export_onnx(model, out, check[:2], verify_on=check, overwrite=overwrite)
     typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime vs torch on {result.samples_checked} "
                f"samples: max abs diff {result.max_abs_diff:.2e}")
 
@@ -232,6 +257,8 @@ def prune(
     latency: bool = typer.Option(False, "--latency/--no-latency", help="also measure latency in the report"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = DeviceOpt,
+    resume: bool = ResumeOpt,
+    overwrite: bool = OverwriteOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Prune: unstructured or N:M (stored sparse), or --structured (a physically smaller model)."""
@@ -248,7 +275,7 @@ def prune(
     recipe = {"name": f"prune {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress, device)
+    _run_and_summarize(recipe, out, progress, device, resume, overwrite)
 
 
 @app.command()
@@ -279,6 +306,8 @@ def quantize(
     latency: bool = typer.Option(True, "--latency/--no-latency"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = DeviceOpt,
+    resume: bool = ResumeOpt,
+    overwrite: bool = OverwriteOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Quantize to int8 with slimkit's own scales; writes a verified integer ONNX model (QDQ)."""
@@ -293,7 +322,7 @@ def quantize(
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress, device)
+    _run_and_summarize(recipe, out, progress, device, resume, overwrite)
 
 
 @app.command("sensitivity")
@@ -305,32 +334,34 @@ def sensitivity_cmd(
     structured: bool = typer.Option(False, "--structured", help="sweep channel groups instead of weights"),
     sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities"),
     exclude: list[str] = typer.Option([], "--exclude", help="layer name glob to skip (repeatable)"),
+    overwrite: bool = OverwriteOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Per-layer sensitivity: validation score with each layer (or channel group) pruned alone."""
     from rich.console import Console
     from rich.table import Table
 
-    from .io import write_json_atomic
+    from .io import check_output, claim_output, write_bytes_atomic, write_json_atomic
+    from .modelfile import resolve_model_dir
     from .prune.sensitivity import sensitivity
     from .report.plots import sensitivity_curves
     from .task import Task
 
+    inputs = [path, resolve_model_dir(path), _data_path(data)]
+    check_output(out, "sensitivity", inputs, overwrite)  # before the sweep, not after it
     model, splits = _load_for_data(path, None, trust_code, data)
     if splits is None:
         raise SlimkitError("sensitivity needs data: pass --data")
     try:
         grid = tuple(float(s) for s in sparsities.split(","))
     except ValueError:
-        raise SlimkitError(f"--sparsities: expected comma-separated numbers, got {sparsities!r}") from None
+        raise SlimkitError(f"--sparsities: expected comma-separated numbers, got {echo(sparsities)}") from None
     console = _console()
-    result = sensitivity(model, Task.classification(splits), grid, method, structured, exclude=exclude,
-                         progress=lambda name: console.print(f"[dim]sweeping {name}[/dim]"))
-    write_json_atomic(out / "sensitivity.json", result)
-    from .io import atomic_path
-
-    with atomic_path(out / "sensitivity.png") as tmp:
-        tmp.write_bytes(sensitivity_curves(result))
+    with claim_output(out, "sensitivity", inputs=inputs, overwrite=overwrite):
+        result = sensitivity(model, Task.classification(splits), grid, method, structured, exclude=exclude,
+                             progress=lambda name: console.print(f"[dim]sweeping {name}[/dim]"))
+        write_json_atomic(out / "sensitivity.json", result)
+        write_bytes_atomic(out / "sensitivity.png", sensitivity_curves(result))
     table = Table(title=f"validation {result['metric']} with one layer pruned (unpruned: {result['baseline']:.4f})")
     table.add_column("layer")
     table.add_column("params", justify="right")
@@ -363,6 +394,8 @@ def distill(
     latency: bool = typer.Option(True, "--latency/--no-latency"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = DeviceOpt,
+    resume: bool = ResumeOpt,
+    overwrite: bool = OverwriteOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Distil a teacher into a student (Hinton KD, FitNets hints, attention maps, mutual learning)."""
@@ -377,7 +410,7 @@ def distill(
               "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(teacher), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress, device)
+    _run_and_summarize(recipe, out, progress, device, resume, overwrite)
 
 
 def _layer_pairs(items: list[str], option: str) -> dict[str, str]:
@@ -394,6 +427,7 @@ def _layer_pairs(items: list[str], option: str) -> dict[str, str]:
 def pack(
     path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
     out: Path = typer.Option(..., "--out", help="the .slim file to write"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Pack a model into one .slim file (sparse positions, shared values, entropy-coded); prints where the bytes go."""
     from rich.table import Table
@@ -402,7 +436,7 @@ def pack(
 
     if out.suffix != ".slim":
         raise SlimkitError(f"--out {out}: a packed model's file name ends in .slim")
-    table = pack_model(path, out)
+    table = pack_model(path, out, overwrite=overwrite)
     view = Table(title=f"{out}: {table['file_bytes']:,} bytes, {table['ratio_vs_fp32']:.1f}x smaller than fp32")
     for column in ("layer", "params", "weights kept", "bits/weight", "bits/index", "codebook B", "bytes", "ratio"):
         view.add_column(column, justify="left" if column == "layer" else "right")
@@ -428,11 +462,12 @@ def _number(value: float) -> str:
 def unpack(
     path: Path = typer.Argument(..., help="a .slim file (never modified)"),
     out: Path = typer.Option(..., "--out", help="model directory to write"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Unpack a .slim file into a model directory holding the identical tensors."""
     from .modelfile import unpack as unpack_model
 
-    unpack_model(path, out)
+    unpack_model(path, out, overwrite=overwrite)
     typer.echo(f"wrote {out}")
 
 
@@ -441,16 +476,20 @@ def run(
     recipe: Path = typer.Argument(..., help="YAML recipe"),
     out: Path = typer.Option(..., "--out", help="run directory (model/, report.json, report.html)"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished stages and continue interrupted training"),
+    overwrite: bool = OverwriteOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = DeviceOpt,
 ) -> None:
     """Run a recipe: train or load, compress stage by stage, evaluate, report."""
+    from .io import check_disjoint
     from .recipe import load_recipe
 
-    _run_and_summarize(load_recipe(recipe), out, progress, device, resume)
+    check_disjoint(out, [recipe])
+    _run_and_summarize(load_recipe(recipe), out, progress, device, resume, overwrite)
 
 
-def _run_and_summarize(recipe, out: Path, progress: bool, device: str, resume: bool = False) -> None:
+def _run_and_summarize(recipe, out: Path, progress: bool, device: str, resume: bool = False,
+                       overwrite: bool = False) -> None:
     from .pipeline import run_recipe
     from .recipe import parse_recipe
     from .train.distributed import is_main
@@ -458,8 +497,8 @@ def _run_and_summarize(recipe, out: Path, progress: bool, device: str, resume: b
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe, "options")
     console = _console()
-    report = run_recipe(recipe, out, resume=resume, progress=progress, device=_torch_device(device),
-                        log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    report = run_recipe(recipe, out, resume=resume, overwrite=overwrite, progress=progress,
+                        device=_torch_device(device), log=lambda m: console.print(f"[dim]{m}[/dim]"))
     if is_main():
         _print_summary(report)
         typer.echo(f"report: {out / 'report.html'}")
@@ -495,6 +534,7 @@ def _print_summary(report: dict) -> None:
 
 
 DISTRIBUTED_COMMANDS = ("train", "run", "prune", "quantize", "distill")  # the commands that train
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -502,22 +542,30 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     Usage errors, ``--help`` and ``--version`` are handled by typer itself (``SystemExit``).
     """
+    from .modelfile import digest_checks
     from .train.distributed import init_from_env, shutdown
 
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    root_options = args[: next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))]
+    debug = "--debug" in root_options
+    command = next((a for a in args if not a.startswith("-")), None)
     try:
         if init_from_env():  # under torchrun: join the process group before any training
-            command = next((a for a in args if not a.startswith("-")), None)
             if command not in DISTRIBUTED_COMMANDS:
                 raise SlimkitError(f"{command!r} does not train, so it does not run under torchrun; "
                                    f"data-parallel commands: {', '.join(DISTRIBUTED_COMMANDS)}")
-        app(args=args, prog_name="slimkit")
-    except (SlimkitError, KeyboardInterrupt) as exc:
+        with digest_checks("--no-verify" not in root_options):
+            app(args=args, prog_name="slimkit")
+    except SlimkitError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc or 'interrupted'}", err=True)
-        return 2 if isinstance(exc, SlimkitError) else 130
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not _interrupted(exc):
+            raise
+        typer.echo(_interrupted_message(command, args), err=True)
+        return INTERRUPTED
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
         if debug:
             raise
@@ -526,6 +574,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         shutdown()
     return 0
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C: a KeyboardInterrupt, or typer's exit 130 made from one."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+RESUMABLE = ("train", "run", "prune", "quantize", "distill")
+
+
+def _interrupted_message(command: Optional[str], args: list[str]) -> str:
+    """What was stopped, and how to continue it."""
+    out = args[args.index("--out") + 1] if "--out" in args[:-1] else None
+    if command in RESUMABLE and out:
+        return (f"interrupted: slimkit {command} stopped; its finished stages and last checkpointed epoch are kept in "
+                f"{out}: run the same command with --resume to continue")
+    return f"interrupted: slimkit {command or ''} stopped; files are written whole or not at all, so nothing partial " \
+           "was left"
 
 
 if __name__ == "__main__":

@@ -1,86 +1,415 @@
-"""Safe, atomic file writing and model-directory I/O.
+"""Safe file writing: atomic replacement, guarded output paths, one writer per output.
 
-A model directory holds ``model.safetensors`` (weights, never pickled) and
-``slimkit.json`` (how to rebuild the module, plus the compression plan that
-later stages add). Everything is written to a temporary sibling and renamed,
-so a crash never leaves a half-written artifact and an input is never touched.
+Every artifact is written under a temporary sibling name that carries the writing process's
+host and pid, then renamed into place, so a crash never leaves a half-written artifact, and
+the leftovers of a killed writer are recognised and removed by the next write to the same
+path. File-system failures (full disk, read-only file system, no permission) become a
+``SlimkitError`` naming the path and the cause, with nothing partial left behind.
+
+``claim_output`` decides whether slimkit may write to a path at all, and holds a lock file so
+that two processes never write the same output at once. The rule, for every command:
+
+* an output that is an input, contains an input, or lies inside an input (or inside any
+  model directory) is refused;
+* an existing path is replaced only if slimkit wrote it, as the same kind of artifact
+  (a model directory, a ``.slim`` file, an ONNX file, a sensitivity folder); anything else
+  needs ``overwrite``;
+* an existing run folder (``train``, ``run`` and the commands built on it) needs ``resume``
+  (continue it) or ``overwrite`` (start over), so forgetting ``--resume`` never discards a run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
-import warnings
+import socket
+import time
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
-from torch import nn
+from typing import Any, Iterable, Iterator
 
 from .errors import SlimkitError
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "slimkit.json"
-FORMAT_NAME = "slimkit-model"
-FORMAT_VERSION = 2  # 2: integer codes may be stored at sparse positions (1 is read too)
+TEMP_TAG = "slimkit"
+OUTPUT_MARKER = ".slimkit-output"  # in folders slimkit creates that are not model directories
+MODEL_META = "slimkit.json"  # a model directory's own marker
+RUN_KINDS = ("train", "recipe")
+DIR_KINDS = ("model", "sensitivity", *RUN_KINDS)
+KIND_NAMES = {"model": "model directory", "slim": ".slim file", "onnx": "ONNX file", "sensitivity": "sensitivity folder",
+              "train": "training run", "recipe": "recipe run"}
+# what an earlier run leaves in its folder; --overwrite clears these (of any run kind) before a new run starts
+RUN_LAYOUT = {"train": ("model", "checkpoint", "metrics.json"),
+              "recipe": ("baseline", "stages", "model", "report.json", "report.html", "model.onnx", "model.slim")}
 
+
+# ---------------------------------------------------------------------------------------------- atomic writes
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it over ``target`` on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+def os_errors(target: str | os.PathLike) -> Iterator[None]:
+    """Turn an ``OSError`` into a ``SlimkitError`` that names ``target`` and the cause."""
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+        yield
+    except OSError as exc:
+        cause = exc.strerror or str(exc)
+        hint = {errno.ENOSPC: " (the disk is full)", errno.EDQUOT: " (disk quota exceeded)"}.get(exc.errno, "")
+        raise SlimkitError(f"cannot write {target}: {cause}{hint}; nothing was written there") from None
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:32] or "host"
+
+
+def _temp_path(target: Path, suffix: str = "") -> Path:
+    return target.parent / f".{target.name}.{TEMP_TAG}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Remove what killed writers of ``target`` on this host left beside it (their pid is gone).
+
+    A replaced directory is moved aside before the new one is renamed in; if the writer died in
+    between, the old one is put back rather than removed.
+    """
+    prefix = f".{target.name}.{TEMP_TAG}-{_host()}-"
+    try:
+        leftovers = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for path in leftovers:
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if path.name.endswith("-old") and not target.exists():
+                os.replace(path, target)
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def _umask() -> int:
-    """The process umask (read by setting and restoring it; there is no getter)."""
-    mask = os.umask(0)
+    """The process umask, read without changing it where the OS allows (changing it races other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def write_text_atomic(target: str | os.PathLike, text: str) -> None:
+def _follow_umask(path: Path) -> None:
+    """Give ``path`` (and everything under it) the permissions a plain ``open``/``mkdir`` would have."""
+    mask = _umask()
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if not child.is_symlink():
+                os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; it replaces ``target`` when the block succeeds."""
+    target = Path(target)
+    with os_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            raise SlimkitError(f"{target} is a directory; expected a file name")
+        remove_stale_temps(target)
+    tmp = _temp_path(target, ".tmp")
+    try:
+        with os_errors(target):
+            yield tmp
+            _follow_umask(tmp)
+            os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory; when the block succeeds it replaces ``target`` whole."""
+    target = Path(target)
+    tmp = _temp_path(target)
+    with os_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        tmp.mkdir()
+    try:
+        with os_errors(target):
+            yield tmp
+            _follow_umask(tmp)
+            if target.exists() or target.is_symlink():
+                old = _temp_path(target, "-old")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                (shutil.rmtree if old.is_dir() and not old.is_symlink() else os.unlink)(old)
+            else:
+                os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
     with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(target, text.encode("utf-8"))
 
 
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces ``target`` whole."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+# ---------------------------------------------------------------------------------------------- output claims
 
+def output_kind(path: Path) -> str | None:
+    """What slimkit artifact ``path`` holds: a kind of ``KIND_NAMES``, "empty" (an empty folder), or None
+    (something slimkit did not write). Run folders of earlier versions, which had no marker, are recognised
+    by their layout."""
+    if path.is_dir():
+        if (path / MODEL_META).is_file():
+            return "model"
+        marker = path / OUTPUT_MARKER
+        if marker.is_file():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
+                return kind if kind in KIND_NAMES else None
+            return None
+        if (path / "checkpoint" / "last.pt").is_file() or (
+                (path / "metrics.json").is_file() and (path / "model" / MODEL_META).is_file()):
+            return "train"
+        if (path / "stages").is_dir() or (path / "report.json").is_file():
+            return "recipe"
+        with contextlib.suppress(OSError):
+            if not any(path.iterdir()):
+                return "empty"
+        return None
+    if path.is_file():
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            head = f.read(4)
+            if head == b"SLIM":
+                return "slim"
+        if path.suffix == ".onnx" and _slimkit_onnx(path):
+            return "onnx"
+    return None
+
+
+ONNX_PRODUCER = "slimkit"  # slimkit's ONNX files name it as their producer
+
+
+def _slimkit_onnx(path: Path) -> bool:
+    try:
+        import onnx
+
+        return onnx.load_model(str(path), load_external_data=False).producer_name == ONNX_PRODUCER
+    except Exception:  # noqa: BLE001 - any file onnx cannot parse is not one slimkit wrote
+        return False
+
+
+def check_disjoint(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output that is an input, contains one, or lies inside one (or inside a model directory)."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            raise SlimkitError(f"--out {out} is the input {given}; slimkit never writes over its inputs")
+        if target in source.parents:
+            raise SlimkitError(f"--out {out} contains the input {given}; slimkit never replaces its inputs")
+        if source in target.parents:
+            raise SlimkitError(f"--out {out} lies inside the input {given}; slimkit never changes its inputs")
+    for parent in target.parents:
+        if (parent / MODEL_META).is_file():
+            raise SlimkitError(f"--out {out} lies inside the model directory {parent}; write beside it instead")
+
+
+def check_output(path: Path, kind: str, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
+                 resume: bool = False) -> None:
+    """Raise unless slimkit may write a ``kind`` artifact at ``path`` (the rule is in the module docstring)."""
+    check_disjoint(path, inputs)
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise SlimkitError(f"cannot write {path}: {blocking} is a file, not a folder")
+    if not path.exists() and not path.is_symlink():
+        return
+    existing = output_kind(path)
+    is_dir = kind in DIR_KINDS
+    if path.is_dir() and not is_dir:  # never replaced by a file, even with overwrite
+        raise SlimkitError(f"{path} is a directory; a {KIND_NAMES[kind]} is written as a file: name the file")
+    if existing == "empty" or (existing == kind and kind not in RUN_KINDS):
+        return
+    if existing == kind:
+        if resume or overwrite:
+            return
+        raise SlimkitError(f"{path} holds an earlier slimkit {KIND_NAMES[kind]}: pass --resume to continue it, "
+                           "or --overwrite to start over (its results are then deleted)")
+    if overwrite:
+        return
+    what = f"a slimkit {KIND_NAMES[existing]}" if existing else "files slimkit did not write"
+    raise SlimkitError(f"{path} already exists and holds {what}; slimkit replaces only its own "
+                       f"{KIND_NAMES[kind]}s there: choose another path, or pass --overwrite (overwrite=True) to replace it")
+
+
+@contextlib.contextmanager
+def claim_output(path: str | os.PathLike, kind: str, *, inputs: Iterable[str | os.PathLike | None] = (),
+                 overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """Check that ``path`` may receive a ``kind`` artifact, and lock it for this process while the block runs.
+
+    A folder kind (a run or a sensitivity folder) is created with slimkit's marker; with ``overwrite`` and
+    without ``resume`` an earlier run's results are removed first.
+    """
+    path = Path(path)
+    check_output(path, kind, inputs, overwrite, resume)
+    with output_lock(path):
+        if kind not in RUN_KINDS + ("sensitivity",):
+            yield path
+            return
+        created = not path.exists()
+        _prepare_folder(path, kind, clear=overwrite and not resume)
+        try:
+            yield path
+        except BaseException:
+            if created and [p.name for p in path.iterdir()] == [OUTPUT_MARKER]:  # failed before writing anything
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def claim_run(path: str | os.PathLike, kind: str, *, inputs: Iterable[str | os.PathLike | None] = (),
+              overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """``claim_output`` for a run every ``torchrun`` rank takes part in: rank 0 checks and holds the lock,
+    and every rank gets its verdict (the other ranks write into private folders)."""
+    from .train.distributed import from_main, is_main
+
+    inputs = list(inputs)
+    from_main(lambda: check_output(Path(path), kind, inputs, overwrite, resume))
+    if not is_main():
+        yield Path(path)
+        return
+    with claim_output(path, kind, inputs=inputs, overwrite=overwrite, resume=resume) as claimed:
+        yield claimed
+
+
+def _prepare_folder(path: Path, kind: str, clear: bool) -> None:
+    with os_errors(path):
+        if clear and path.is_dir():
+            for name in sorted({name for layout in RUN_LAYOUT.values() for name in layout}):
+                entry = path / name
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                elif entry.exists() or entry.is_symlink():
+                    entry.unlink()
+        elif path.exists() and not path.is_dir():  # a file in the way, replaced on --overwrite
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        marker = path / OUTPUT_MARKER
+        if not marker.is_file() or output_kind(path) != kind:
+            from . import __version__
+
+            write_json_atomic(marker, {"kind": kind, "slimkit": __version__})
+
+
+def _process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), to tell a live lock holder from a reused pid."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    return None
+
+
+STALE_UNREADABLE_LOCK_S = 10.0  # a lock file still empty after this long was left by a crash
+
+
+@contextlib.contextmanager
+def output_lock(path: Path) -> Iterator[None]:
+    """Hold ``.NAME.slimkit-lock`` beside ``path``: a second writer is refused, a dead writer's lock replaced.
+
+    Re-entrant within a process (a command that claims a run folder, then saves into it).
+    """
+    lock = path.parent / f".{path.name}.{TEMP_TAG}-lock"
+    me = {"pid": os.getpid(), "host": _host(), "start": _process_start(os.getpid()), "time": time.time()}
+    with os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder is not None and holder["host"] == me["host"] and holder["pid"] == me["pid"]:
+                yield  # this process holds it already
+                return
+            if holder is not None and _holder_alive(holder, me["host"]):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+                raise SlimkitError(f"{path} is being written by another slimkit process (pid {holder['pid']} on "
+                                   f"{holder['host']}, since {since}); wait for it to finish, or delete {lock} if "
+                                   "that process is gone") from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # stale: its writer died
+            continue
+        except OSError as exc:
+            raise SlimkitError(f"cannot write {path}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise SlimkitError(f"{path}: cannot take the lock {lock}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def _read_lock(lock: Path) -> dict[str, Any] | None:
+    """The holder recorded in a lock file; None for a lock left unreadable by a crash (a live one is kept)."""
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+        if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
+            return holder
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError):
+        if time.time() - lock.stat().st_mtime < STALE_UNREADABLE_LOCK_S:
+            return {"pid": -1, "host": "(being written)", "time": lock.stat().st_mtime}
+    return None
+
+
+def _holder_alive(holder: dict[str, Any], host: str) -> bool:
+    if holder["host"] != host:
+        return True  # another machine's process: nothing here can tell it is gone
+    if holder["pid"] < 0:
+        return True
+    if not _pid_alive(holder["pid"]):
+        return False
+    start = holder.get("start")
+    return start is None or _process_start(holder["pid"]) in (None, start)
+
+
+# ---------------------------------------------------------------------------------------------- sizes
 
 def dir_bytes(path: str | os.PathLike) -> int:
     """Real bytes on disk of every regular file under ``path`` (or of the file itself)."""
@@ -88,138 +417,6 @@ def dir_bytes(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise SlimkitError(f"{source}: tensor '{name}' has {bad} NaN/Inf values")
-
-
-def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous, de-aliased copies on the CPU (safetensors refuses shared storage)."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_model(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any],
-               int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None,
-               derived: set[str] = frozenset()) -> Path:
-    """Write ``model`` and its metadata as a model directory (or a ``.slim`` file), atomically, each tensor
-    in its smallest lossless encoding; the ``derived`` tensors, which loading rebuilds, are left out."""
-    from .codec import encode_state
-
-    state = {k: v for k, v in state_dict_for_saving(model).items() if k not in derived}
-    check_finite(state, f"model being saved to {out_dir}")
-    tensors, encodings = encode_state(state, int8_scales)
-    full_meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta, "tensors": encodings}
-    from .codec.container import SUFFIX as SLIM_SUFFIX
-
-    if Path(out_dir).suffix == SLIM_SUFFIX:
-        from .codec.container import reencode, write_container
-
-        write_container(out_dir, *reencode(full_meta, tensors, str(out_dir)))
-    else:
-        write_model_dir(out_dir, full_meta, tensors)
-    return Path(out_dir)
-
-
-def write_model_dir(out_dir: str | os.PathLike, full_meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """A model directory (safetensors + slimkit.json) holding already-encoded tensors, written atomically."""
-    from safetensors.torch import save_file
-
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        # compact: a pruning plan lists channel indices, and every byte of the model counts
-        (tmp / META_FILE).write_text(json.dumps(full_meta, separators=(",", ":")) + "\n", encoding="utf-8")
-
-
-def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(model_dir) / META_FILE
-    if not path.is_file():
-        raise SlimkitError(f"{model_dir}: not a slimkit model directory (no {META_FILE})")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SlimkitError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise SlimkitError(f"{path}: expected a JSON object with \"format\": \"{FORMAT_NAME}\"")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise SlimkitError(
-            f"{path}: format version {meta['version']} is newer than this slimkit reads ({FORMAT_VERSION})"
-        )
-    return meta
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning truncation and corruption into a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise SlimkitError(f"{path}: file not found")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise SlimkitError(f"{path}: not a readable safetensors file ({exc})") from None
-    check_finite(state, str(path))
-    return state
-
-
-def read_pickled_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a ``.pt``/``.pth`` state dict without ever executing code from it."""
-    import pickle
-
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise SlimkitError(
-            f"{path}: refused: not a plain tensor state dict loadable with weights_only=True "
-            f"({_unpickle_reason(exc)}). Save weights with safetensors or model.state_dict()."
-        ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SlimkitError(f"{path}: expected a dict of tensors (a state_dict), got {type(obj).__name__}")
-    check_finite(obj, str(path))
-    return obj
-
-
-def _unpickle_reason(exc: Exception) -> str:
-    """The informative line of torch's long weights-only error (e.g. 'Unsupported global: ...')."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reasons = [line for line in lines if line.startswith("Unsupported") or "Unsupported global" in line]
-    return reasons[0].removeprefix("WeightsUnpickler error:").strip() if reasons else (lines or [type(exc).__name__])[0]
-
-
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with shape and key mismatches named for people."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_short_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_short_list(unexpected)}")
-        raise SlimkitError(f"{source}: weights do not match the architecture: {'; '.join(parts)}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise SlimkitError(
-                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, "
-                f"the architecture expects {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(state, strict=True)
-
-
-def _short_list(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def human_bytes(n: float) -> str:

@@ -26,8 +26,9 @@ from torch import nn
 from . import __version__
 from .analyze import count_macs, count_params, layer_stats, measure_latency
 from .data import load_data
-from .io import dir_bytes, read_meta, write_json_atomic
-from .modelfile import load, resolve_model_dir, save
+from .io import claim_run, dir_bytes, write_json_atomic
+from .limits import check_threads
+from .modelfile import load, read_meta, resolve_model_dir, save
 from .errors import SlimkitError
 from .quant.ptq import is_quantized
 from .recipe import Recipe
@@ -47,6 +48,7 @@ def run_recipe(
     out_dir: str | os.PathLike,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     task: Task | None = None,
     device: str | torch.device | None = None,
@@ -54,20 +56,34 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Execute ``recipe`` into ``out_dir`` and return the report (also written as JSON and HTML).
 
-    ``task`` replaces the recipe's ``data`` with the caller's own loaders and scores; ``device``
-    is where training runs (the model returns to the CPU between trainings). Under ``torchrun``
-    every rank runs the recipe and trains data-parallel; rank 0 alone keeps files and reports
-    (the other ranks return an empty report).
+    An existing run folder needs ``resume`` (reuse its finished stages, continue interrupted
+    training) or ``overwrite`` (start over); ``out_dir`` may not hold or lie inside the recipe's
+    inputs. ``task`` replaces the recipe's ``data`` with the caller's own loaders and scores;
+    ``device`` is where training runs (the model returns to the CPU between trainings). Under
+    ``torchrun`` every rank runs the recipe and trains data-parallel; rank 0 alone keeps files
+    and reports (the other ranks return an empty report).
     """
-    with rank_folder(out_dir) as out:
+    if recipe.evaluate.latency:
+        check_threads(recipe.evaluate.threads, "evaluate.threads")
+    with claim_run(out_dir, "recipe", inputs=recipe_inputs(recipe), overwrite=overwrite, resume=resume), \
+            rank_folder(out_dir) as out:
         return _run(recipe, out, resume, progress, task, torch.device(device) if device else None,
                     log if is_main() else lambda msg: None)
+
+
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """The files a recipe reads: its model, its data and any teacher or student model named by path."""
+    named = [recipe.model.path, recipe.data]
+    named += [value for stage in recipe.stages for value in (getattr(stage, "teacher", None),
+                                                             getattr(stage, "student", None))]
+    return [value for value in named if isinstance(value, str) and Path(value).exists()]
 
 
 def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | None, device, log) -> dict[str, Any]:
     task = task or Task.classification(load_data(recipe.data, seed=recipe.seed))
     main = is_main()
     model, baseline_dir = _baseline(recipe, task, out, resume, progress, device, log)
+    task.check_model(model)
     entries = [_measure("baseline", model, baseline_dir, task, 0.0)] if main else []
     if main:
         log(f"baseline: {task.metric} {entries[0]['accuracy']:.4f}, {entries[0]['file_bytes']} bytes")

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
@@ -21,10 +20,14 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from .config import Config
+from .config import Config, describe_errors, suggest
 from .errors import SlimkitError
+from .limits import MAX_RECIPE_BYTES, MAX_YAML_NODES, echo, echo_text
 from .stages import Stage, stage_types
 from .train.loop import TrainConfig
+
+
+MAX_PROBLEMS = 20  # listed in one error message
 
 
 class ModelSection(Config):
@@ -87,23 +90,26 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         if not isinstance(raw, dict) or "type" not in raw:
             problems.append(f"{where}: expected a mapping with a 'type' key (one of {', '.join(registry)})")
             continue
-        cls = registry.get(raw["type"])
+        cls = registry.get(raw["type"]) if isinstance(raw["type"], str) else None
         if cls is None:
-            problems.append(f"{where}.type: unknown stage type {raw['type']!r}{_suggest(raw['type'], registry)}; "
+            problems.append(f"{where}.type: unknown stage type {echo(raw['type'])}"
+                            f"{suggest(raw['type'], registry) if isinstance(raw['type'], str) else ''}; "
                             f"known: {', '.join(registry)}")
             continue
         try:
             stages.append(cls.model_validate(raw))
         except ValidationError as exc:
-            problems += _describe(exc, where, cls)
+            problems += describe_errors(exc, where, cls)
     problems += _order_problems(stages)
     try:
         recipe = Recipe.model_validate({**data, "stages": []})
     except ValidationError as exc:
-        problems = _describe(exc, "", Recipe) + problems
+        problems = describe_errors(exc, "", Recipe) + problems
         recipe = None
     if problems:
-        raise SlimkitError(f"{source}: invalid recipe:\n  " + "\n  ".join(problems))
+        shown = problems[:MAX_PROBLEMS] + ([f"... and {len(problems) - MAX_PROBLEMS} more"]
+                                           if len(problems) > MAX_PROBLEMS else [])
+        raise SlimkitError(f"{source}: invalid recipe:\n  " + "\n  ".join(shown))
     return recipe.model_copy(update={"stages": stages})
 
 
@@ -118,47 +124,58 @@ def _order_problems(stages: list[Stage]) -> list[str]:
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read a YAML recipe; its size, nesting and alias expansion are bounded before it is validated."""
     path = Path(path)
     if not path.is_file():
         raise SlimkitError(f"{path}: recipe file not found")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise SlimkitError(f"{path}: {size:,} bytes; a recipe may have at most {MAX_RECIPE_BYTES:,}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
+        loader = _YamlLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _check_expansion(node, path)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SlimkitError(f"{path}: not valid YAML ({exc})") from None
+        raise SlimkitError(f"{path}: not valid YAML ({echo_text(str(exc))})") from None
+    except RecursionError:
+        raise SlimkitError(f"{path}: nested too deeply to be a recipe") from None
     return parse_recipe(data, str(path))
 
 
-def _describe(exc: ValidationError, prefix: str, model: type[Config]) -> list[str]:
-    out = []
-    for err in exc.errors():
-        loc = prefix
-        for part in err["loc"]:
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-        loc = loc or "(top level)"
-        if err["type"] == "extra_forbidden":
-            key = str(err["loc"][-1])
-            allowed = _allowed_keys(model, err["loc"][:-1])
-            out.append(f"{loc}: unknown key{_suggest(key, allowed)}" + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
-        elif err["type"] == "missing":
-            out.append(f"{loc}: required key is missing")
-        else:
-            out.append(f"{loc}: {err['msg'].rstrip('.')}, got {err.get('input')!r}")
-    return out
-
-
-def _allowed_keys(model: type[Config], loc: tuple) -> list[str]:
-    """Field names of the (nested) config class at ``loc``, for "did you mean" hints."""
-    for part in loc:
-        if isinstance(part, int):
+def _check_expansion(root: yaml.Node, path: Path) -> None:
+    """Count the values the document holds once its aliases are expanded, without expanding them: a few
+    hundred bytes of nested aliases can stand for billions of values. A recursive alias is refused too."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if finished:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[key] > MAX_YAML_NODES:
+                raise SlimkitError(f"{path}: expands to more than {MAX_YAML_NODES:,} values through YAML aliases; "
+                                   "a recipe may hold at most that many")
             continue
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, Config)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise SlimkitError(f"{path}: a YAML alias refers to itself (a recursive structure is not a recipe)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
 
 
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []

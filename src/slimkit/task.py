@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from .data import Splits, make_loader
+from .errors import SlimkitError
+from .limits import first_line
 from .train.loop import Batch, LossFn, ScoreFn, TrainConfig, evaluate
 
 
@@ -39,6 +41,32 @@ class Task:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.example_inputs.shape[1:])
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, naming both shapes, a model that cannot run on this task's inputs, or (classification)
+        has fewer outputs than the data has classes: a clear error before any work, not one deep in a loss."""
+        x = self.example_inputs[:2]
+        recorded = getattr(model, "slimkit_meta", {}).get("input_shape")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(x.to(next((p.device for p in model.parameters()), x.device)))
+        except Exception as exc:  # noqa: BLE001 - whatever the model's own code raises on inputs it cannot take
+            built_for = f" (it was built for {list(recorded)})" if recorded else ""
+            raise SlimkitError(f"the model cannot run on this data: inputs are {list(x.shape[1:])}{built_for}: "
+                               f"{type(exc).__name__}: {first_line(exc)}") from None
+        finally:
+            model.train(was_training)
+        if self.splits is None:
+            return
+        classes = self.splits.num_classes
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise SlimkitError(f"a classification model must return logits of shape [batch, classes], got {got}")
+        if out.shape[1] < classes:
+            raise SlimkitError(f"the data's labels go up to {classes - 1}, but the model has {out.shape[1]} outputs "
+                               f"(classes 0..{out.shape[1] - 1})")
 
     def metrics(self, model: nn.Module) -> dict[str, float]:
         """Accuracy and loss per split for classification; the two scores otherwise."""

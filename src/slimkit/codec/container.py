@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimkitError
+from ..limits import MAX_META_BYTES, MAX_MODEL_ELEMENTS, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, echo, echo_text
 from .bits import pack_bits, unpack_bits
 from .entropy import CODERS, decode, encode, encode_with, entropy_bits
 from .state import INTEGER_CODES, SEP, decode_state, encode_state, value_count
@@ -136,28 +137,71 @@ def write_container(path: str | os.PathLike, meta: dict[str, Any], tensors: dict
 
 
 DTYPES = {"float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
-MAX_ELEMENTS = 1 << 34  # per stream: a header claiming more is damaged or hostile, not a model
 VIEWS = {"raw", "f16", "bytes", *(f"codes{b}" for b in range(1, 9))}
 
 
 def _checked_record(record: Any) -> tuple:
-    """A stream record whose every field has the type and range the reader relies on (ValueError otherwise)."""
+    """A stream record whose every field has the type and range the reader relies on (ValueError otherwise),
+    and whose symbol count is exactly what its shape holds, so the declared shape bounds the decoding."""
     if not isinstance(record, list) or len(record) != 8:
         raise ValueError("a stream record is not an 8-field list")
     name, dtype, shape, view, count, coder, length, crc = record
     if not isinstance(name, str) or dtype not in DTYPES or view not in VIEWS or coder not in {"raw", *CODERS,
                                                                                             "constant"}:
-        raise ValueError(f"stream {name!r}: unknown dtype, view or coder")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise ValueError(f"stream {name!r}: bad shape {shape!r}")
-    if any(not isinstance(v, int) or v < 0 for v in (count, length, crc)) or count > MAX_ELEMENTS or \
-            math.prod(shape) > MAX_ELEMENTS:
-        raise ValueError(f"stream {name!r}: bad sizes")
+        raise ValueError(f"stream {echo(name)}: unknown dtype, view or coder")
+    if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and
+            all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ValueError(f"stream {echo(name)}: bad shape {echo(shape)}")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in (count, length, crc)):
+        raise ValueError(f"stream {echo(name)}: bad sizes")
+    numel = math.prod(shape)
+    if numel > MAX_TENSOR_ELEMENTS:
+        raise ValueError(f"stream {echo(name)}: shape {shape} has more than {MAX_TENSOR_ELEMENTS:,} elements")
+    stored_bytes = numel * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    expected_count = {"raw": numel, "f16": numel, "bytes": stored_bytes}.get(view)
+    if expected_count is None:  # n-bit codes, packed into the stored bytes
+        bits = int(view[len("codes"):])
+        if (count * bits + 7) // 8 != stored_bytes:
+            raise ValueError(f"stream {echo(name)}: {count} codes of {bits} bits do not fill {stored_bytes} bytes")
+    elif count != expected_count:
+        raise ValueError(f"stream {echo(name)}: {count} values declared for {expected_count}")
     return name, dtype, shape, view, count, coder, length, crc
 
 
-def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(meta, stored tensors) of a ``.slim`` file; any damage is a SlimkitError naming it."""
+class ContainerFile:
+    """An opened ``.slim`` file: header (metadata and stream records) checked, streams not yet decoded."""
+
+    def __init__(self, path: Path, blob: bytes, meta: Any, records: list[tuple], payload_offset: int):
+        self.path, self.meta, self.records = path, meta, records
+        self._blob, self._offset = blob, payload_offset
+
+    def stream_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {r[0]: tuple(r[2]) for r in self.records}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Decode every stream (CRC-checked); any damage is a SlimkitError naming the stream."""
+        tensors: dict[str, torch.Tensor] = {}
+        offset = self._offset
+        for name, dtype, shape, view, count, coder, length, crc in self.records:
+            data = self._blob[offset : offset + length]
+            offset += length
+            if zlib.crc32(data) != crc:
+                raise SlimkitError(f"{self.path}: stream '{name}' is corrupt (checksum mismatch)")
+            try:
+                torch_dtype = getattr(torch, dtype)
+                if coder == "raw":
+                    stored_dtype = torch.float16 if view == "f16" else torch_dtype
+                    array = np.frombuffer(data, dtype=torch.empty(0, dtype=stored_dtype).numpy().dtype).copy()
+                    tensors[name] = torch.from_numpy(array).reshape(shape).to(torch_dtype)
+                else:
+                    tensors[name] = _restore(view, decode(coder, data, count), torch_dtype, shape)
+            except (ValueError, TypeError, RuntimeError, AttributeError, OverflowError) as exc:
+                raise SlimkitError(f"{self.path}: stream '{name}' cannot be decoded ({echo_text(str(exc))})") from None
+        return tensors
+
+
+def open_container(path: str | os.PathLike) -> ContainerFile:
+    """Read and check a ``.slim`` file's preamble, header and length; the streams are decoded on demand."""
     path = Path(path)
     try:
         blob = path.read_bytes()
@@ -172,29 +216,27 @@ def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     if len(header) != header_length or zlib.crc32(header) != header_crc:
         raise SlimkitError(f"{path}: the .slim header is truncated or corrupt (checksum mismatch)")
     try:
-        content = json.loads(zlib.decompress(header))
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(header, MAX_META_BYTES)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"the header expands to more than {MAX_META_BYTES:,} bytes")
+        content = json.loads(text)
         meta, records = content["meta"], [_checked_record(r) for r in content["streams"]]
-    except (zlib.error, ValueError, KeyError, TypeError) as exc:
-        raise SlimkitError(f"{path}: the .slim header cannot be read ({exc})") from None
+    except (zlib.error, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise SlimkitError(f"{path}: the .slim header cannot be read ({echo_text(str(exc))})") from None
+    declared = sum(math.prod(r[2]) for r in records)
+    if declared > MAX_MODEL_ELEMENTS:
+        raise SlimkitError(f"{path}: the .slim header declares {declared:,} elements; at most "
+                           f"{MAX_MODEL_ELEMENTS:,} are read")
     offset = PREAMBLE.size + header_length
     expected = offset + sum(int(r[6]) for r in records)
     if len(blob) != expected:
         raise SlimkitError(f"{path}: file is {len(blob)} bytes, its header describes {expected}: "
                            f"{'truncated' if len(blob) < expected else 'trailing data'}")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, view, count, coder, length, crc in records:
-        data = blob[offset : offset + length]
-        offset += length
-        if zlib.crc32(data) != crc:
-            raise SlimkitError(f"{path}: stream '{name}' is corrupt (checksum mismatch)")
-        try:
-            torch_dtype = getattr(torch, dtype)
-            if coder == "raw":
-                stored_dtype = torch.float16 if view == "f16" else torch_dtype
-                array = np.frombuffer(data, dtype=torch.empty(0, dtype=stored_dtype).numpy().dtype).copy()
-                tensors[name] = torch.from_numpy(array).reshape(shape).to(torch_dtype)
-            else:
-                tensors[name] = _restore(view, decode(coder, data, count), torch_dtype, shape)
-        except (ValueError, TypeError, RuntimeError, AttributeError) as exc:
-            raise SlimkitError(f"{path}: stream '{name}' cannot be decoded ({exc})") from None
-    return meta, tensors
+    return ContainerFile(path, blob, meta, records, offset)
+
+
+def read_container(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, stored tensors) of a ``.slim`` file; any damage is a SlimkitError naming it."""
+    container = open_container(path)
+    return container.meta, container.tensors()

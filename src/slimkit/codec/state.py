@@ -192,6 +192,37 @@ def value_count(enc: dict[str, Any], tensors: dict[str, torch.Tensor], name: str
     return len(_positions(enc, tensors, name))
 
 
+MAX_CODEBOOK_STREAM = MAX_CODEBOOK  # a codebook stream's entries
+
+
+def check_streams(stream_shapes: dict[str, tuple[int, ...]], encodings: dict[str, dict[str, Any]], source: str,
+                  expected: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Check every size a file declares before anything is decoded from it.
+
+    Each encoded tensor's shape must be the architecture's (``expected``: name -> shape, when the
+    model was built first), and each of its streams can hold no more values than that tensor has
+    elements (relative indices: twice that, for the filler gaps), so the decoded sizes are the model's.
+    """
+    for name, enc in encodings.items():
+        shape = tuple(int(d) for d in enc["shape"])
+        if expected is not None:
+            if name not in expected:
+                raise SlimkitError(f"{source}: the file holds tensor '{name}', which the architecture does not have")
+            if shape != tuple(expected[name]):
+                raise SlimkitError(f"{source}: tensor '{name}' has shape {shape} in the file, the architecture "
+                                   f"expects {tuple(expected[name])}")
+    for stream, shape in stream_shapes.items():
+        owner, sep, _ = stream.rpartition(SEP)
+        if not sep:
+            continue
+        if owner not in encodings:
+            raise SlimkitError(f"{source}: stream '{stream}' belongs to no encoded tensor")
+        limit = 2 * math.prod(int(d) for d in encodings[owner]["shape"]) + MAX_CODEBOOK_STREAM
+        if math.prod(shape) > limit:
+            raise SlimkitError(f"{source}: stream '{stream}' declares {math.prod(shape):,} values, more than its "
+                               f"tensor's shape {encodings[owner]['shape']} can need")
+
+
 def decode_state(tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str, Any]], source: str) -> dict[str, torch.Tensor]:
     """Inverse of :func:`encode_state`; any inconsistency is a clear error naming the tensor."""
     state = {k: v for k, v in tensors.items() if SEP not in k}

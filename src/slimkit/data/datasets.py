@@ -7,16 +7,19 @@ generator, never from worker processes.
 
 from __future__ import annotations
 
+import functools
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import SlimkitError
-from .augment import shift_collate
+from ..limits import MAX_CLASSES, echo_text
+from .augment import draw_shifts, random_shift, shift_collate, stack_batch
 
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -53,9 +56,10 @@ def make_loader(
 ) -> DataLoader:
     """A loader over one split; shuffling uses its own seeded generator (no global RNG).
 
-    ``augment`` applies random one-pixel shifts (for image training sets).
+    ``augment`` applies random one-pixel shifts (for image training sets). Under data-parallel training
+    a shuffled loader yields this rank's share of each global batch (see ``global_batch_share``).
     """
-    from ..train.distributed import RankSlices, world
+    from ..train.distributed import world
 
     x, y = splits.split(which)
     # Always a private generator: DataLoader draws a seed from it on every iteration, and without one it
@@ -63,11 +67,23 @@ def make_loader(
     generator = torch.Generator().manual_seed(seed)
     dataset, collate = TensorDataset(x, y), shift_collate if augment else None
     rank, size = world()
-    if shuffle and size > 1:  # data-parallel training: every rank draws the same global batches, keeps its slice
-        batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
-        return DataLoader(dataset, batch_sampler=RankSlices(batches, rank, size), generator=generator,
-                          collate_fn=collate)
+    if shuffle and size > 1:  # every rank draws the same global batches (same generator) and keeps its share
+        collate = functools.partial(global_batch_share, augment=augment, rank=rank, size=size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+
+
+def global_batch_share(batch: list[tuple[torch.Tensor, torch.Tensor]], augment: bool, rank: int,
+                       size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a global batch. Its augmentation is drawn once for the whole batch, by rank 0 as
+    one process would draw it, and sent to every rank, so the ranks together train on exactly the batch a
+    single process would."""
+    from ..train.distributed import from_main, rank_share
+
+    x, y = stack_batch(batch)
+    if augment and x.dim() == 4:
+        x = random_shift(x, shifts=from_main(lambda: draw_shifts(len(x))))
+    share = rank_share(len(x), rank, size)
+    return x[share], y[share]
 
 
 def calibration_subset(splits: Splits, n: int, seed: int = 0) -> torch.Tensor:
@@ -139,13 +155,15 @@ NPZ_SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
 def _npz(path: Path, seed: int) -> Splits:
+    if not zipfile.is_zipfile(path):  # np.load would read a .npy or a pickle under an .npz name
+        raise SlimkitError(f"{path}: not an .npz archive (a zip of .npy arrays, as numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
     except ValueError as exc:
-        raise SlimkitError(f"{path}: unreadable .npz ({exc}); object arrays are refused") from None
-    except (OSError, EOFError) as exc:
-        raise SlimkitError(f"{path}: unreadable .npz ({exc})") from None
+        raise SlimkitError(f"{path}: unreadable .npz ({echo_text(str(exc))}); object arrays are refused") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise SlimkitError(f"{path}: unreadable .npz ({echo_text(str(exc))})") from None
     keys = set(arrays)
     if keys >= set(NPZ_SPLIT_KEYS):
         splits = tuple(_image_array(arrays[k], path, k) if k.startswith("x") else _labels(arrays[k], path, k)
@@ -153,6 +171,9 @@ def _npz(path: Path, seed: int) -> Splits:
         for part in ("train", "val", "test"):
             if len(splits[NPZ_SPLIT_KEYS.index(f"x_{part}")]) != len(splits[NPZ_SPLIT_KEYS.index(f"y_{part}")]):
                 raise SlimkitError(f"{path}: x_{part} and y_{part} have different lengths")
+        for part in ("train", "val", "test"):
+            if len(splits[NPZ_SPLIT_KEYS.index(f"x_{part}")]) == 0:
+                raise SlimkitError(f"{path}: x_{part} is empty; every split needs samples")
         shapes = {s.shape[1:] for s in splits[0::2]}
         if len(shapes) != 1:
             raise SlimkitError(f"{path}: x_train, x_val and x_test have different sample shapes {sorted(shapes)}")
@@ -189,6 +210,8 @@ def _labels(a: np.ndarray, path: Path, key: str) -> np.ndarray:
         raise SlimkitError(f"{path}: {key} must be a 1-D integer array of class labels, got {a.dtype} {a.shape}")
     if len(a) and a.min() < 0:
         raise SlimkitError(f"{path}: {key} has negative class labels")
+    if len(a) and a.max() >= MAX_CLASSES:
+        raise SlimkitError(f"{path}: {key} has class label {a.max()}; labels are 0 to {MAX_CLASSES - 1}")
     return a.astype(np.int64)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
-from ..io import atomic_path
+from ..io import ONNX_PRODUCER, atomic_path, claim_output
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -88,6 +88,7 @@ def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int
 
         proto = program.model_proto
         strip_debug_info(proto)
+        proto.producer_name = ONNX_PRODUCER  # marks slimkit's files (so only they are replaced without --overwrite)
         onnx.save(proto, str(path))
 
 
@@ -140,12 +141,16 @@ def export_onnx(
     verify_on: torch.Tensor | None = None,
     atol: float = DEFAULT_ATOL,
     opset: int = 18,
+    *,
+    overwrite: bool = False,
 ) -> ExportResult:
-    """Export ``model`` (eval mode) to ``path``; verify ONNX Runtime against torch on ``verify_on``."""
+    """Export ``model`` (eval mode) to ``path``; verify ONNX Runtime against torch on ``verify_on``.
+
+    An existing ONNX file slimkit wrote is replaced; anything else at ``path`` needs ``overwrite``."""
     model = model.eval()
     path = Path(path)
     check = verify_on if verify_on is not None else sample
-    with atomic_path(path) as tmp:
+    with claim_output(path, "onnx", overwrite=overwrite), atomic_path(path) as tmp:
         _export_graph(model, tmp, sample[:2] if len(sample) >= 2 else sample, opset)
         with torch.no_grad():
             expected = torch.cat([model(check[i : i + 256]) for i in range(0, len(check), 256)]).numpy()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimkitError
-from ..io import atomic_path
+from ..io import atomic_path, claim_output
 from .onnx import _export_graph, shorten_names
 
 
@@ -334,10 +334,12 @@ def compare_with_runtime(model: torch.nn.Module, path: str | os.PathLike, inputs
     }
 
 
-def export_int8_verified(model: torch.nn.Module, path: str | os.PathLike, inputs: torch.Tensor) -> dict[str, float]:
-    """Export QDQ and check it against the simulation; a file that disagrees is not left behind."""
+def export_int8_verified(model: torch.nn.Module, path: str | os.PathLike, inputs: torch.Tensor, *,
+                         overwrite: bool = False) -> dict[str, float]:
+    """Export QDQ and check it against the simulation; a file that disagrees is not left behind. An existing
+    ONNX file slimkit wrote is replaced; anything else at ``path`` needs ``overwrite``."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with claim_output(path, "onnx", overwrite=overwrite), atomic_path(path) as tmp:
         export_qdq(model, tmp, inputs[:2])
         check = compare_with_runtime(model, tmp, inputs)
         if check["top1_agreement"] < MIN_AGREEMENT or check["sqnr_db"] < MIN_SQNR_DB:

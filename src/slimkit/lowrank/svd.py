@@ -25,10 +25,20 @@ from torch import nn
 
 from ..config import Config
 from ..errors import SlimkitError
-from ..plan import register_plan_op
+from ..plan import StepSchema, register_plan_op
 from ..select import select_layers
 
 PLAN_OP = "factorize"
+
+
+class FactorizedLayer(Config):
+    kind: Literal["linear", "channel", "spatial"]
+    rank: int = Field(ge=1)
+
+
+class FactorizeStep(StepSchema):
+    op: Literal["factorize"] = PLAN_OP
+    layers: dict[str, FactorizedLayer] = Field(min_length=1)
 
 
 class FactorizeConfig(Config):
@@ -231,7 +241,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-@register_plan_op(PLAN_OP)
+@register_plan_op(FactorizeStep)
 def replay_factorize(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     """Rebuild the factorized structure on a fresh model (the weights come from the file)."""
     for name, spec in step["layers"].items():
@@ -241,5 +251,16 @@ def replay_factorize(model: nn.Module, step: dict[str, Any]) -> nn.Module:
             raise SlimkitError(f"factorization plan names a layer this model lacks: {name}") from None
         if _kind(module, spec["kind"]) != spec["kind"]:
             raise SlimkitError(f"factorization plan: {name} is not a layer of kind {spec['kind']}")
+        full = min(_matrix_shape(module, spec["kind"]))
+        if spec["rank"] > full:
+            raise SlimkitError(f"factorization plan: rank {spec['rank']} of {name} exceeds its full rank {full}")
         _replace(model, name, Factorized(*_empty_factors(module, spec["kind"], int(spec["rank"]))))
     return model
+
+
+def _matrix_shape(module: nn.Module, kind: str) -> tuple[int, int]:
+    """The shape of the matrix whose SVD factorizes ``module`` (see ``_matrix``), without building it."""
+    if kind == "linear":
+        return module.out_features, module.in_features
+    out, cin, kh, kw = module.weight.shape
+    return (out, cin * kh * kw) if kind == "channel" else (cin * kh, out * kw)

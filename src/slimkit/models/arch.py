@@ -16,9 +16,11 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..limits import MAX_MODEL_ELEMENTS, echo, echo_text
 from .zoo import ZOO
 
 HF_TASKS = ("base", "sequence-classification")
@@ -42,12 +44,20 @@ def build_model(arch: dict[str, Any], trust_code: bool = False) -> nn.Module:
 
 
 def _zoo(name: str, args: dict[str, Any]) -> nn.Module:
-    if name not in ZOO:
-        raise SlimkitError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO)}")
+    """A built-in model; its arguments are tried on the meta device first (no memory), so arguments asking
+    for an absurd size are an error before anything is allocated."""
+    if not isinstance(name, str) or name not in ZOO:
+        raise SlimkitError(f"unknown zoo model {echo(name)}; choose one of {', '.join(ZOO)}")
     try:
+        with torch.device("meta"):
+            probe = ZOO[name].build(**args)
+        params = sum(p.numel() for p in probe.parameters())
+        if params > MAX_MODEL_ELEMENTS:
+            raise SlimkitError(f"zoo model {name!r} with arguments {echo(args)} would have {params:,} parameters; "
+                               f"at most {MAX_MODEL_ELEMENTS:,} are built")
         return ZOO[name].build(**args)
-    except TypeError as exc:
-        raise SlimkitError(f"zoo model {name!r}: bad arguments {args} ({exc})") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise SlimkitError(f"zoo model {name!r}: bad arguments {echo(args)} ({echo_text(str(exc))})") from None
 
 
 def _factory(target: str, args: dict[str, Any], trust_code: bool) -> nn.Module:

@@ -12,19 +12,50 @@ from __future__ import annotations
 import copy
 import warnings
 from fnmatch import fnmatchcase
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..errors import SlimkitError
-from ..plan import register_plan_op
+from ..limits import MAX_TENSOR_ELEMENTS
+from ..plan import StepSchema, register_plan_op
 from ..train.loop import Batch, LossFn
 from .graph import Group, Member, channel_groups
 from .importance import gradient_magnitudes
 
 PLAN_OP = "prune-channels"
 STRUCTURED_METHODS = ("l1", "l2", "bn-scale", "taylor", "random")
+
+Count = Annotated[int, Field(ge=0, le=MAX_TENSOR_ELEMENTS)]
+Role = Literal["out", "in", "in-grouped", "norm", "param"]
+
+
+class PlannedGroup(BaseModel):
+    """One channel group of a plan step: the channels it keeps, and the tensor slices each channel owns
+    (members: ``[tensor, dim, rep, offset, role, groups]``; files from before ``groups`` have five fields)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    size: Annotated[int, Field(ge=1, le=MAX_TENSOR_ELEMENTS)]
+    block: Annotated[int, Field(ge=1)]
+    parts: Annotated[int, Field(ge=1)]
+    keep: list[Count] = Field(min_length=1)
+    members: list[tuple[str, Count, Count, Count, Role] | tuple[str, Count, Count, Count, Role, Count]] = Field(
+        min_length=1)
+
+    @model_validator(mode="after")
+    def _kept_channels_exist(self) -> "PlannedGroup":
+        if any(b <= a for a, b in zip(self.keep, self.keep[1:])) or self.keep[-1] >= self.size:
+            raise ValueError(f"keep must list increasing channel indices below size {self.size}")
+        return self
+
+
+class PruneChannelsStep(StepSchema):
+    op: Literal["prune-channels"] = PLAN_OP
+    method: str
+    ratio: float
+    groups: list[PlannedGroup]
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -129,14 +160,17 @@ def plan_channels(
     return step, notes
 
 
-@register_plan_op(PLAN_OP)
+@register_plan_op(PruneChannelsStep)
 def apply_plan(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     """Cut every member tensor down to its kept channels and resize the layers' attributes."""
     removed: dict[tuple[str, int], set[int]] = {}
     originals: dict[tuple[str, int], int] = {}
     touched = set()
     for group in step["groups"]:
-        dropped = sorted(set(range(group["size"])) - set(group["keep"]))
+        for tensor, dim, rep, offset, role, *rest in group["members"]:
+            _check_member_fits(_tensor(model, tensor), tensor, dim, rep, offset, role, group["size"], *rest[:1] or [1])
+        kept = set(group["keep"])
+        dropped = [c for c in range(group["size"]) if c not in kept]
         for tensor, dim, rep, offset, role, *rest in group["members"]:
             if role == "in-grouped":  # before any row is removed: the rows still say which group they are in
                 _replace(model, tensor, _grouped_columns(_tensor(model, tensor), group["keep"], rest[0]))
@@ -153,6 +187,22 @@ def apply_plan(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     for name in touched:
         _resync(model.get_submodule(name))
     return model
+
+
+def _check_member_fits(value: torch.Tensor, name: str, dim: int, rep: int, offset: int, role: str, size: int,
+                       groups: int) -> None:
+    """A step read from a file may name any sizes: they must lie within the tensor they cut."""
+    if role == "in-grouped":
+        if value.dim() < 2 or not 1 <= groups <= value.shape[0] or value.shape[0] % groups or \
+                value.shape[1] * groups != size:
+            raise SlimkitError(f"{name} of shape {tuple(value.shape)} is not a convolution of {groups} groups "
+                               f"reading {size} channels")
+        return
+    if dim >= value.dim():
+        raise SlimkitError(f"{name} has {value.dim()} dimensions, the plan cuts dimension {dim}")
+    if offset + size * rep > value.shape[dim]:
+        raise SlimkitError(f"{name} has {value.shape[dim]} entries along dimension {dim}, the plan cuts up to "
+                           f"{offset + size * rep}")
 
 
 def _grouped_columns(weight: torch.Tensor, keep: list[int], groups: int) -> torch.Tensor:

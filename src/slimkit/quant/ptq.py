@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import copy
 from fnmatch import fnmatchcase
-from typing import Any, Iterable, Literal
+import math
+from typing import Annotated, Any, Iterable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import fx, nn
 
 from ..config import Config
 from ..errors import SlimkitError
-from ..plan import register_plan_op
+from ..limits import MAX_INPUT_ELEMENTS, MAX_TENSOR_DIMS
+from ..plan import StepSchema, register_plan_op
 from .observers import OBSERVERS, Observer, make_observer
 from .ops import expand_group_scale, group_count, group_fake_quant
 from .scheme import QScheme, log2_quantize, qparams
@@ -87,6 +89,38 @@ class StaticQuantConfig(Config):
 
     def bits_of(self, weight: str) -> int:
         return self.layer_bits.get(weight.rpartition(".")[0], self.weight_bits)
+
+
+class QuantizedWeight(Config):
+    input: str  # the graph node feeding the layer (its activation quantizer, when static)
+    bits: int = Field(8, ge=2, le=8)
+    group_size: int | None = Field(None, ge=1)
+    activation: Literal["dynamic"] | None = None
+
+
+ActivationQParams = tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], Annotated[int, Field(ge=0, le=255)]]
+
+
+class QuantizeStaticStep(StepSchema):
+    """A quantization plan step: everything needed to rebuild the fake-quantized graph from the float model."""
+
+    op: Literal["quantize-static"] = PLAN_OP
+    input_shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=MAX_TENSOR_DIMS)
+    folded_batchnorm: list[tuple[str, str]]
+    weights: dict[str, QuantizedWeight] = Field(min_length=1)
+    activations: dict[str, ActivationQParams]
+    weight_bits: int = Field(8, ge=2, le=8)
+    rounding: Literal["nearest", "gptq"] = "nearest"
+    weight_levels: Literal["linear", "log"] = "linear"
+    observer: str = "minmax"
+    calibration_samples: int = Field(0, ge=0)
+    qat: bool = False  # the scales were trained (quantization-aware training)
+
+    @model_validator(mode="after")
+    def _bounded_input(self) -> "QuantizeStaticStep":
+        if math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input_shape {self.input_shape} has more than {MAX_INPUT_ELEMENTS:,} elements")
+        return self
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -254,7 +288,7 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
     return _convert(gm, step, scales), step
 
 
-@register_plan_op(PLAN_OP)
+@register_plan_op(QuantizeStaticStep)
 def replay_static(model: nn.Module, step: dict[str, Any]) -> fx.GraphModule:
     """Rebuild the quantized graph module from a fresh float model and the stored plan step."""
     model = copy.deepcopy(model).eval()
@@ -291,8 +325,10 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
         raise SlimkitError(f"quantization plan does not fit this model's graph (no nodes {missing[:3]}); "
                            "was it saved by another PyTorch version?")
     for i, (name, spec) in enumerate(step["weights"].items()):
-        op = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHTED
-                  and _weight_name(n) == name)
+        op = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHTED
+                   and _weight_name(n) == name), None)
+        if op is None:
+            raise SlimkitError(f"quantization plan names a weight no conv or linear layer of this graph uses: {name}")
         weight = gm.get_parameter(name)
         group = spec.get("group_size")
         scale = scales[name] if scales is not None else torch.ones(

@@ -1,7 +1,8 @@
 """Data-parallel training under ``torchrun``: process group, rank-sliced batches, rank-0 side effects.
 
 Every process draws the same sequence of global batches (the loader's generator is
-seeded identically on all ranks) and trains on its slice of each; DistributedDataParallel
+seeded identically on all ranks, and augmentation is drawn once per global batch) and
+trains on its share of each; DistributedDataParallel
 averages the gradients, so with equal slices a step equals one single-process step on the
 whole global batch.
 
@@ -21,10 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler
 
 
 def init_from_env() -> bool:
@@ -139,15 +138,8 @@ def rank_folder(out: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
 
 
-class RankSlices:
-    """This rank's share of every global batch (contiguous slices, sizes differing by at most one)."""
-
-    def __init__(self, batches: BatchSampler, rank: int, size: int):
-        self.batches, self.rank, self.size = batches, rank, size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batches:
-            yield np.array_split(np.asarray(batch), self.size)[self.rank].tolist()
-
-    def __len__(self) -> int:
-        return len(self.batches)
+def rank_share(count: int, rank: int, size: int) -> slice:
+    """This rank's contiguous share of ``count`` items: shares differ by at most one, the first ones larger."""
+    base, extra = divmod(count, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))

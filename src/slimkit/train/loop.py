@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import math
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -22,7 +25,8 @@ from torch import nn
 
 from ..config import Config
 from ..errors import SlimkitError
-from ..io import atomic_path
+from ..io import write_bytes_atomic
+from ..limits import first_line
 from .distributed import barrier, from_main, world
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -160,18 +164,12 @@ def fit(
         best_state = copy.deepcopy(model.state_dict())
         state = from_main(lambda: _load_checkpoint(ckpt_path)) if resume and ckpt_path is not None else None
         if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            for param_state in opt.state.values():  # fresh allocations, as an uninterrupted run's state has
-                for key, value in param_state.items():
-                    if isinstance(value, torch.Tensor):
-                        param_state[key] = value.clone()
-            sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            if sampler_gen is not None and state.get("sampler_rng") is not None:
-                sampler_gen.set_state(state["sampler_rng"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
+            try:
+                _restore(state, model, opt, sched, scaler, sampler_gen)
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+                raise SlimkitError(f"{ckpt_path}: cannot resume from this checkpoint: it does not fit this model and "
+                                   f"configuration ({first_line(exc)}); "
+                                   "delete it, or start over without --resume (--overwrite)") from None
             best_state = state["best_model"]
             result = TrainResult(state["best_score"], state["best_epoch"], state["history"],
                                  state.get("stopped_early", False))
@@ -299,8 +297,63 @@ def _train_one_epoch(model, runner, loader, opt, sched, scaler, loss_fn, cfg: Tr
     return total / max(1, count)
 
 
+def _restore(state: dict[str, Any], model: nn.Module, opt, sched, scaler, sampler_gen) -> None:
+    """Put a checkpoint's model, optimizer, schedule, loss-scaler and RNG states back."""
+    model.load_state_dict(state["model"])
+    model.load_state_dict(state["best_model"])  # checked now, loaded again at the end of training
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    for param_state in opt.state.values():  # fresh allocations, as an uninterrupted run's state has
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                param_state[key] = value.clone()
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if sampler_gen is not None and state.get("sampler_rng") is not None:
+        sampler_gen.set_state(state["sampler_rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "best_model", "best_score", "best_epoch", "history",
+                   "epoch")
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any] | None:
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    """A checkpoint's state, checked: damaged, foreign or code-carrying files are named errors.
+
+    torch's reader does not check the CRC-32 its zip format stores for every record, so a flipped
+    byte would resume silently with a changed weight; ``zipfile`` checks them first.
+    """
+    import pickle
+
+    from ..modelfile.store import unpickle_reason
+
+    if not path.is_file():
+        return None
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise SlimkitError(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
+    if zipfile.is_zipfile(io.BytesIO(blob)):
+        try:
+            damaged = zipfile.ZipFile(io.BytesIO(blob)).testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+            damaged = str(exc)
+        if damaged is not None:
+            raise SlimkitError(f"{path}: the checkpoint is damaged (record {damaged} fails its checksum); delete it, "
+                               "or start over without --resume (--overwrite)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as exc:
+        raise SlimkitError(f"{path}: refused as a checkpoint: not a file torch.load(weights_only=True) reads "
+                           f"({unpickle_reason(exc)})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SlimkitError(f"{path}: not a slimkit training checkpoint (missing {', '.join(missing)})")
+    return state
 
 
 def _save_checkpoint(path: Path, model, opt, sched, scaler, sampler_gen, best_state, result: TrainResult,
@@ -319,8 +372,9 @@ def _save_checkpoint(path: Path, model, opt, sched, scaler, sampler_gen, best_st
         "history": result.history,
         "epoch": epoch,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 class _progress:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..io import write_json_atomic
+from ..io import claim_run, write_json_atomic
 from ..modelfile import new_model, save
 from ..models import ZOO
 from .loop import TrainConfig, TrainResult, fit
@@ -52,19 +52,23 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     description: str = "train",
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fit ``model`` on ``task``, save the best-on-val weights and metrics under ``out_dir``.
 
+    An existing run folder needs ``resume`` (continue from its checkpoint) or ``overwrite`` (start over).
     Under ``torchrun`` give each rank its own ``out_dir`` (``distributed.rank_folder``): rank 0's is the run's.
     """
-    out = Path(out_dir)
-    started = time.perf_counter()
-    result: TrainResult = fit(
-        model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
-        checkpoint_dir=out / CHECKPOINT_SUBDIR, resume=resume, progress=progress, description=description,
-    )
-    metrics = {**task.metrics(model), "best_epoch": result.best_epoch, "epochs": cfg.epochs,
-               "train_seconds": time.perf_counter() - started, "config": cfg.to_dict(), "history": result.history}
-    save(model, out / MODEL_SUBDIR)
-    write_json_atomic(out / METRICS_FILE, metrics)
+    with claim_run(out_dir, "train", overwrite=overwrite, resume=resume) as out:
+        task.check_model(model)
+        started = time.perf_counter()
+        result: TrainResult = fit(
+            model, task.train_batches(cfg), None, cfg, score_fn=task.val_score, loss_fn=task.loss_fn,
+            checkpoint_dir=out / CHECKPOINT_SUBDIR, resume=resume, progress=progress, description=description,
+        )
+        metrics = {**task.metrics(model), "best_epoch": result.best_epoch, "epochs": cfg.epochs,
+                   "train_seconds": time.perf_counter() - started, "config": cfg.to_dict(), "history": result.history}
+        save(model, out / MODEL_SUBDIR)
+        write_json_atomic(out / METRICS_FILE, metrics)
     return metrics
