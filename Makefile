@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/slimkit run recipes/deep-compression.yaml --out runs/demo
+	$(BIN)/slimkit run recipes/deep-compression.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -130,6 +130,12 @@ def case_unpack_into_the_folder_holding_the_input(ws):
 
 
 @case
+def case_unpack_onto_its_own_input(ws):
+    slim = ws.slim()
+    return ["unpack", slim, "--out", slim], ["is the input"]
+
+
+@case
 def case_unpack_over_a_folder_of_other_files(ws):
     (ws.root / "mine").mkdir()
     (ws.root / "mine" / "notes.txt").write_text("mine")
@@ -139,7 +145,7 @@ def case_unpack_over_a_folder_of_other_files(ws):
 @case
 def case_prune_onto_its_own_input(ws):
     run = ws.run_dir()
-    return ["prune", run, "--sparsity", "0.5", "--out", run, "--no-progress"], ["is the input"]
+    return ["prune", run, "--sparsity", "0.5", "--out", run, "--no-progress"], ["contains the input", "model"]
 
 
 @case
@@ -720,3 +726,66 @@ def test_bad_input_is_a_named_error_and_nothing_is_lost(name, workspace, capsys,
 
 def test_the_battery_is_broad():
     assert len(CASES) >= 60
+
+
+# ---------------------------------------------------------------------------------------------- damage and fuzzing
+
+def test_a_bit_flip_anywhere_in_the_weights_is_reported_as_damage(tmp_path):
+    ws = Workspace(tmp_path, trained_run=None)
+    weights = ws.model_dir() / "model.safetensors"
+    original = weights.read_bytes()
+    offsets = sorted({*range(0, 200), *np.linspace(0, len(original) - 1, 400).astype(int).tolist()})
+    for offset in offsets:
+        damaged = bytearray(original)
+        damaged[offset] ^= 1 << (offset % 8)
+        weights.write_bytes(bytes(damaged))
+        with pytest.raises(SlimkitError, match="model.safetensors is damaged"):
+            load(weights.parent)
+    weights.write_bytes(original)
+    load(weights.parent)
+
+
+def _mutations(blob: bytes, rng: np.random.Generator, count: int):
+    """Seeded damage of every kind: bit flips, random bytes, truncation, insertion, deleted ranges."""
+    for _ in range(count):
+        data = bytearray(blob)
+        kind = rng.integers(5)
+        at = int(rng.integers(len(data)))
+        if kind == 0:
+            data[at] ^= 1 << int(rng.integers(8))
+        elif kind == 1:
+            data[at] = int(rng.integers(256))
+        elif kind == 2:
+            del data[at:]
+        elif kind == 3:
+            data[at:at] = rng.integers(256, size=int(rng.integers(1, 9))).astype(np.uint8).tobytes()
+        else:
+            del data[at:at + int(rng.integers(1, 33))]
+        yield bytes(data)
+
+
+def test_fuzzed_model_files_are_named_errors_or_load_identically(tmp_path):
+    """Every mutation of a model directory's two files, and of a .slim file, is either a SlimkitError or (a
+    harmless change, such as a metadata field nothing reads) loads to outputs identical to the original's."""
+    ws = Workspace(tmp_path, trained_run=None)
+    folder, slim = ws.model_dir(), ws.slim()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = load(folder)(x)
+    rng = np.random.default_rng(0)
+    outcomes = {"error": 0, "identical": 0}
+    targets = [(folder / "model.safetensors", folder), (folder / "slimkit.json", folder), (slim, slim)]
+    for file, loaded in targets:
+        original = file.read_bytes()
+        for mutated in _mutations(original, rng, 150):
+            file.write_bytes(mutated)
+            try:
+                model = load(loaded)
+            except SlimkitError:
+                outcomes["error"] += 1
+                continue
+            with torch.no_grad():
+                assert torch.equal(model(x), reference), (file.name, len(mutated))
+            outcomes["identical"] += 1
+        file.write_bytes(original)
+    assert outcomes["error"] > 400 and sum(outcomes.values()) == 450

@@ -219,7 +219,7 @@ def export(
 
     if fmt not in ("onnx", "onnx-int8"):
         raise SlimkitError(f"--format {fmt!r}: supported formats: onnx, onnx-int8")
-    check_disjoint(out, [path, resolve_model_dir(path), _data_path(data)])
+    check_disjoint(out, [resolve_model_dir(path), _data_path(data)])
     model, splits = _load_for_data(path, arch, trust_code, data)
     if is_quantized(model) != (fmt == "onnx-int8"):
         raise SlimkitError(f"--format {fmt}: this is a {'quantized' if is_quantized(model) else 'float'} model; "
@@ -347,7 +347,7 @@ def sensitivity_cmd(
     from .report.plots import sensitivity_curves
     from .task import Task
 
-    inputs = [path, resolve_model_dir(path), _data_path(data)]
+    inputs = [resolve_model_dir(path), _data_path(data)]
     check_output(out, "sensitivity", inputs, overwrite)  # before the sweep, not after it
     model, splits = _load_for_data(path, None, trust_code, data)
     if splits is None:
@@ -562,10 +562,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         typer.echo(f"error: {exc}", err=True)
         return 2
     except (KeyboardInterrupt, SystemExit) as exc:
-        if not _interrupted(exc):
-            raise
-        typer.echo(_interrupted_message(command, args), err=True)
-        return INTERRUPTED
+        if _interrupted(exc):
+            typer.echo(_interrupted_message(command, args), err=True)
+            return INTERRUPTED
+        code = getattr(exc, "code", 1)  # typer ends every run (--help, usage errors, success) with SystemExit
+        return code if isinstance(code, int) else int(code is not None)
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
         if debug:
             raise

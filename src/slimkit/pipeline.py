@@ -71,12 +71,13 @@ def run_recipe(
                     log if is_main() else lambda msg: None)
 
 
-def recipe_inputs(recipe: Recipe) -> list[str]:
-    """The files a recipe reads: its model, its data and any teacher or student model named by path."""
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """What a recipe reads: its model, its data and any teacher or student model named by path (a run
+    folder's model directory, not the whole folder)."""
     named = [recipe.model.path, recipe.data]
     named += [value for stage in recipe.stages for value in (getattr(stage, "teacher", None),
                                                              getattr(stage, "student", None))]
-    return [value for value in named if isinstance(value, str) and Path(value).exists()]
+    return [resolve_model_dir(value) for value in named if isinstance(value, str) and Path(value).exists()]
 
 
 def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | None, device, log) -> dict[str, Any]:

@@ -201,7 +201,7 @@ def pack(source: str | os.PathLike, out: str | os.PathLike, coders: tuple[str, .
     from ..codec.accounting import accounting
 
     path = _existing_model(source)
-    with claim_output(out, "slim", inputs=[source, path], overwrite=overwrite):
+    with claim_output(out, "slim", inputs=[path], overwrite=overwrite):
         meta, tensors = _stored_tensors(path)
         meta = {k: v for k, v in meta.items() if k != "files"}  # the digest of a directory's file
         meta, stored = reencode(meta, tensors, str(path), coders)

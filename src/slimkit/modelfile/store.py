@@ -92,7 +92,7 @@ def _parse_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     try:
-        state = load(data)
+        state = dict(sorted(load(data).items()))  # in name order, as load_file gives (load's order varies by run)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise SlimkitError(f"{path}: not a readable safetensors file ({echo_text(str(exc))})") from None
     check_finite(state, str(path))
