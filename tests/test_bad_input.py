@@ -242,10 +242,11 @@ def case_output_under_a_regular_file(ws):
 def case_output_locked_by_a_live_process(ws):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     ws.cleanup.append(holder.kill)
-    from slimkit.io import _host, _process_start
+    from slimkit.io import host_tag
+    from slimkit.outputs import _process_start
 
     lock = ws.root / ".x.slim.slimkit-lock"
-    lock.write_text(json.dumps({"pid": holder.pid, "host": _host(), "start": _process_start(holder.pid), "time": 0}))
+    lock.write_text(json.dumps({"pid": holder.pid, "host": host_tag(), "start": _process_start(holder.pid), "time": 0}))
     return ["pack", ws.run_dir(), "--out", ws.root / "x.slim"], ["being written by another slimkit process",
                                                                    str(holder.pid)]
 

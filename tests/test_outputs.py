@@ -16,7 +16,8 @@ import torch
 
 from slimkit import SlimkitError, load, new_model, save
 from slimkit.cli import main
-from slimkit.io import OUTPUT_MARKER, _host, output_kind
+from slimkit.io import host_tag
+from slimkit.outputs import OUTPUT_MARKER, output_kind
 from slimkit.modelfile import pack, unpack
 
 CLI = [sys.executable, "-m", "slimkit"]
@@ -100,9 +101,9 @@ def _dead_pid() -> int:
 def test_leftovers_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     source = model_dir(tmp_path / "m")
     pid = _dead_pid()
-    leftover_file = tmp_path / f".m.slim.slimkit-{_host()}-{pid}-0badf00d.tmp"
+    leftover_file = tmp_path / f".m.slim.slimkit-{host_tag()}-{pid}-0badf00d.tmp"
     leftover_file.write_bytes(b"half a file")
-    leftover_dir = tmp_path / f".u.slimkit-{_host()}-{pid}-0badf00d"
+    leftover_dir = tmp_path / f".u.slimkit-{host_tag()}-{pid}-0badf00d"
     leftover_dir.mkdir()
     (leftover_dir / "model.safetensors").write_bytes(b"half")
     foreign = tmp_path / ".m.slim.backup.tmp"  # not slimkit's naming: never touched
@@ -118,7 +119,7 @@ def test_a_directory_moved_aside_by_a_killed_writer_is_put_back(tmp_path):
     from slimkit.io import remove_stale_temps
 
     original = (model_dir(tmp_path / "m") / "model.safetensors").read_bytes()
-    aside = tmp_path / f".m.slimkit-{_host()}-{_dead_pid()}-0badf00d-old"
+    aside = tmp_path / f".m.slimkit-{host_tag()}-{_dead_pid()}-0badf00d-old"
     os.rename(tmp_path / "m", aside)
     remove_stale_temps(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == original and not aside.exists()

@@ -128,7 +128,7 @@ def train(
 ) -> None:
     """Train a zoo model; keeps the best-on-validation weights, checkpoints every epoch."""
     from .data import load_data
-    from .io import check_disjoint
+    from .outputs import check_disjoint
     from .models import ZOO
     from .task import Task
     from .train import build_seeded, default_train_config, train_model
@@ -213,7 +213,7 @@ def export(
 
     from .export import export_onnx
     from .export.qdq import export_int8_verified
-    from .io import check_disjoint
+    from .outputs import check_disjoint
     from .modelfile import resolve_model_dir
     from .quant.ptq import is_quantized
 
@@ -341,7 +341,8 @@ def sensitivity_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from .io import check_output, claim_output, write_bytes_atomic, write_json_atomic
+    from .io import write_bytes_atomic, write_json_atomic
+    from .outputs import check_output, claim_output
     from .modelfile import resolve_model_dir
     from .prune.sensitivity import sensitivity
     from .report.plots import sensitivity_curves
@@ -481,7 +482,7 @@ def run(
     device: str = DeviceOpt,
 ) -> None:
     """Run a recipe: train or load, compress stage by stage, evaluate, report."""
-    from .io import check_disjoint
+    from .outputs import check_disjoint
     from .recipe import load_recipe
 
     check_disjoint(out, [recipe])

@@ -26,7 +26,8 @@ from torch import nn
 from . import __version__
 from .analyze import count_macs, count_params, layer_stats, measure_latency
 from .data import load_data
-from .io import claim_run, dir_bytes, write_json_atomic
+from .io import dir_bytes, write_json_atomic
+from .outputs import claim_run
 from .limits import check_threads
 from .modelfile import load, read_meta, resolve_model_dir, save
 from .errors import SlimkitError

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
-from ..io import ONNX_PRODUCER, atomic_path, claim_output
+from ..io import atomic_path
+from ..outputs import ONNX_PRODUCER, claim_output
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

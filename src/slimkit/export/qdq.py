@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import SlimkitError
-from ..io import atomic_path, claim_output
+from ..io import atomic_path
+from ..outputs import claim_output
 from .onnx import _export_graph, shorten_names
 
 

@@ -28,7 +28,7 @@ from ..codec.container import is_container, reencode, write_container
 from ..codec.entropy import CODERS
 from ..codec.state import check_streams
 from ..errors import SlimkitError
-from ..io import claim_output
+from ..outputs import claim_output
 from ..models.arch import build_model
 from ..plan import replay_plan
 from .schema import FORMAT_NAME, FORMAT_VERSION, META_FILE, WEIGHTS_FILE

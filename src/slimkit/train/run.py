@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..io import claim_run, write_json_atomic
+from ..io import write_json_atomic
+from ..outputs import claim_run
 from ..modelfile import new_model, save
 from ..models import ZOO
 from .loop import TrainConfig, TrainResult, fit
