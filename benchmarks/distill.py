@@ -43,7 +43,8 @@ CASES = [  # teacher, student spec, feature hints and attention pairs (student -
 def trained(name: str, task: Task):
     run = RESULTS / "zoo" / name
     if not (run / "model" / "slimkit.json").is_file():
-        train_model(build_seeded(name, 0, task), task, default_train_config(name, seed=0), run, progress=False)
+        train_model(build_seeded(name, 0, task), task, default_train_config(name, seed=0), run, progress=False,
+                    overwrite=True)
     return load(run)
 
 

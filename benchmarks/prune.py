@@ -42,7 +42,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def trained(name: str, task: Task) -> nn.Module:
     run = RESULTS / "zoo" / name
     if not (run / "model" / "slimkit.json").is_file():
-        train_model(build_seeded(name, 0, task), task, default_train_config(name, seed=0), run, progress=False)
+        train_model(build_seeded(name, 0, task), task, default_train_config(name, seed=0), run, progress=False,
+                    overwrite=True)
     return load(run)
 
 

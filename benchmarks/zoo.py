@@ -28,7 +28,8 @@ def trained(name: str, task: Task, retrain: bool) -> tuple[Path, float]:
     """Train ``name`` with its defaults into results/zoo/NAME (reused unless --retrain)."""
     run = RESULTS / "zoo" / name
     if retrain or not (run / "model" / "slimkit.json").is_file():
-        train_model(build_seeded(name, 0, task), task, default_train_config(name, seed=0), run, progress=False)
+        train_model(build_seeded(name, 0, task), task, default_train_config(name, seed=0), run, progress=False,
+                    overwrite=True)
     return run, json.loads((run / "metrics.json").read_text())["train_seconds"]
 
 
