@@ -396,6 +396,24 @@ def case_zoo_arguments_asking_for_a_huge_model(ws):
 
 
 @case
+def case_zoo_width_of_ten_to_the_five(ws):
+    target = ws.with_meta(lambda m: m.update(architecture={"zoo": "lenet5", "args": {"width": 100000}}))
+    return (lambda: load(target)), ["zoo model 'lenet5'", "46,08", "parameters"]
+
+
+@case
+def case_image_that_decompresses_to_gigapixels(ws):
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (ws.root / "imgs" / label).mkdir(parents=True)
+        Image.new("1", (8, 8)).save(ws.root / "imgs" / label / "ok.png")
+    Image.new("1", (20000, 20000)).save(ws.root / "imgs" / "a" / "bomb.png")  # 1 bit per pixel: a small file
+    return ["train", "--model", "lenet300", "--data", ws.root / "imgs", "--out", ws.root / "o"], \
+        ["bomb.png: not a readable image"]
+
+
+@case
 def case_zoo_arguments_of_the_wrong_type(ws):
     model = ws.with_meta(lambda m: m.update(architecture={"zoo": "lenet5", "args": {"width": "wide"}}))
     return (lambda: load(model)), ["zoo model 'lenet5': bad arguments"]
@@ -407,35 +425,34 @@ def case_unknown_plan_op(ws):
     return (lambda: load(target)), ["unknown op 'magic'"]
 
 
+def with_pruning_step(ws, size: int, keep: list[int], tensor: str = "fc1.weight") -> Path:
+    """A model directory whose plan holds one channel group of ``size`` channels cut from ``tensor``."""
+    group = {"size": size, "block": 1, "parts": 1, "keep": keep, "members": [[tensor, 0, 1, 0, "out", 1]]}
+    return ws.with_meta(lambda m: m.update(plan=[{"op": "prune-channels", "method": "l1", "ratio": 0.5,
+                                                  "groups": [group]}]))
+
+
 @case
 def case_plan_group_of_two_billion_channels(ws):
-    group = {"size": 2_000_000_000, "block": 1, "parts": 1, "keep": [0], "members": [["fc1.weight", 0, 1, 0, "out", 1]]}
-    step = {"op": "prune-channels", "method": "l1", "ratio": 0.5, "groups": [group]}
-    target = ws.with_meta(lambda m: m.update(plan=[step]))
+    target = with_pruning_step(ws, 2_000_000_000, [0])
     return (lambda: load(target)), ["plan[0].groups[0].size"]
 
 
 @case
 def case_plan_group_larger_than_its_layer(ws):
-    group = {"size": 5000, "block": 1, "parts": 1, "keep": [0, 1], "members": [["fc1.weight", 0, 1, 0, "out", 1]]}
-    step = {"op": "prune-channels", "method": "l1", "ratio": 0.5, "groups": [group]}
-    target = ws.with_meta(lambda m: m.update(plan=[step]))
+    target = with_pruning_step(ws, 5000, [0, 1])
     return (lambda: load(target)), ["fc1.weight has 300 entries"]
 
 
 @case
 def case_plan_keeping_channels_that_do_not_exist(ws):
-    group = {"size": 300, "block": 1, "parts": 1, "keep": [0, 400], "members": [["fc1.weight", 0, 1, 0, "out", 1]]}
-    step = {"op": "prune-channels", "method": "l1", "ratio": 0.5, "groups": [group]}
-    target = ws.with_meta(lambda m: m.update(plan=[step]))
+    target = with_pruning_step(ws, 300, [0, 400])
     return (lambda: load(target)), ["keep must list increasing channel indices"]
 
 
 @case
 def case_plan_naming_a_missing_layer(ws):
-    group = {"size": 300, "block": 1, "parts": 1, "keep": [0], "members": [["nope.weight", 0, 1, 0, "out", 1]]}
-    step = {"op": "prune-channels", "method": "l1", "ratio": 0.5, "groups": [group]}
-    target = ws.with_meta(lambda m: m.update(plan=[step]))
+    target = with_pruning_step(ws, 300, [0], tensor="nope.weight")
     return (lambda: load(target)), ["does not fit this architecture"]
 
 

@@ -89,14 +89,14 @@ def check_disjoint(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
             continue
         source = Path(given).resolve()
         if target == source:
-            raise SlimkitError(f"--out {out} is the input {given}; slimkit never writes over its inputs")
+            raise SlimkitError(f"the output {out} is the input {given}; slimkit never writes over its inputs")
         if target in source.parents:
-            raise SlimkitError(f"--out {out} contains the input {given}; slimkit never replaces its inputs")
+            raise SlimkitError(f"the output {out} contains the input {given}; slimkit never replaces its inputs")
         if source in target.parents:
-            raise SlimkitError(f"--out {out} lies inside the input {given}; slimkit never changes its inputs")
+            raise SlimkitError(f"the output {out} lies inside the input {given}; slimkit never changes its inputs")
     for parent in target.parents:
         if (parent / MODEL_META).is_file():
-            raise SlimkitError(f"--out {out} lies inside the model directory {parent}; write beside it instead")
+            raise SlimkitError(f"the output {out} lies inside the model directory {parent}; write beside it instead")
 
 
 def check_output(path: Path, kind: str, inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
@@ -122,8 +122,9 @@ def check_output(path: Path, kind: str, inputs: Iterable[str | os.PathLike | Non
     if overwrite:
         return
     what = f"a slimkit {KIND_NAMES[existing]}" if existing else "files slimkit did not write"
-    raise SlimkitError(f"{path} already exists and holds {what}; slimkit replaces only its own "
-                       f"{KIND_NAMES[kind]}s there: choose another path, or pass --overwrite (overwrite=True) to replace it")
+    raise SlimkitError(f"{path} already exists and holds {what}; slimkit replaces only an earlier "
+                       f"{KIND_NAMES[kind]} of its own: choose another path, or pass --overwrite (overwrite=True) to "
+                       "replace it")
 
 
 @contextlib.contextmanager
@@ -168,7 +169,9 @@ def claim_run(path: str | os.PathLike, kind: str, *, inputs: Iterable[str | os.P
 
 def _prepare_folder(path: Path, kind: str, clear: bool) -> None:
     with os_errors(path):
-        if clear and path.is_dir():
+        if clear and output_kind(path) == "model":  # another slimkit artifact, replaced whole on --overwrite
+            shutil.rmtree(path)
+        elif clear and path.is_dir():
             for name in sorted({name for layout in RUN_LAYOUT.values() for name in layout}):
                 entry = path / name
                 if entry.is_dir() and not entry.is_symlink():

@@ -100,8 +100,10 @@ def measure_latency(
     """Torch eager and ONNX Runtime latency at each batch size; exports ONNX (QDQ if quantized) if no file is given."""
     from ..export import export_onnx, ort_session
     from ..export.qdq import export_int8_verified
+    from ..limits import check_threads
     from ..quant.ptq import is_quantized
 
+    check_threads(threads, "threads")
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, *input_shape, generator=gen) for b in batches}
     with tempfile.TemporaryDirectory() as tmp:

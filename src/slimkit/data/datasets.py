@@ -218,6 +218,7 @@ def _labels(a: np.ndarray, path: Path, key: str) -> np.ndarray:
 def _image_folder(root: Path, seed: int) -> Splits:
     """One sub-folder per class, sorted by name; images are converted to grayscale, equal sizes required."""
     from PIL import Image, UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
 
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
@@ -231,8 +232,8 @@ def _image_folder(root: Path, seed: int) -> Splits:
             try:
                 with Image.open(file) as img:
                     arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as exc:
-                raise SlimkitError(f"{file}: not a readable image ({exc})") from None
+            except (UnidentifiedImageError, DecompressionBombError, OSError) as exc:
+                raise SlimkitError(f"{file}: not a readable image ({echo_text(str(exc))})") from None
             if size is None:
                 size = arr.shape
             elif arr.shape != size:
