@@ -49,9 +49,10 @@ def _zoo(name: str, args: dict[str, Any]) -> nn.Module:
     if not isinstance(name, str) or name not in ZOO:
         raise SlimkitError(f"unknown zoo model {echo(name)}; choose one of {', '.join(ZOO)}")
     try:
-        with torch.device("meta"):
-            probe = ZOO[name].build(**args)
-        params = sum(p.numel() for p in probe.parameters())
+        params = 0
+        if args:  # (the defaults are known to be small)
+            with torch.device("meta"):
+                params = sum(p.numel() for p in ZOO[name].build(**args).parameters())
         if params > MAX_MODEL_ELEMENTS:
             raise SlimkitError(f"zoo model {name!r} with arguments {echo(args)} would have {params:,} parameters; "
                                f"at most {MAX_MODEL_ELEMENTS:,} are built")
