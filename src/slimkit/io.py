@@ -41,6 +41,12 @@ def host_tag() -> str:
     return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:32] or "host"
 
 
+def named_path(path: str | os.PathLike) -> Path:
+    """``path`` with a last component to name siblings after (``.`` or ``runs/x/..`` resolved)."""
+    path = Path(path)
+    return path if path.name and path.name != ".." else path.resolve()
+
+
 def _temp_path(target: Path, suffix: str = "") -> Path:
     return target.parent / f".{target.name}.{TEMP_TAG}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
 
@@ -105,7 +111,7 @@ def _follow_umask(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; it replaces ``target`` when the block succeeds."""
-    target = Path(target)
+    target = named_path(target)
     with os_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_dir() and not target.is_symlink():
@@ -125,7 +131,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory; when the block succeeds it replaces ``target`` whole."""
-    target = Path(target)
+    target = named_path(target)
     tmp = _temp_path(target)
     with os_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import SlimkitError
-from .io import TEMP_TAG, host_tag, os_errors, pid_alive, write_json_atomic
+from .io import TEMP_TAG, host_tag, named_path, os_errors, pid_alive, write_json_atomic
 
 OUTPUT_MARKER = ".slimkit-output"  # in folders slimkit creates that are not model directories
 MODEL_META = "slimkit.json"  # a model directory's own marker
@@ -205,6 +205,7 @@ def output_lock(path: Path) -> Iterator[None]:
 
     Re-entrant within a process (a command that claims a run folder, then saves into it).
     """
+    path = named_path(path)
     lock = path.parent / f".{path.name}.{TEMP_TAG}-lock"
     me = {"pid": os.getpid(), "host": host_tag(), "start": _process_start(os.getpid()), "time": time.time()}
     with os_errors(path):
