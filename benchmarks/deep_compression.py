@@ -32,7 +32,7 @@ from slimkit.codec.container import read_container
 from slimkit.io import dir_bytes, write_json_atomic
 from slimkit.lowrank.stage import FactorizeStage
 from slimkit.modelfile import pack
-from slimkit.prune.stage import PruneStage
+from slimkit.pruning.stage import PruneStage
 from slimkit.share.stage import ClusterStage
 from slimkit.stages import StageContext
 from slimkit.train import build_seeded, default_train_config, train_model

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from slimkit import Task, count_params, fit, load, load_data, parse_recipe, run_recipe
-from slimkit.distill import DistillConfig, build_student, distill
+from slimkit.distillation import DistillConfig, build_student, distill
 from slimkit.io import write_json_atomic
 from slimkit.train import TrainConfig, build_seeded, default_train_config, train_model
 

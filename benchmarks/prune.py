@@ -30,9 +30,9 @@ import slimkit
 from slimkit import Task, count_macs, count_params, load, load_data, save
 from slimkit.analyze import measure_latency
 from slimkit.io import dir_bytes, write_json_atomic
-from slimkit.prune import PruneConfig, prune_weights, remove_masks
-from slimkit.prune.stage import PruneStage
-from slimkit.prune.structured import prune_channels
+from slimkit.pruning import PruneConfig, prune_weights, remove_masks
+from slimkit.pruning.stage import PruneStage
+from slimkit.pruning.structured import prune_channels
 from slimkit.stages import StageContext
 from slimkit.train import TrainConfig, build_seeded, default_train_config, fit, train_model
 

@@ -414,6 +414,13 @@ def case_image_that_decompresses_to_gigapixels(ws):
 
 
 @case
+def case_factory_module_that_is_not_importable(ws):
+    target = ws.with_meta(lambda m: m.update(architecture={"factory": "not_on_the_path:build", "args": {}}))
+    return ["analyze", target, "--trust-code", "--no-latency"], ["cannot import module 'not_on_the_path'",
+                                                                   "PYTHONPATH"]
+
+
+@case
 def case_zoo_arguments_of_the_wrong_type(ws):
     model = ws.with_meta(lambda m: m.update(architecture={"zoo": "lenet5", "args": {"width": "wide"}}))
     return (lambda: load(model)), ["zoo model 'lenet5': bad arguments"]

@@ -8,10 +8,10 @@ import torch
 
 from slimkit import SlimkitError, Task, parse_recipe, run_recipe
 from slimkit.data import calibration_subset
-from slimkit.distill import DistillConfig, distill
+from slimkit.distillation import DistillConfig, distill
 from slimkit.export.qdq import export_int8_verified
-from slimkit.prune.mask import remove_masks
-from slimkit.prune.unstructured import PruneConfig, prune_weights
+from slimkit.pruning.mask import remove_masks
+from slimkit.pruning.unstructured import PruneConfig, prune_weights
 from slimkit.quant.ops import group_fake_quant
 from slimkit.quant.ptq import StaticQuantConfig, quantize_static, weight_scale_buffer
 from slimkit.share.cluster import ClusterConfig, cluster

@@ -13,7 +13,7 @@ from slimkit.codec.entropy import CODERS, decode, encode, encode_with, entropy_b
 from slimkit.data import calibration_subset
 from slimkit.modelfile.store import read_safetensors
 from slimkit.modelfile import pack, unpack
-from slimkit.prune import PruneConfig, prune_weights, remove_masks
+from slimkit.pruning import PruneConfig, prune_weights, remove_masks
 from slimkit.quant.ptq import quantize_static
 from slimkit.share import ClusterConfig, cluster
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from slimkit import SlimkitError, Task, load, parse_recipe, run_recipe
-from slimkit.distill import (DistillConfig, Distiller, attention_loss, build_student, distill, feature_loss,
+from slimkit.distillation import (DistillConfig, Distiller, attention_loss, build_student, distill, feature_loss,
                              kd_loss)
-from slimkit.distill.run import parse_student_spec
+from slimkit.distillation.run import parse_student_spec
 from slimkit.train import TrainConfig
 
 

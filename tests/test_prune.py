@@ -8,10 +8,10 @@ from torch import nn
 
 from slimkit import SlimkitError, Task, load, new_model, parse_recipe, run_recipe
 from slimkit.io import dir_bytes
-from slimkit.prune import PruneConfig, get_mask, prune_weights, remove_masks, set_mask, sparsity_of
-from slimkit.prune.mask import original_weight
+from slimkit.pruning import PruneConfig, get_mask, prune_weights, remove_masks, set_mask, sparsity_of
+from slimkit.pruning.mask import original_weight
 from slimkit.stages import StageContext
-from slimkit.prune.stage import PruneStage
+from slimkit.pruning.stage import PruneStage
 
 X = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 

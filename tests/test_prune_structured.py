@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimkit import SlimkitError, ZOO, count_params, load, new_model, save
-from slimkit.prune.graph import channel_groups
-from slimkit.prune.structured import apply_plan, plan_channels, prune_channels
+from slimkit.pruning.graph import channel_groups
+from slimkit.pruning.structured import apply_plan, plan_channels, prune_channels
 
 X = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -128,7 +128,7 @@ def test_quantize_recipe_and_cli(trained_run, tmp_path):
 
 def test_qat_recovers_low_bit_accuracy_and_keeps_pruned_zeros(digits, tmp_path, briefly_trained):
     from slimkit import TrainConfig, fit
-    from slimkit.prune import PruneConfig, prune_weights, remove_masks
+    from slimkit.pruning import PruneConfig, prune_weights, remove_masks
     from slimkit.quant.qat import convert_qat, prepare_qat
 
     task = Task.classification(digits)
@@ -208,8 +208,8 @@ def test_a_channel_pruned_away_keeps_a_usable_scale(digits, briefly_trained, tmp
 
 
 def test_a_pruned_then_quantized_model_directory_is_smaller_than_the_pruned_one(digits, briefly_trained, tmp_path):
-    from slimkit.prune.mask import remove_masks
-    from slimkit.prune.unstructured import PruneConfig, prune_weights
+    from slimkit.pruning.mask import remove_masks
+    from slimkit.pruning.unstructured import PruneConfig, prune_weights
 
     model = briefly_trained("lenet300")
     prune_weights(model, PruneConfig(sparsity=0.9, scope="global"), Task.classification(digits))

@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from slimkit import SlimkitError, Task, load, parse_recipe, run_recipe
-from slimkit.prune import sparsity_of
-from slimkit.prune.sensitivity import allocate_sparsity, sensitivity
+from slimkit.pruning import sparsity_of
+from slimkit.pruning.sensitivity import allocate_sparsity, sensitivity
 
 
 def test_unstructured_sweep(trained_run, digits):

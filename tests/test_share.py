@@ -11,7 +11,7 @@ from slimkit import SlimkitError, Task, fit, load, parse_recipe, run_recipe, sav
 from slimkit.codec import decode_state, encode_state
 from slimkit.codec.bits import pack_bits, unpack_bits
 from slimkit.io import dir_bytes
-from slimkit.prune import PruneConfig, prune_weights, remove_masks
+from slimkit.pruning import PruneConfig, prune_weights, remove_masks
 from slimkit.share import ClusterConfig, cluster, remove_sharing, share_centroids
 from slimkit.share.kmeans import INITS, cluster_1d, sse
 from slimkit.train import TrainConfig

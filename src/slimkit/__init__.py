@@ -16,10 +16,14 @@ from .recipe import Recipe, load_recipe, parse_recipe
 from .stages import Stage, StageContext, register_stage
 from .task import Task
 from .train import TrainConfig, evaluate, fit, train_model
+from .verbs import (
+    ClusterStage, DistillStage, FactorizeStage, PruneStage, QuantizeStage, cluster, distill, factorize, prune, quantize,
+)
 
 __all__ = [
-    "ZOO", "Recipe", "SlimkitError", "Splits", "Stage", "StageContext", "Task", "TrainConfig", "__version__",
-    "build_model", "calibration_subset", "count_macs", "count_params", "evaluate", "export_onnx", "fit",
-    "load", "load_data", "load_recipe", "make_loader", "measure_latency", "new_model", "parse_recipe",
-    "profile", "register_stage", "run_recipe", "save", "train_model",
+    "ClusterStage", "DistillStage", "FactorizeStage", "PruneStage", "QuantizeStage", "ZOO", "Recipe",
+    "SlimkitError", "Splits", "Stage", "StageContext", "Task", "TrainConfig", "__version__", "build_model",
+    "calibration_subset", "cluster", "count_macs", "count_params", "distill", "evaluate", "export_onnx",
+    "factorize", "fit", "load", "load_data", "load_recipe", "make_loader", "measure_latency", "new_model",
+    "parse_recipe", "profile", "prune", "quantize", "register_stage", "run_recipe", "save", "train_model",
 ]

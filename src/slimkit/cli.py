@@ -344,7 +344,7 @@ def sensitivity_cmd(
     from .io import write_bytes_atomic, write_json_atomic
     from .outputs import check_output, claim_output
     from .modelfile import resolve_model_dir
-    from .prune.sensitivity import sensitivity
+    from .pruning.sensitivity import sensitivity
     from .report.plots import sensitivity_curves
     from .task import Task
 

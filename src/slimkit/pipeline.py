@@ -13,7 +13,6 @@ instead of re-run, and interrupted training continues from its checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -30,10 +29,8 @@ from .io import dir_bytes, write_json_atomic
 from .outputs import claim_run
 from .limits import check_threads
 from .modelfile import load, read_meta, resolve_model_dir, save
-from .errors import SlimkitError
-from .quant.ptq import is_quantized
 from .recipe import Recipe
-from .stages import StageContext
+from .stages import StageContext, apply_stage, copy_model
 from .task import Task
 from .train import build_seeded, default_train_config, train_model
 from .train.distributed import check_same_model, is_main, mirror_from_main, rank_folder
@@ -106,7 +103,7 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | N
             continue
         ctx = StageContext(task, out, stage_dir, resume, progress, artifacts, baseline=baseline_model, device=device)
         started = time.perf_counter()
-        model = _apply_with_recovery(stage, _copy_for_stage(model, baseline_model), ctx)
+        model = apply_stage(stage, _copy_for_stage(model, baseline_model), ctx)
         seconds = time.perf_counter() - started
         check_same_model(model, f"stage {i} ({stage.type})")
         if main:
@@ -117,22 +114,6 @@ def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | N
     if not main:
         return {}
     return _finish(recipe, task, entries, baseline_model, model, artifacts, out, log)
-
-
-def _apply_with_recovery(stage, model: nn.Module, ctx: StageContext) -> nn.Module:
-    """The stage, then its own recovery training (in the stage's folder, noted with the scores around it)."""
-    if stage.needs_float_model and is_quantized(model):  # a quantized input model (recipes check their own order)
-        raise SlimkitError(f"a {stage.type} stage works on float weights, but the model entering it is quantized "
-                           "(integer codes): start from the float model")
-    model = stage.apply(model, ctx)
-    recovery = stage.recovery_stage()
-    if recovery is not None:
-        recovery_ctx = dataclasses.replace(ctx, stage_dir=ctx.stage_dir / "recovery", notes={})
-        before = ctx.task.val_score(model)
-        model = recovery.apply(model, recovery_ctx)
-        ctx.notes["recovery"] = {"type": recovery.type, "val_score_before": before,
-                                 "val_score_after": ctx.task.val_score(model), **recovery_ctx.notes}
-    return model
 
 
 def _keep_stage(name: str, stage, model: nn.Module, ctx: StageContext, seconds: float, previous_dir: Path,
@@ -190,14 +171,7 @@ def _baseline(recipe: Recipe, task: Task, out: Path, resume: bool, progress: boo
 
 def _copy_for_stage(model: nn.Module, baseline: nn.Module) -> nn.Module:
     """Stages edit models in place; the baseline must survive for the final comparison."""
-    if model is not baseline:
-        return model
-    import copy
-
-    clone = copy.deepcopy(model)
-    if hasattr(model, "slimkit_meta"):  # a GraphModule's (quantized model's) deepcopy drops added attributes
-        clone.slimkit_meta = copy.deepcopy(model.slimkit_meta)
-    return clone
+    return copy_model(model) if model is baseline else model
 
 
 def _finished_stage(stage_dir: Path, stage) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ change.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,6 +45,11 @@ class StageContext:
             **kwargs: Any) -> TrainResult:
         """Train ``model`` on the task with the shared loop, checkpointed (resumable) in this stage's folder,
         on the run's device; its history goes to the report under ``name``. ``kwargs`` go to ``fit``."""
+        if not self.task.can_score:
+            from .errors import SlimkitError
+
+            raise SlimkitError(f"{name} trains the model, which needs labelled data with a validation score: pass "
+                               "Splits, a Task, or Task.from_loaders(train, val)")
         kwargs = {"score_fn": self.task.val_score, "loss_fn": self.task.loss_fn, **kwargs}
         folder = self.stage_dir / CHECKPOINT_SUBDIR / (checkpoint or "")
         with on_device(model, self.device):
@@ -111,12 +117,40 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 def stage_types() -> dict[str, type[Stage]]:
     """All registered stage types (importing the built-in ones on first use)."""
     from .export import stage as _export_stage  # noqa: F401
-    from .prune import stage as _prune_stage  # noqa: F401
+    from .pruning import stage as _prune_stage  # noqa: F401
     from .quant import stage as _quant_stage  # noqa: F401
-    from .distill import stage as _distill_stage  # noqa: F401
+    from .distillation import stage as _distill_stage  # noqa: F401
     from .lowrank import stage as _lowrank_stage  # noqa: F401
     from .share import stage as _share_stage  # noqa: F401
     from .train import stage as _train_stage  # noqa: F401
 
     return dict(_STAGES)
 
+
+def apply_stage(stage: Stage, model: nn.Module, ctx: StageContext) -> nn.Module:
+    """The stage, then its own recovery training (in the stage's folder, noted with the scores around it)."""
+    from .errors import SlimkitError
+    from .quant.ptq import is_quantized
+
+    if stage.needs_float_model and is_quantized(model):  # a quantized input model (recipes check their own order)
+        raise SlimkitError(f"a {stage.type} stage works on float weights, but the model entering it is quantized "
+                           "(integer codes): start from the float model")
+    model = stage.apply(model, ctx)
+    recovery = stage.recovery_stage()
+    if recovery is not None:
+        recovery_ctx = dataclasses.replace(ctx, stage_dir=ctx.stage_dir / "recovery", notes={})
+        before = ctx.task.val_score(model)
+        model = recovery.apply(model, recovery_ctx)
+        ctx.notes["recovery"] = {"type": recovery.type, "val_score_before": before,
+                                 "val_score_after": ctx.task.val_score(model), **recovery_ctx.notes}
+    return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy that keeps slimkit's metadata (a GraphModule's deepcopy drops added attributes)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    if hasattr(model, "slimkit_meta"):
+        clone.slimkit_meta = copy.deepcopy(model.slimkit_meta)
+    return clone

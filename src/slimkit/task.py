@@ -1,14 +1,17 @@
 """A task is what a model is trained and measured on; the pipeline and every stage see only this.
 
-``Task.classification(splits)`` covers the built-in data. Any other task
-(regression, detection, embeddings) is a ``Task`` built from the user's own
-loaders, loss and scores, so it can be compressed and measured the same way.
+``Task.classification(splits)`` covers the built-in data, ``Task.from_loaders`` a classifier's own
+DataLoaders (or any re-iterable of batches), and ``as_task`` turns whatever a verb is given (a
+``Task``, ``Splits``, loaders, a tensor of inputs, nothing) into one. Any other task (regression,
+detection, embeddings) is a ``Task`` built from the user's own loaders, loss and scores, so it can
+be compressed and measured the same way. A task without labels (calibration inputs only) cannot
+score a model: its scores are NaN and training on it is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -37,6 +40,7 @@ class Task:
     metric: str = "accuracy"
     splits: Splits | None = None
     describe: dict[str, Any] = field(default_factory=dict)
+    can_score: bool = True  # False for inputs without labels: nothing to train on or to score
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -95,3 +99,105 @@ class Task:
             describe={"train": len(splits.y_train), "val": len(splits.y_val), "test": len(splits.y_test),
                       "num_classes": splits.num_classes},
         )
+
+    @classmethod
+    def from_loaders(cls, train: Iterable, val: Iterable | None = None, test: Iterable | None = None, *,
+                     transform_fn: Callable[[Any], Any] | None = None, loss_fn: LossFn | None = None,
+                     name: str = "loaders") -> "Task":
+        """A classification task from the user's own batches: DataLoaders, or any re-iterable of batches that
+        are ``(inputs, labels)`` (or become that through ``transform_fn``, for dict batches). Validation and
+        test accuracy come from ``val`` and ``test`` (``test`` defaults to ``val``); the loaders keep their
+        own batch size and order (a training config's ``batch_size``/``seed``/``augment`` do not apply)."""
+        train, val, test = (_Batches(b, transform_fn) if b is not None else None for b in (train, val, test or val))
+        example = train.example_inputs()
+        if not train.labelled:
+            raise SlimkitError("Task.from_loaders needs labelled training batches: (inputs, labels), or a "
+                               "transform_fn that returns them")
+        score = (lambda batches: lambda m: evaluate(m, batches, loss_fn)["accuracy"])
+        return cls(name=name, train_batches=lambda cfg: train, example_inputs=example, loss_fn=loss_fn,
+                   val_score=score(val) if val is not None else _cannot_score,
+                   test_score=score(test) if test is not None else _cannot_score,
+                   can_score=val is not None, describe={"source": "loaders"})
+
+    @classmethod
+    def from_inputs(cls, inputs: torch.Tensor | Iterable, transform_fn: Callable[[Any], Any] | None = None,
+                    name: str = "inputs") -> "Task":
+        """Inputs without labels: calibration data and example inputs, nothing to train on or to score."""
+        batches = _Batches([inputs] if isinstance(inputs, torch.Tensor) else inputs, transform_fn)
+        return cls(name=name, train_batches=lambda cfg: batches, val_score=_cannot_score, test_score=_cannot_score,
+                   example_inputs=batches.example_inputs(), can_score=False, describe={"source": "inputs"})
+
+
+def _cannot_score(model: nn.Module) -> float:
+    return float("nan")
+
+
+def as_task(data: Any, transform_fn: Callable[[Any], Any] | None = None, model: nn.Module | None = None) -> Task:
+    """The task a verb works with: a ``Task`` as it is, ``Splits`` (classification), labelled batches
+    (``Task.from_loaders``: validation scores need a ``Task``), a tensor or batches of inputs only, or
+    nothing (inputs of the model's recorded shape, random: enough to trace it, not to measure it)."""
+    if isinstance(data, Task):
+        return data
+    if isinstance(data, Splits):
+        return Task.classification(data)
+    if data is None:
+        shape = getattr(model, "slimkit_meta", {}).get("input_shape")
+        if not shape:
+            raise SlimkitError("no data given and the model records no input_shape: pass data (a Task, Splits, "
+                               "a DataLoader or a tensor of inputs)")
+        return Task.from_inputs(torch.randn(8, *shape, generator=torch.Generator().manual_seed(0)),
+                                name="random inputs")
+    batches = _Batches([data] if isinstance(data, torch.Tensor) else data, transform_fn)
+    if batches.labelled:
+        return Task.from_loaders(data, transform_fn=transform_fn, name="batches")
+    return Task.from_inputs(data, transform_fn)
+
+
+class _Batches:
+    """A re-iterable view of the user's batches as ``(inputs, target)``: a batch may be a tensor (inputs only),
+    an ``(inputs, target)`` pair, or anything ``transform_fn`` turns into one of those."""
+
+    def __init__(self, source: Iterable, transform_fn: Callable[[Any], Any] | None):
+        if isinstance(source, Iterator):  # a generator can be read once: keep what it gives
+            source = list(source)
+        try:
+            iter(source)
+        except TypeError:
+            raise SlimkitError(f"data must be batches (a DataLoader or any iterable), got "
+                               f"{type(source).__name__}") from None
+        self.source, self.transform_fn = source, transform_fn
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        return (self._split(batch) for batch in self.source)
+
+    def __len__(self) -> int:
+        try:
+            return len(self.source)
+        except TypeError:
+            return sum(1 for _ in self.source)
+
+    @property
+    def labelled(self) -> bool:
+        return next(iter(self), (None, None))[1] is not None
+
+    def example_inputs(self, limit: int = 64) -> torch.Tensor:
+        taken, count = [], 0
+        for x, _ in self:
+            taken.append(x[: limit - count])
+            count += len(taken[-1])
+            if count >= limit:
+                break
+        if not taken:
+            raise SlimkitError("the data holds no batches")
+        return torch.cat(taken)
+
+    def _split(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        if self.transform_fn is not None:
+            batch = self.transform_fn(batch)
+        if isinstance(batch, torch.Tensor):
+            return batch, None
+        if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], torch.Tensor):
+            return batch[0], batch[1] if len(batch) == 2 else None
+        raise SlimkitError(f"a batch is a {type(batch).__name__}, not inputs or (inputs, target): pass "
+                           "transform_fn=... that returns the model's input tensor, or (inputs, target) (for dict "
+                           "batches, e.g. lambda b: (b['pixel_values'], b['labels']))")

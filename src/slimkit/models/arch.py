@@ -71,9 +71,15 @@ def _factory(target: str, args: dict[str, Any], trust_code: bool) -> nn.Module:
     if not module_name or not attr:
         raise SlimkitError(f"factory {target!r}: expected 'package.module:function'")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SlimkitError(f"factory {target!r}: cannot import ({exc})") from None
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SlimkitError(
+            f"factory {target!r}: cannot import module {module_name!r} ({exc}). The module must be importable where "
+            f"slimkit runs: install its package (pip install -e .), or add the folder holding it to PYTHONPATH "
+            f"(PYTHONPATH=/path/to/folder slimkit ...)") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise SlimkitError(f"factory {target!r}: module {module_name!r} has no {attr!r}") from None
     model = fn(**args)
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"factory {target!r} returned {type(model).__name__}, not an nn.Module")

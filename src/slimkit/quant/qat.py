@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SlimkitError
-from ..prune.mask import remove_masks, set_mask
+from ..pruning.mask import remove_masks, set_mask
 from .ops import expand_group_scale
 from .ptq import (ACT_SCHEME, StaticQuantConfig, _convert, _weight_name, capture, quantize_static, weight_scales,
                   weight_scheme)

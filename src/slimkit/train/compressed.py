@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SlimkitError
-from ..prune.mask import remove_masks, set_mask
+from ..pruning.mask import remove_masks, set_mask
 from ..quant.ptq import PLAN_OP, is_quantized, round_onto_grids
 from ..share.cluster import remove_sharing, round_to_half, share_centroids
 

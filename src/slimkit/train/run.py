@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 
+from ..errors import SlimkitError
 from ..io import write_json_atomic
 from ..outputs import claim_run
 from ..modelfile import new_model, save
@@ -20,6 +21,7 @@ from ..models import ZOO
 from .loop import TrainConfig, TrainResult, fit
 
 if TYPE_CHECKING:
+    from ..data import Splits
     from ..task import Task
 
 MODEL_SUBDIR = "model"
@@ -46,7 +48,7 @@ def build_seeded(arch: dict[str, Any] | str, seed: int, task: "Task", trust_code
 
 def train_model(
     model: nn.Module,
-    task: "Task",
+    task: "Task | Splits | Iterable",
     cfg: TrainConfig,
     out_dir: str | os.PathLike,
     resume: bool = False,
@@ -55,11 +57,18 @@ def train_model(
     *,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Fit ``model`` on ``task``, save the best-on-val weights and metrics under ``out_dir``.
+    """Fit ``model`` on ``task`` (a ``Task``, ``Splits``, or labelled loaders: see ``as_task``), save the
+    best-on-val weights and metrics under ``out_dir``.
 
     An existing run folder needs ``resume`` (continue from its checkpoint) or ``overwrite`` (start over).
     Under ``torchrun`` give each rank its own ``out_dir`` (``distributed.rank_folder``): rank 0's is the run's.
     """
+    from ..task import as_task
+
+    task = as_task(task)
+    if not task.can_score:
+        raise SlimkitError("train_model chooses the best epoch on validation data: pass Splits, a Task, or "
+                           "Task.from_loaders(train, val)")
     with claim_run(out_dir, "train", overwrite=overwrite, resume=resume) as out:
         task.check_model(model)
         started = time.perf_counter()
