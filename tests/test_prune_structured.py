@@ -120,7 +120,7 @@ def test_concatenation_maps_each_branch_into_the_consumer():
     with torch.no_grad():
         model.c.weight[:, [1, 3, 5, 7]] = 0
         model.c.weight[:, [8, 10, 12]] = 0
-    pruned, _ = prune_channels(model, X, 0.5, exclude=["fc"])  # keep c's own outputs
+    pruned, _ = prune_channels(model, X, 0.5, exclude=["c"])  # keep c's own outputs
     assert (pruned.a.out_channels, pruned.b.out_channels, pruned.c.in_channels) == (4, 3, 7)
     torch.testing.assert_close(pruned(X), model(X), rtol=0, atol=1e-5)  # only dead channels left
 
@@ -181,7 +181,7 @@ def test_grouped_convolution_prunes_the_same_number_from_each_group():
         for q in range(2):  # the grouped weight's columns are per-group input positions
             model.grouped.weight[4 * q : 4 * q + 4, [c - 4 * q for c in dead_in if 4 * q <= c < 4 * q + 4]] = 0
         model.fc1.weight[:, dead_out] = 0
-    pruned, _ = prune_channels(model, X, 0.5, exclude=["fc2"])
+    pruned, _ = prune_channels(model, X, 0.5, exclude=["fc1"])
     g = pruned.grouped
     assert (pruned.conv1.out_channels, g.in_channels, g.out_channels, g.groups, g.weight.shape[1]) == (4, 4, 4, 2, 2)
     assert pruned.fc1.in_features == 4
@@ -226,9 +226,18 @@ def test_a_group_that_breaks_the_forward_pass_is_skipped_with_a_warning():
 def test_exclude_and_importance_options():
     torch.manual_seed(0)
     model = new_model("resnet8").eval()
-    pruned, notes = prune_channels(model, X, 0.5, exclude=["fc"])
-    assert pruned.fc.in_features == 64 and pruned.layer1.conv1.out_channels == 8
-    assert "excluded by configuration" in notes["skipped"].values()
+    pruned, notes = prune_channels(model, X, 0.5, exclude=["fc"])  # fc keeps its outputs; its inputs shrink
+    assert (pruned.fc.in_features, pruned.fc.out_features, pruned.layer1.conv1.out_channels) == (32, 10, 8)
+    assert notes["skipped"] == {}
+    pruned, notes = prune_channels(model, X, 0.5, exclude=["layer3.conv2"])
+    assert pruned.layer3.conv2.out_channels == 64 and pruned.fc.in_features == 64  # the residual stream, whole
+    assert pruned.layer3.conv1.out_channels == 32 and pruned.layer2.conv1.out_channels == 16  # the rest is cut
+    reasons = list(notes["skipped"].values())
+    assert reasons == ["coupled with excluded layer3.conv2: layer3.shortcut.0 produces the same channels (added or "
+                       "multiplied together), so they are kept too"]
+    pruned, notes = prune_channels(model, X, 0.5, exclude=["layer1.conv1"])
+    assert pruned.layer1.conv1.out_channels == 16 and list(notes["skipped"].values()) == [
+        "excluded: layer1.conv1 keeps its output channels"]
     bn, _ = prune_channels(model, X, 0.5, method="bn-scale")
     assert bn(X).shape == (8, 10)
     with pytest.raises(SlimkitError, match="bn-scale needs a BatchNorm"):

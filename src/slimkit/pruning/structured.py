@@ -101,12 +101,25 @@ def group_scores(model: nn.Module, group: Group, method: str, grads: dict[str, t
     return total
 
 
-def _selected(group: Group, include: list[str], exclude: list[str]) -> bool:
-    layers = {m.tensor.rpartition(".")[0] for m in group.members}
-    producers = {m.tensor.rpartition(".")[0] for m in group.producers}
-    if any(fnmatchcase(layer, pattern) for layer in layers for pattern in exclude):
-        return False
-    return any(fnmatchcase(layer, pattern) for layer in producers for pattern in include)
+def _not_selected(group: Group, include: list[str], exclude: list[str]) -> str | None:
+    """Why configuration keeps ``group`` whole, or None to prune it.
+
+    Excluding a layer keeps that layer's own output channels. Its inputs may still shrink (they are
+    another layer's outputs); but channels it produces together with other layers (added in a residual
+    connection, or multiplied) must be cut from all of them at once, so such a group is kept whole.
+    """
+    producers = sorted({m.tensor.rpartition(".")[0] for m in group.producers})
+    excluded = [layer for layer in producers if any(fnmatchcase(layer, pattern) for pattern in exclude)]
+    if excluded:
+        others = [layer for layer in producers if layer not in excluded]
+        if not others:
+            return f"excluded: {', '.join(excluded)} keeps its output channels"
+        return (f"coupled with excluded {', '.join(excluded)}: {', '.join(others)} "
+                f"{'produce' if len(others) > 1 else 'produces'} the same channels (added or multiplied together), "
+                "so they are kept too")
+    if not any(fnmatchcase(layer, pattern) for layer in producers for pattern in include):
+        return f"not included: no pattern of include matches {', '.join(producers)}"
+    return None
 
 
 def plan_channels(
@@ -137,11 +150,13 @@ def plan_channels(
             raise SlimkitError("taylor importance needs a few batches of training data")
         grads = gradient_magnitudes(model, batches, loss_fn or nn.CrossEntropyLoss())
     generator = torch.Generator().manual_seed(seed)
-    planned, skipped = [], {}
+    planned, skipped, selected = [], {}, []
     for group in groups:
-        if not _selected(group, include or ["*"], exclude or []):
-            skipped[group.describe()] = "excluded by configuration"
+        reason = _not_selected(group, include or ["*"], exclude or [])
+        if reason is not None:
+            skipped[group.describe()] = reason
             continue
+        selected.append(group)
         per_part = group.size // group.block // group.parts  # blocks in each part
         remove = min(int(ratio * per_part), per_part - 1)
         scores = group_scores(model, group, method, grads, generator)
@@ -154,8 +169,7 @@ def plan_channels(
             "members": [[m.tensor, m.dim, m.rep, m.offset, m.role, m.groups] for m in group.members],
         })
     step = {"op": PLAN_OP, "method": method, "ratio": ratio, "groups": planned}
-    notes = {"groups": [{"channels": g.describe(), "kept": len(p["keep"])} for g, p in
-                        zip([g for g in groups if _selected(g, include or ["*"], exclude or [])], planned)],
+    notes = {"groups": [{"channels": g.describe(), "kept": len(p["keep"])} for g, p in zip(selected, planned)],
              "skipped": skipped, "pinned": pinned}
     return step, notes
 
