@@ -15,10 +15,13 @@ import typer
 
 from . import __version__
 from .errors import SlimkitError
+from .console import is_terminal, one_line_warnings, print_table
 from .limits import echo
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags shown as flags, the same on a terminal and in a log
+    context_settings={"terminal_width": 100, "max_content_width": 100},
     help="Make trained PyTorch models smaller and faster, with measured bytes, milliseconds and accuracy.",
 )
 
@@ -29,6 +32,7 @@ DeviceOpt = typer.Option("cpu", "--device", help="where training runs: cpu, cuda
 OverwriteOpt = typer.Option(False, "--overwrite",
                             help="replace an existing output slimkit did not write (a run folder: start it over)")
 ResumeOpt = typer.Option(False, "--resume", help="continue the run in --out: reuse finished stages and checkpoints")
+JsonOpt = typer.Option(False, "--json", help="print one JSON object instead of a table")
 
 
 def _version(value: bool) -> None:
@@ -46,12 +50,6 @@ def _root(
                                         "(files you edited on purpose)"),
 ) -> None:
     """slimkit: model compression with real, measured gains."""
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def _load_for_data(path: Path, arch: Optional[str], trust_code: bool, data: Optional[str]):
@@ -178,24 +176,17 @@ def analyze(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     from .io import human_bytes
 
-    table = Table(title=f"slimkit analyze {path}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("params", f"{result['params']:,}")
-    table.add_row("non-zero params", f"{result['nonzero_params']:,}")
-    table.add_row("MACs per sample", f"{result['macs']:,}")
-    table.add_row("dense fp32 bytes (computed)", f"{result['dense_fp32_bytes']:,}")
-    table.add_row("file bytes (on disk)", f"{result['file_bytes']:,} ({human_bytes(result['file_bytes'])})")
+    rows = [["params", f"{result['params']:,}"], ["non-zero params", f"{result['nonzero_params']:,}"],
+            ["MACs per sample", f"{result['macs']:,}"],
+            ["dense fp32 bytes (computed)", f"{result['dense_fp32_bytes']:,}"],
+            ["file bytes (on disk)", f"{result['file_bytes']:,} ({human_bytes(result['file_bytes'])})"]]
     if result["accuracy"] is not None:
-        table.add_row("test accuracy", f"{100 * result['accuracy']:.2f}%")
-    for key, ms in result.get("latency_ms", {}).items():
-        table.add_row(f"latency {key} (ms, {threads} thread{'s' if threads > 1 else ''})", f"{ms:.3f}")
-    Console().print(table)
+        rows.append(["test accuracy", f"{100 * result['accuracy']:.2f}%"])
+    rows += [[f"latency {key} (ms, {threads} thread{'s' if threads > 1 else ''})", f"{ms:.3f}"]
+             for key, ms in result.get("latency_ms", {}).items()]
+    print_table(f"slimkit analyze {path}", ["metric", "value"], rows)
 
 
 @app.command()
@@ -252,13 +243,15 @@ def prune(
     global_scope: bool = typer.Option(False, "--global", help="one threshold across layers, not per layer"),
     schedule: str = typer.Option("one-shot", "--schedule", help="one-shot, iterative or agp"),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="recovery epochs (agp/iterative: required)"),
-    exclude: list[str] = typer.Option([], "--exclude", help="layer name glob to leave dense (repeatable)"),
+    exclude: list[str] = typer.Option([], "--exclude", metavar="GLOB", help="layer name glob to leave dense (repeatable)"),
     data: Optional[str] = DataOpt,
-    latency: bool = typer.Option(False, "--latency/--no-latency", help="also measure latency in the report"),
+    latency: Optional[bool] = typer.Option(None, "--latency/--no-latency",
+                                           help="measure latency in the report (default: with --structured)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = DeviceOpt,
     resume: bool = ResumeOpt,
     overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Prune: unstructured or N:M (stored sparse), or --structured (a physically smaller model)."""
@@ -274,8 +267,8 @@ def prune(
              "finetune": {"epochs": finetune_epochs}}
     recipe = {"name": f"prune {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
-              "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress, device, resume, overwrite)
+              "evaluate": {"latency": structured if latency is None else latency}}
+    _run_and_summarize(recipe, out, progress, device, resume, overwrite, as_json)
 
 
 @app.command()
@@ -301,13 +294,14 @@ def quantize(
                                                 help="mixed 4/8-bit weights within this fraction of fp32 bytes"),
     qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after calibration"),
     qat_lr: float = typer.Option(5e-4, "--qat-lr"),
-    exclude: list[str] = typer.Option([], "--exclude", help="layer name glob to keep in float (repeatable)"),
+    exclude: list[str] = typer.Option([], "--exclude", metavar="GLOB", help="layer name glob to keep in float (repeatable)"),
     data: Optional[str] = DataOpt,
     latency: bool = typer.Option(True, "--latency/--no-latency"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = DeviceOpt,
     resume: bool = ResumeOpt,
     overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Quantize to int8 with slimkit's own scales; writes a verified integer ONNX model (QDQ)."""
@@ -322,7 +316,7 @@ def quantize(
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress, device, resume, overwrite)
+    _run_and_summarize(recipe, out, progress, device, resume, overwrite, as_json)
 
 
 @app.command("sensitivity")
@@ -333,14 +327,12 @@ def sensitivity_cmd(
     method: str = typer.Option("l1", "--method", help="importance: l1, l2, taylor, random (bn-scale if structured)"),
     structured: bool = typer.Option(False, "--structured", help="sweep channel groups instead of weights"),
     sparsities: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95", "--sparsities"),
-    exclude: list[str] = typer.Option([], "--exclude", help="layer name glob to skip (repeatable)"),
+    exclude: list[str] = typer.Option([], "--exclude", metavar="GLOB", help="layer name glob to skip (repeatable)"),
+    as_json: bool = JsonOpt,
     overwrite: bool = OverwriteOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Per-layer sensitivity: validation score with each layer (or channel group) pruned alone."""
-    from rich.console import Console
-    from rich.table import Table
-
     from .io import write_bytes_atomic, write_json_atomic
     from .outputs import check_output, claim_output
     from .modelfile import resolve_model_dir
@@ -357,20 +349,18 @@ def sensitivity_cmd(
         grid = tuple(float(s) for s in sparsities.split(","))
     except ValueError:
         raise SlimkitError(f"--sparsities: expected comma-separated numbers, got {echo(sparsities)}") from None
-    console = _console()
     with claim_output(out, "sensitivity", inputs=inputs, overwrite=overwrite):
         result = sensitivity(model, Task.classification(splits), grid, method, structured, exclude=exclude,
-                             progress=lambda name: console.print(f"[dim]sweeping {name}[/dim]"))
+                             progress=lambda name: _log(f"sweeping {name}"))
         write_json_atomic(out / "sensitivity.json", result)
         write_bytes_atomic(out / "sensitivity.png", sensitivity_curves(result))
-    table = Table(title=f"validation {result['metric']} with one layer pruned (unpruned: {result['baseline']:.4f})")
-    table.add_column("layer")
-    table.add_column("params", justify="right")
-    for s in result["sparsities"]:
-        table.add_column(f"{100 * s:g}%", justify="right")
-    for name, info in result["layers"].items():
-        table.add_row(name, f"{info['params']:,}", *(f"{v:.3f}" for v in info["scores"]))
-    Console().print(table)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    print_table(f"validation {result['metric']} with one layer pruned (unpruned: {result['baseline']:.4f})",
+                ["layer", "params", *(f"{100 * s:g}%" for s in result["sparsities"])],
+                [[name, f"{info['params']:,}", *(f"{v:.3f}" for v in info["scores"])]
+                 for name, info in result["layers"].items()])
     typer.echo(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'}")
 
 
@@ -385,9 +375,9 @@ def distill(
     lr: float = typer.Option(3e-3, "--lr"),
     temperature: float = typer.Option(4.0, "--temperature", help="softmax temperature of the soft targets"),
     alpha: float = typer.Option(0.7, "--alpha", help="weight of the teacher's soft targets (the rest: labels)"),
-    feature: list[str] = typer.Option([], "--feature",
+    feature: list[str] = typer.Option([], "--feature", metavar="S=T",
                                       help="STUDENT_LAYER=TEACHER_LAYER hint (repeatable; widths may differ)"),
-    attention: list[str] = typer.Option([], "--attention",
+    attention: list[str] = typer.Option([], "--attention", metavar="S=T",
                                         help="STUDENT_ATTN=TEACHER_ATTN attention-map pair, e.g. blocks.0.attn=blocks.1.attn "
                                              "(repeatable)"),
     mutual: bool = typer.Option(False, "--mutual", help="two-way: teacher and student learn from each other"),
@@ -397,6 +387,7 @@ def distill(
     device: str = DeviceOpt,
     resume: bool = ResumeOpt,
     overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
     trust_code: bool = TrustOpt,
 ) -> None:
     """Distil a teacher into a student (Hinton KD, FitNets hints, attention maps, mutual learning)."""
@@ -411,7 +402,7 @@ def distill(
               "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(teacher), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}
-    _run_and_summarize(recipe, out, progress, device, resume, overwrite)
+    _run_and_summarize(recipe, out, progress, device, resume, overwrite, as_json)
 
 
 def _layer_pairs(items: list[str], option: str) -> dict[str, str]:
@@ -428,27 +419,25 @@ def _layer_pairs(items: list[str], option: str) -> dict[str, str]:
 def pack(
     path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),
     out: Path = typer.Option(..., "--out", help="the .slim file to write"),
+    as_json: bool = JsonOpt,
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Pack a model into one .slim file (sparse positions, shared values, entropy-coded); prints where the bytes go."""
-    from rich.table import Table
-
     from .modelfile import pack as pack_model
 
     if out.suffix != ".slim":
         raise SlimkitError(f"--out {out}: a packed model's file name ends in .slim")
     table = pack_model(path, out, overwrite=overwrite)
-    view = Table(title=f"{out}: {table['file_bytes']:,} bytes, {table['ratio_vs_fp32']:.1f}x smaller than fp32")
-    for column in ("layer", "params", "weights kept", "bits/weight", "bits/index", "codebook B", "bytes", "ratio"):
-        view.add_column(column, justify="left" if column == "layer" else "right")
-    for r in table["layers"]:
-        view.add_row(r["layer"], f"{r['params']:,}", _percent(r["weights_kept"]), _number(r["bits_per_weight"]),
-                     _number(r["bits_per_index"]), f"{r['codebook_bytes']:,}", f"{r['compressed_bytes']:,}",
-                     f"{r['ratio']:.1f}x")
-    view.add_row("(header)", "", "", "", "", "", f"{table['header_bytes']:,}", "")
-    from rich.console import Console
-
-    Console().print(view)  # the result, on stdout
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in table.items() if k != "streams"}, indent=2))
+        return
+    rows = [[r["layer"], f"{r['params']:,}", _percent(r["weights_kept"]), _number(r["bits_per_weight"]),
+             _number(r["bits_per_index"]), f"{r['codebook_bytes']:,}", f"{r['compressed_bytes']:,}",
+             f"{r['ratio']:.1f}x smaller"] for r in table["layers"]]
+    rows.append(["(header)", "", "", "", "", "", f"{table['header_bytes']:,}", ""])
+    print_table(f"{out}: {table['file_bytes']:,} bytes, {table['ratio_vs_fp32']:.1f}x smaller than fp32",
+                ["layer", "params", "weights kept", "bits/weight", "bits/index", "codebook B", "bytes", "vs fp32"],
+                rows)
 
 
 def _percent(value: float) -> str:
@@ -476,62 +465,62 @@ def unpack(
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe"),
     out: Path = typer.Option(..., "--out", help="run directory (model/, report.json, report.html)"),
+    model: Optional[str] = typer.Option(None, "--model", help="start from this model directory (replaces the "
+                                                                "recipe's model section)"),
+    data: Optional[str] = typer.Option(None, "--data", help="'digits', an .npz file or an image folder (replaces "
+                                                              "the recipe's data)"),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                        help="set a recipe field, e.g. stages.0.sparsity=0.8 (YAML value; "
+                                             "repeatable; checked like the file)"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished stages and continue interrupted training"),
     overwrite: bool = OverwriteOpt,
+    as_json: bool = JsonOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = DeviceOpt,
 ) -> None:
     """Run a recipe: train or load, compress stage by stage, evaluate, report."""
     from .outputs import check_disjoint
-    from .recipe import load_recipe
+    from .recipe import override_recipe, parse_recipe, read_recipe
 
     check_disjoint(out, [recipe])
-    _run_and_summarize(load_recipe(recipe), out, progress, device, resume, overwrite)
+    spec = override_recipe(read_recipe(recipe), model=model, data_spec=data, assignments=overrides)
+    _run_and_summarize(parse_recipe(spec, str(recipe)), out, progress, device, resume, overwrite, as_json)
 
 
 def _run_and_summarize(recipe, out: Path, progress: bool, device: str, resume: bool = False,
-                       overwrite: bool = False) -> None:
+                       overwrite: bool = False, as_json: bool = False) -> None:
     from .pipeline import run_recipe
     from .recipe import parse_recipe
     from .train.distributed import is_main
 
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe, "options")
-    console = _console()
     report = run_recipe(recipe, out, resume=resume, overwrite=overwrite, progress=progress,
-                        device=_torch_device(device), log=lambda m: console.print(f"[dim]{m}[/dim]"))
-    if is_main():
-        _print_summary(report)
-        typer.echo(f"report: {out / 'report.html'}")
+                        device=_torch_device(device), log=_log)
+    if not is_main():
+        return
+    if as_json:
+        typer.echo(json.dumps({k: report[k] for k in ("baseline", "final", "summary", "artifacts")}, indent=2))
+        return
+    _print_summary(report)
+    typer.echo(f"report: {out / 'report.html'}")
 
 
 def _print_summary(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .report.summary import summary_rows
 
-    b, f, s = report["baseline"], report["final"], report["summary"]
-    table = Table(title=f"{report['recipe']['name']}: baseline vs final")
-    for col in ("", "baseline", "final", "ratio"):
-        table.add_column(col, justify="right" if col else "left")
-    metric = report["data"]["metric"]
-    if metric == "accuracy":
-        table.add_row("test accuracy", f"{100 * b['accuracy']:.2f}%", f"{100 * f['accuracy']:.2f}%",
-                      f"{100 * s['accuracy_delta']:+.2f} pts")
+    print_table(f"{report['recipe']['name']}: baseline vs final", ["", "baseline", "final", "change"],
+                summary_rows(report))
+
+
+def _log(message: str) -> None:
+    """A status line on stderr (dim on a terminal)."""
+    if is_terminal(sys.stderr):
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[dim]{message}[/dim]", highlight=False)
     else:
-        table.add_row(f"test {metric}", f"{b['accuracy']:.4g}", f"{f['accuracy']:.4g}", f"{s['accuracy_delta']:+.4g}")
-    table.add_row("params", f"{b['params']:,}", f"{f['params']:,}", f"{s['params_ratio']:.2f}x")
-    table.add_row("non-zero params", f"{b['nonzero_params']:,}", f"{f['nonzero_params']:,}",
-                  f"{b['nonzero_params'] / max(1, f['nonzero_params']):.2f}x")
-    table.add_row("MACs", f"{b['macs']:,}", f"{f['macs']:,}", f"{s['macs_ratio']:.2f}x")
-    table.add_row("file bytes", f"{b['file_bytes']:,}", f"{f['file_bytes']:,}", f"{s['compression_ratio']:.2f}x")
-    if "packed" in report:
-        packed = report["packed"]
-        table.add_row(f"{packed['file']} bytes", f"{b['file_bytes']:,}", f"{packed['file_bytes']:,}",
-                      f"{packed['ratio_vs_baseline']:.2f}x")
-    for key, speedup in s.get("speedup", {}).items():
-        table.add_row(f"latency {key} (ms)", f"{b['latency_ms'][key]:.3f}", f"{f['latency_ms'][key]:.3f}",
-                      f"{speedup:.2f}x")
-    Console().print(table)
+        print(message, file=sys.stderr, flush=True)
 
 
 DISTRIBUTED_COMMANDS = ("train", "run", "prune", "quantize", "distill")  # the commands that train
@@ -555,7 +544,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if command not in DISTRIBUTED_COMMANDS:
                 raise SlimkitError(f"{command!r} does not train, so it does not run under torchrun; "
                                    f"data-parallel commands: {', '.join(DISTRIBUTED_COMMANDS)}")
-        with digest_checks("--no-verify" not in root_options):
+        with digest_checks("--no-verify" not in root_options), one_line_warnings():
             app(args=args, prog_name="slimkit")
     except SlimkitError as exc:
         if debug:

@@ -29,6 +29,7 @@ from .io import dir_bytes, write_json_atomic
 from .outputs import claim_run
 from .limits import check_threads
 from .modelfile import load, read_meta, resolve_model_dir, save
+from .quant.ptq import is_quantized
 from .recipe import Recipe
 from .stages import StageContext, apply_stage, copy_model
 from .task import Task
@@ -134,6 +135,7 @@ def _finish(recipe: Recipe, task: Task, entries, baseline_model, model, artifact
     """Save the final model, measure it (and time both ends), write report.json and report.html."""
     save(model, out / MODEL_SUBDIR)
     final = _measure("final", model, out / MODEL_SUBDIR, task, 0.0)
+    final["simulated_in_torch"] = is_quantized(model)  # torch runs its fake-quant simulation; ONNX Runtime, int8
     report = _report(recipe, task, entries, final, baseline_model, model, artifacts, out)
     if recipe.evaluate.latency:
         log("measuring latency (torch eager and ONNX Runtime, batch 1 and 64)")

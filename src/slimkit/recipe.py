@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -124,7 +125,12 @@ def _order_problems(stages: list[Stage]) -> list[str]:
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read a YAML recipe; its size, nesting and alias expansion are bounded before it is validated."""
+    """Read and validate a YAML recipe."""
+    return parse_recipe(read_recipe(path), str(path))
+
+
+def read_recipe(path: str | os.PathLike) -> Any:
+    """A recipe file's data; its size, nesting and alias expansion are bounded before anything else."""
     path = Path(path)
     if not path.is_file():
         raise SlimkitError(f"{path}: recipe file not found")
@@ -132,22 +138,68 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if size > MAX_RECIPE_BYTES:
         raise SlimkitError(f"{path}: {size:,} bytes; a recipe may have at most {MAX_RECIPE_BYTES:,}")
     try:
-        loader = _YamlLoader(path.read_text(encoding="utf-8"))
+        return _yaml(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError as exc:
+        raise SlimkitError(f"{path}: not valid YAML ({echo_text(str(exc))})") from None
+
+
+def _yaml(text: str, source: str) -> Any:
+    try:
+        loader = _YamlLoader(text)
         try:
             node = loader.get_single_node()
             if node is not None:
-                _check_expansion(node, path)
-            data = loader.construct_document(node) if node is not None else None
+                _check_expansion(node, source)
+            return loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SlimkitError(f"{path}: not valid YAML ({echo_text(str(exc))})") from None
+    except yaml.YAMLError as exc:
+        raise SlimkitError(f"{source}: not valid YAML ({echo_text(str(exc))})") from None
     except RecursionError:
-        raise SlimkitError(f"{path}: nested too deeply to be a recipe") from None
-    return parse_recipe(data, str(path))
+        raise SlimkitError(f"{source}: nested too deeply to be a recipe") from None
 
 
-def _check_expansion(root: yaml.Node, path: Path) -> None:
+def override_recipe(data: Any, *, model: str | None = None, data_spec: str | None = None,
+                    assignments: list[str] = ()) -> Any:
+    """A recipe's data with the command line's changes: ``model`` (a model path, replacing the recipe's model
+    section), ``data_spec`` and ``KEY=VALUE`` assignments (dotted keys, list indices as numbers, YAML values).
+    The result is validated like the file, so a misspelled key or a wrong type is named the same way."""
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    if model is not None:
+        data["model"] = {"path": model, **{k: v for k, v in (data.get("model") or {}).items() if k == "trust_code"}}
+    if data_spec is not None:
+        data["data"] = data_spec
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise SlimkitError(f"--set {echo(assignment)}: expected KEY=VALUE, e.g. stages.0.sparsity=0.8")
+        _assign(data, key.split("."), _yaml(text, f"--set {key}") if text else None, key)
+    return data
+
+
+def _assign(data: Any, path: list[str], value: Any, key: str) -> None:
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(data, list):
+            if not part.isdigit() or int(part) >= len(data):
+                raise SlimkitError(f"--set {key}: {'.'.join(path[:depth]) or 'the recipe'} is a list of "
+                                   f"{len(data)}; {part!r} is not an index of it")
+            index: Any = int(part)
+        elif isinstance(data, dict):
+            index = part
+            if not last and not isinstance(data.get(part), (dict, list)):
+                data[part] = {}
+        else:
+            raise SlimkitError(f"--set {key}: {'.'.join(path[:depth])} is a value, not a section")
+        if last:
+            data[index] = value
+        else:
+            data = data[index]
+
+
+def _check_expansion(root: yaml.Node, path: str) -> None:
     """Count the values the document holds once its aliases are expanded, without expanding them: a few
     hundred bytes of nested aliases can stand for billions of values. A recursive alias is refused too."""
     sizes: dict[int, int] = {}

@@ -194,13 +194,18 @@ def fit(
                 if ckpt_path is not None and rank == 0:
                     _save_checkpoint(ckpt_path, model, opt, sched, scaler, sampler_gen, best_state, result, epoch)
                 barrier()
-                advance(f"loss {train_loss:.4f}  val {score:.4f}  best {result.best_score:.4f}"
+                advance(f"loss {train_loss:.4f}  val {_score_text(score)}  best {_score_text(result.best_score)}"
                         + ("  (stopped early)" if result.stopped_early else ""))
                 if result.stopped_early:
                     break
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _score_text(score: float) -> str:
+    """A validation score for people; -inf is an epoch that may not be chosen (an AGP ramp still pruning)."""
+    return "(not eligible)" if score == -math.inf else f"{score:.4f}"
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -377,29 +382,60 @@ def _save_checkpoint(path: Path, model, opt, sched, scaler, sampler_gen, best_st
     write_bytes_atomic(path, buffer.getvalue())
 
 
+PROGRESS_LINE_S = 10.0  # off a terminal: at most one progress line this often (and the last epoch's)
+
+
 class _progress:
-    """A rich progress bar over epochs, or nothing when ``enabled`` is false."""
+    """Per-epoch progress on stderr: a rich bar on a terminal; elsewhere (a log, a pipe) a plain line per epoch,
+    at most every ``PROGRESS_LINE_S`` seconds, with the time left; nothing when ``enabled`` is false."""
 
     def __init__(self, enabled: bool, description: str, total: int, done: int):
         self.enabled, self.description, self.total, self.done = enabled, description, total, done
         self._bar = None
+        self._started = self._printed = 0.0
 
     def __enter__(self) -> Callable[[str], None]:
-        if self.enabled and self.total > self.done:
+        import sys
+        import time
+
+        if not (self.enabled and self.total > self.done):
+            self.enabled = False
+        elif sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("{task.fields[status]}"), transient=False,
+                TimeElapsedColumn(), TextColumn("{task.fields[status]}"), transient=False, console=Console(stderr=True),
             )
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total, completed=self.done, status="")
+        self._started = time.perf_counter()
+        self._first = self.done
         return self._advance
 
     def _advance(self, status: str) -> None:
+        import sys
+        import time
+
+        self.done += 1
         if self._bar is not None:
             self._bar.update(self._task, advance=1, status=status)
+            return
+        now = time.perf_counter()
+        if not self.enabled or (now - self._printed < PROGRESS_LINE_S and self.done < self.total):
+            return
+        self._printed = now
+        per_epoch = (now - self._started) / (self.done - self._first)
+        left = per_epoch * (self.total - self.done)
+        print(f"{self.description}: epoch {self.done}/{self.total}  {status}  "
+              f"({_clock(now - self._started)} elapsed, about {_clock(left)} left)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

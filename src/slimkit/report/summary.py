@@ -1,0 +1,60 @@
+"""The baseline-vs-final summary, as rows whose last column says what the change is ("4.0x smaller",
+"1.3x faster", "+0.28 pts"), shared by the command line and the HTML report.
+
+Latency rows name the runtime that ran. A quantized model's torch-eager time is its fake-quantization
+simulation, not a deployable artifact: those rows say so, and its ONNX Runtime rows are the int8 model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RUNTIMES = {"torch": "torch eager", "ort": "ONNX Runtime"}
+
+
+def fewer(before: float, after: float, word: str = "smaller") -> str:
+    """``before / after`` worded: "4.00x smaller" (or "1.25x larger" when it grew; "same" when equal)."""
+    if after == before:
+        return "same"
+    if after and before / after >= 1:
+        return f"{before / after:.2f}x {word}"
+    opposite = {"smaller": "larger", "fewer": "more"}[word]
+    return f"{after / max(before, 1e-12):.2f}x {opposite}"
+
+
+def speed(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
+def latency_label(key: str, simulated: bool) -> str:
+    """``ort_b64`` -> "latency ONNX Runtime, batch 64 (ms)"; a simulated torch timing is marked as such."""
+    runtime, _, batch = key.partition("_b")
+    label = f"latency {RUNTIMES.get(runtime, runtime)}, batch {batch} (ms)"
+    return label + (" [final: fake-quant simulation, not deployed]" if simulated and runtime == "torch" else "")
+
+
+def summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    b, f, s = report["baseline"], report["final"], report["summary"]
+    metric = report["data"]["metric"]
+    if metric == "accuracy":
+        rows = [["test accuracy", f"{100 * b['accuracy']:.2f}%", f"{100 * f['accuracy']:.2f}%",
+                 f"{100 * s['accuracy_delta']:+.2f} pts"]]
+    else:
+        rows = [[f"test {metric}", f"{b['accuracy']:.4g}", f"{f['accuracy']:.4g}", f"{s['accuracy_delta']:+.4g}"]]
+    rows += [
+        ["params", f"{b['params']:,}", f"{f['params']:,}", fewer(b["params"], f["params"], "fewer")],
+        ["non-zero params", f"{b['nonzero_params']:,}", f"{f['nonzero_params']:,}",
+         fewer(b["nonzero_params"], f["nonzero_params"], "fewer")],
+        ["MACs per sample", f"{b['macs']:,}", f"{f['macs']:,}", fewer(b["macs"], f["macs"], "fewer")],
+        ["file bytes (model directory)", f"{b['file_bytes']:,}", f"{f['file_bytes']:,}",
+         fewer(b["file_bytes"], f["file_bytes"])],
+    ]
+    if "packed" in report:
+        packed = report["packed"]
+        rows.append([f"file bytes ({packed['file']})", f"{b['file_bytes']:,}", f"{packed['file_bytes']:,}",
+                     fewer(b["file_bytes"], packed["file_bytes"])])
+    simulated = bool(f.get("simulated_in_torch"))
+    for key, speedup in s.get("speedup", {}).items():
+        rows.append([latency_label(key, simulated), f"{b['latency_ms'][key]:.3f}", f"{f['latency_ms'][key]:.3f}",
+                     speed(speedup)])
+    return rows
