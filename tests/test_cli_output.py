@@ -95,6 +95,8 @@ def test_summary_rows_say_what_changed_and_which_runtime_ran(quantized):
     rows = {row[0]: row for row in summary_rows(fake_report(quantized))}
     assert rows["test accuracy"][3] == "-0.50 pts"
     assert rows["non-zero params"][3] == "10.00x fewer" and rows["params"][3] == "same"
+    assert summary_rows({**fake_report(quantized), "final": {**fake_report(quantized)["final"], "params": 970}})[1][3] \
+        == "3.1% fewer"  # small changes in percent
     assert rows["file bytes (model directory)"][3] == "4.00x smaller"
     assert rows["latency ONNX Runtime, batch 64 (ms)"][3] == "2.00x faster"
     torch_row = [r for r in rows if r.startswith("latency torch eager, batch 1")][0]

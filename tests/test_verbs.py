@@ -187,3 +187,19 @@ def test_verbs_on_a_hugging_face_model_save_and_load(verb, config, tiny_bert, tm
     with torch.no_grad():
         assert torch.equal(again(ids).last_hidden_state, result(ids).last_hidden_state)
         assert not torch.equal(result(ids).last_hidden_state, tiny_bert(ids).last_hidden_state)
+
+
+def test_a_verb_on_a_users_own_model_equals_the_cli(factory_model, digits, tmp_path):
+    """The same structured pruning through Python and through `slimkit run --trust-code`: the same bytes."""
+    save(factory_model, tmp_path / "mine")
+    result = slimkit.prune(load(tmp_path / "mine", trust_code=True), structured=True, sparsity=0.5, data=digits)
+    save(result, tmp_path / "python")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "mine"), "trust_code": True},
+                                      "stages": [{"type": "prune", "structured": True, "sparsity": 0.5}],
+                                      "evaluate": {"latency": False}}))
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}  # where usermodels.py is importable
+    proc = subprocess.run([sys.executable, "-m", "slimkit", "run", str(recipe), "--out", str(tmp_path / "cli"),
+                           "--no-progress"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert files(tmp_path / "cli" / "model") == files(tmp_path / "python")

@@ -28,7 +28,10 @@ from .data import load_data
 from .io import dir_bytes, write_json_atomic
 from .outputs import claim_run
 from .limits import check_threads
-from .modelfile import load, read_meta, resolve_model_dir, save
+from .modelfile import WEIGHTS_FILE, load, read_meta, resolve_model_dir, save
+from .modelfile.store import read_safetensors
+from .report.layers import layer_decisions
+from .report.summary import report_warnings
 from .quant.ptq import is_quantized
 from .recipe import Recipe
 from .stages import StageContext, apply_stage, copy_model
@@ -146,6 +149,9 @@ def _finish(recipe: Recipe, task: Task, entries, baseline_model, model, artifact
             k: report["baseline"]["latency_ms"][k] / report["final"]["latency_ms"][k]
             for k in report["final"]["latency_ms"]
         }
+    report["warnings"] = report_warnings(report, recipe.evaluate.max_metric_drop)
+    for warning in report["warnings"]:
+        log(f"warning: {warning}")
     write_json_atomic(out / "report.json", report)
     from .report import write_html
 
@@ -251,6 +257,7 @@ def _report(recipe, task: Task, entries, final, baseline_model, model, artifacts
         **_packed(entries, artifacts, out, base),
         "stages": entries,
         "layers": {"baseline": _layers(baseline_model, task.input_shape), "final": _layers(model, task.input_shape)},
+        "layer_decisions": layer_decisions(baseline_model, model, read_safetensors(out / MODEL_SUBDIR / WEIGHTS_FILE)),
         "histograms": _histograms(model),
         "artifacts": {"model": MODEL_SUBDIR, **artifacts},
         "provenance": {

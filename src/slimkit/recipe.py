@@ -48,6 +48,8 @@ class ModelSection(Config):
 class EvaluateSection(Config):
     latency: bool = True
     threads: int = Field(1, ge=1)
+    # the report warns when a stage loses more than this much of the metric against the baseline (0.01: a point)
+    max_metric_drop: float = Field(0.01, ge=0)
 
 
 class Recipe(Config):

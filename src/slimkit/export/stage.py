@@ -43,10 +43,15 @@ class ExportStage(Stage):
         if self.format == "onnx-int8":
             check = export_int8_verified(model, path, x)
             ctx.artifacts["onnx_int8_top1_agreement"] = f"{check['top1_agreement']:.4f}"
+            verified = {"against": "slimkit's int8 simulation", **check}
         else:
             result = export_onnx(model, path, x[:2], verify_on=x, atol=self.atol)
             ctx.artifacts["onnx_max_abs_diff"] = f"{result.max_abs_diff:.3g}"
+            verified = {"against": "the torch model", "max_abs_diff": result.max_abs_diff, "atol": self.atol,
+                        "samples": result.samples_checked}
         ctx.artifacts["onnx"] = filename
+        ctx.notes["export"] = {"file": filename, "format": self.format, "runtime": "ONNX Runtime",
+                               "bytes": path.stat().st_size, "check": verified}
         return model
 
     def _slim(self, model: nn.Module, ctx: StageContext) -> nn.Module:
@@ -68,6 +73,9 @@ class ExportStage(Stage):
                         raise SlimkitError(f"{filename}: the packed model's outputs differ from the model's")
         table.pop("streams")
         ctx.notes["slim"] = table
+        ctx.notes["export"] = {"file": filename, "format": "slim", "runtime": "slimkit.load",
+                               "bytes": table["file_bytes"],
+                               "check": {"against": "the model", "identical_outputs": True, "samples": len(x)}}
         ctx.artifacts["slim"] = filename
         return model
 

@@ -56,9 +56,9 @@ class PruneStage(Stage, PruneConfig):
         cfg, task = self.prune_config(), ctx.task
         train_cfg = TrainConfig(**self.finetune.model_dump())
 
-        def recover(tag: str, on_step=None, score_fn=task.val_score, model: nn.Module = model) -> None:
+        def recover(tag: str, on_step=None, eligible=None, model: nn.Module = model) -> None:
             if train_cfg.epochs:
-                ctx.fit(model, train_cfg, f"prune {tag}", checkpoint=tag, score_fn=score_fn, on_step=on_step)
+                ctx.fit(model, train_cfg, f"prune {tag}", checkpoint=tag, on_step=on_step, eligible=eligible)
 
         if self.structured:
             return self._apply_structured(model, ctx, recover)
@@ -84,11 +84,7 @@ class PruneStage(Stage, PruneConfig):
                     if progress == 1.0:
                         reached.append(step)
 
-            def score_at_target(m: nn.Module) -> float:
-                """Only epochs that end at the target sparsity may be chosen as the best."""
-                return task.val_score(m) if reached else float("-inf")
-
-            recover("agp", on_step=agp, score_fn=score_at_target)
+            recover("agp", on_step=agp, eligible=lambda: bool(reached))  # only epochs at the target may win
             result = prune_weights(model, cfg, task)  # exact target, whatever the step count
         ctx.notes["prune"] = result
         return remove_masks(model)

@@ -47,6 +47,9 @@ class QuantizeStage(Stage, StaticQuantConfig):
         quantized.slimkit_meta = {**meta, "plan": [*meta.get("plan", []), step]}
         check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs)
         ctx.artifacts["onnx"] = self.onnx
+        ctx.notes["export"] = {"file": self.onnx, "format": "onnx-int8", "runtime": "ONNX Runtime",
+                               "bytes": (ctx.out_dir / self.onnx).stat().st_size,
+                               "check": {"against": "slimkit's int8 simulation", **check}}
         ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]), "weight_bits": cfg.weight_bits,
                                  "qat_epochs": self.qat.epochs if self.qat else 0,
                                  "activations": cfg.activations, "group_size": cfg.group_size,

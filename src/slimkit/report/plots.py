@@ -97,18 +97,66 @@ def sensitivity_curves(sens: dict[str, Any]) -> bytes:
 
 
 def training_curves(runs: dict[str, list[dict[str, Any]]], metric: str) -> bytes:
-    """Validation score per epoch of each training run a recipe did (fine-tuning, distillation...)."""
-    fig = figure(6.4, 3.8)
-    ax = fig.add_subplot()
-    for name, history in runs.items():
-        ax.plot([r["epoch"] + 1 for r in history], [r["val_score"] for r in history], marker="o", markersize=2,
-                label=name)
-    ax.set_xlabel("epoch")
+    """Validation score and training loss per epoch of each training run a recipe did, the runs placed one
+    after another on one epoch axis. Epochs that could not be chosen as the best (a gradual pruning ramp)
+    are open markers; a star marks the first epoch that could (the target sparsity reached)."""
+    fig = figure(7.2, 5.0)
+    score_ax, loss_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    offset = 0
+    for i, (name, history) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        xs = [offset + r["epoch"] + 1 for r in history]
+        scores = [r["val_score"] for r in history]
+        ramp = [r.get("eligible", True) is False for r in history]
+        score_ax.plot(xs, scores, "-", color=color, label=name)
+        score_ax.scatter([x for x, r in zip(xs, ramp) if not r], [v for v, r in zip(scores, ramp) if not r],
+                         color=color, s=14, zorder=3)
+        if any(ramp):
+            score_ax.scatter([x for x, r in zip(xs, ramp) if r], [v for v, r in zip(scores, ramp) if r],
+                             facecolors="none", edgecolors=color, s=14, zorder=3)
+            reached = next((j for j, r in enumerate(ramp) if not r), None)
+            if reached is not None:
+                score_ax.scatter([xs[reached]], [scores[reached]], marker="*", s=140, color=color, zorder=4,
+                                 edgecolors="black", linewidths=0.5)
+        loss_ax.plot(xs, [r["train_loss"] for r in history], "-", color=color, marker="o", markersize=2)
+        offset = xs[-1]
+        if i < len(runs) - 1:
+            for ax in (score_ax, loss_ax):
+                ax.axvline(offset + 0.5, color="#cbd2d9", linewidth=0.8)
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title("Training during the recipe")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_ax.set_xlabel("epoch (the recipe's training runs, one after another)")
+    score_ax.set_ylabel(f"validation {metric}")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_yscale("log")
+    score_ax.set_title("Training during the recipe")
+    for ax in (score_ax, loss_ax):
+        ax.grid(True, alpha=0.3)
+    score_ax.legend(fontsize=7)
+    return to_png(fig)
+
+
+def bit_map(mixed: dict[str, Any]) -> bytes:
+    """Mixed precision: each layer's weight bits, its weight count, and the validation drop measured with that
+    layer alone at the low width (the order layers moved to it: least harmful per byte first)."""
+    rows = mixed["sensitivity"]
+    bits = mixed["layer_bits"]
+    fig = figure(7.0, max(2.4, 0.3 * len(rows) + 1.3))
+    ax = fig.add_subplot()
+    palette = {4: "#f0b429", 8: "#2f7ed8"}
+    ys = range(len(rows))
+    ax.barh(list(ys), [r["weights"] for r in rows], color=[palette.get(bits[r["layer"]], "#9aa5b1") for r in rows])
+    for y, r in zip(ys, rows):
+        ax.annotate(f"{bits[r['layer']]} bits, drop at 4: {100 * r['drop']:+.2f} pts", (r["weights"], y),
+                    textcoords="offset points", xytext=(4, -3), fontsize=7)
+    ax.set_yticks(list(ys), [r["layer"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(right=max(r["weights"] for r in rows) * 12)  # room for the labels
+    ax.set_xlabel("weights in the layer (log scale)")
+    ax.set_title(f"Weight bits per layer: {100 * mixed['weight_fraction']:.1f}% of the fp32 weight bytes")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=f"{b} bits") for b, c in palette.items()], fontsize=8, loc="lower right")
     return to_png(fig)

@@ -12,18 +12,25 @@ from typing import Any
 RUNTIMES = {"torch": "torch eager", "ort": "ONNX Runtime"}
 
 
+def _worded(ratio: float, word: str, opposite: str) -> str:
+    """A ratio above 1 (better) or below (worse) in words: "4.00x smaller"; small changes as percentages."""
+    if ratio == 1:
+        return "same"
+    larger = ratio if ratio > 1 else 1 / ratio
+    amount = f"{larger:.2f}x" if larger >= 1.1 else f"{100 * (larger - 1):.1f}%"
+    return f"{amount} {word if ratio > 1 else opposite}"
+
+
 def fewer(before: float, after: float, word: str = "smaller") -> str:
-    """``before / after`` worded: "4.00x smaller" (or "1.25x larger" when it grew; "same" when equal)."""
+    """``before / after`` worded: "4.00x smaller", "3.5% fewer", "1.25x larger", "same"."""
     if after == before:
         return "same"
-    if after and before / after >= 1:
-        return f"{before / after:.2f}x {word}"
     opposite = {"smaller": "larger", "fewer": "more"}[word]
-    return f"{after / max(before, 1e-12):.2f}x {opposite}"
+    return _worded(before / after if after else float("inf"), word, opposite)
 
 
 def speed(speedup: float) -> str:
-    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    return _worded(speedup, "faster", "slower")
 
 
 def latency_label(key: str, simulated: bool) -> str:
@@ -58,3 +65,25 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append([latency_label(key, simulated), f"{b['latency_ms'][key]:.3f}", f"{f['latency_ms'][key]:.3f}",
                      speed(speedup)])
     return rows
+
+
+SLOWER_NOISE = 0.05  # timing jitter: a model within 5% of the baseline's time is not called slower
+
+
+def report_warnings(report: dict[str, Any], max_drop: float) -> list[str]:
+    """What a reader must not miss: a stage that lost more than ``max_drop`` of the metric against the baseline,
+    and a final model slower than the baseline in a runtime that runs it as deployed (for a quantized model,
+    ONNX Runtime: its torch time is the simulation)."""
+    metric = report["data"]["metric"]
+    base = report["baseline"]["accuracy"]
+    unit, scale = (" points", 100) if metric == "accuracy" else ("", 1)
+    out = [f"stage {stage['name']} {metric} is {scale * (base - stage['accuracy']):.2f}{unit} below the baseline "
+           f"(allowed: {scale * max_drop:g}{unit}; evaluate.max_metric_drop)"
+           for stage in report["stages"][1:] if base - stage["accuracy"] > max_drop]
+    simulated = bool(report["final"].get("simulated_in_torch"))
+    for key, speedup in report["summary"].get("speedup", {}).items():
+        runtime, _, batch = key.partition("_b")
+        if speedup < 1 - SLOWER_NOISE and not (simulated and runtime == "torch"):
+            out.append(f"the final model is {1 / speedup:.2f}x slower than the baseline in {RUNTIMES[runtime]} at "
+                       f"batch {batch}")
+    return out

@@ -129,6 +129,7 @@ def fit(
     progress: bool = True,
     description: str = "train",
     on_step: Callable[[int, int], None] | None = None,
+    eligible: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place and leave it holding its best-on-validation weights.
 
@@ -136,7 +137,9 @@ def fit(
     defaults to accuracy on ``val_loader``. ``train_loader`` may be any
     re-iterable of ``(x, y)`` batches; with ``loss_fn`` the targets can be
     anything the loss accepts. ``on_step(step, total_steps)`` runs after every
-    optimizer step (gradual pruning updates its masks there).
+    optimizer step (gradual pruning updates its masks there). While ``eligible()``
+    is false (a gradual pruning schedule still ramping up) an epoch is scored and
+    recorded but cannot be chosen as the best.
     """
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if score_fn is None:
@@ -176,7 +179,7 @@ def fit(
             start_epoch = cfg.epochs if result.stopped_early else state["epoch"] + 1
         else:
             # the starting weights compete too: recovery never returns a model worse on validation
-            result.best_score = float(score_fn(model))
+            result.best_score = float(score_fn(model)) if eligible is None or eligible() else -math.inf
 
         # data parallel under torchrun: DDP averages the ranks' gradients (the model itself is what is scored)
         runner = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -186,16 +189,19 @@ def fit(
                                               on_step, epoch * steps_per_epoch, cfg.epochs * steps_per_epoch)
                 score = float(score_fn(model))
                 record = {"epoch": epoch, "train_loss": train_loss, "val_score": score, "lr": sched.get_last_lr()[0]}
+                can_win = eligible is None or eligible()
+                if not can_win:
+                    record["eligible"] = False
                 result.history.append(record)
-                if score > result.best_score:
+                if can_win and score > result.best_score:
                     result.best_score, result.best_epoch = score, epoch
                     best_state = copy.deepcopy(model.state_dict())
                 result.stopped_early = cfg.patience is not None and epoch - result.best_epoch >= cfg.patience
                 if ckpt_path is not None and rank == 0:
                     _save_checkpoint(ckpt_path, model, opt, sched, scaler, sampler_gen, best_state, result, epoch)
                 barrier()
-                advance(f"loss {train_loss:.4f}  val {_score_text(score)}  best {_score_text(result.best_score)}"
-                        + ("  (stopped early)" if result.stopped_early else ""))
+                advance(f"loss {train_loss:.4f}  val {score:.4f}{'' if can_win else ' (ramp)'}  "
+                        f"best {_score_text(result.best_score)}" + ("  (stopped early)" if result.stopped_early else ""))
                 if result.stopped_early:
                     break
         model.load_state_dict(best_state)
@@ -204,8 +210,8 @@ def fit(
 
 
 def _score_text(score: float) -> str:
-    """A validation score for people; -inf is an epoch that may not be chosen (an AGP ramp still pruning)."""
-    return "(not eligible)" if score == -math.inf else f"{score:.4f}"
+    """A best score for people; -inf: no epoch could be chosen yet (an AGP ramp still pruning)."""
+    return "-" if score == -math.inf else f"{score:.4f}"
 
 
 def _device(model: nn.Module) -> torch.device:
