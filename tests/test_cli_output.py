@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from slimkit import new_model, save
+from slimkit.cli import main
 from slimkit.console import plain_table
 from slimkit.report.summary import summary_rows
 
 
-def cli(*args, cwd=None):
-    """Run slimkit with stdout and stderr captured: neither is a terminal."""
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    return subprocess.run([sys.executable, "-m", "slimkit", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: slimkit's command line, in process, with stdout and stderr captured (neither a terminal)."""
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return run
 
 
-def test_tables_off_a_terminal_are_plain_and_never_cut(trained_run, tmp_path):
+def test_tables_off_a_terminal_are_plain_and_never_cut(cli, trained_run, tmp_path):
     proc = cli("analyze", trained_run, "--no-latency")
     assert proc.returncode == 0, proc.stderr
     assert "…" not in proc.stdout and "\u2500" not in proc.stdout  # no ellipsis, no box drawing
@@ -41,7 +44,7 @@ def test_a_plain_table_keeps_every_cell_whole():
     assert len({len(line) for line in lines[1:3]}) == 1  # header and rule as wide as the widest cell
 
 
-def test_run_takes_a_model_data_and_field_overrides(trained_run, tmp_path):
+def test_run_takes_a_model_data_and_field_overrides(cli, trained_run, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: over\nmodel: {zoo: lenet5}\nstages:\n  - {type: prune, sparsity: 0.9}\n")
     proc = cli("run", recipe, "--model", trained_run, "--data", "digits", "--set", "stages.0.sparsity=0.5",
@@ -60,7 +63,7 @@ def test_run_takes_a_model_data_and_field_overrides(trained_run, tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
-def test_help_shows_flags_as_flags():
+def test_help_shows_flags_as_flags(cli):
     proc = cli("prune", "--help")
     assert proc.returncode == 0
     flags = [line for line in proc.stdout.splitlines() if line.strip().startswith(("--structured", "--overwrite"))]
@@ -68,7 +71,7 @@ def test_help_shows_flags_as_flags():
     assert "--exclude GLOB" in proc.stdout and "--latency / --no-latency" in proc.stdout
 
 
-def test_slimkit_warnings_are_one_line_and_progress_is_logged(tmp_path):
+def test_slimkit_warnings_are_one_line_and_progress_is_logged(cli, tmp_path):
     torch.manual_seed(0)
     save(new_model("lenet5", input_shape=[1, 8, 8], num_classes=10, data="digits"), tmp_path / "l5")
     proc = cli("prune", tmp_path / "l5", "--nm", "2:4", "--out", tmp_path / "o", "--no-latency")

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 import slimkit
 from slimkit import SlimkitError, Task, load, new_model, save
+from slimkit.cli import main
 
 # one config per verb, small enough for the test suite; the recipe stage of the same type is the CLI's twin
 CONFIGS = {
@@ -49,9 +50,7 @@ def test_a_verb_equals_its_recipe_stage_run_by_the_cli(verb, trained_run, digits
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"path": str(trained_run)}, "stages": [stage],
                                       "evaluate": {"latency": False}}))
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "run", str(recipe), "--out", str(tmp_path / "cli"),
-                           "--no-progress"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["run", str(recipe), "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
     assert files(tmp_path / "cli" / "model") == files(tmp_path / "python")  # byte for byte
     assert result.slimkit_notes  # what the stage decided
 
@@ -167,26 +166,38 @@ def test_train_model_takes_splits_a_task_or_loaders(digits, tmp_path):
         slimkit.train_model(new_model("lenet300"), train, cfg, tmp_path / "no-val", progress=False)
 
 
-@pytest.fixture
-def tiny_bert(tmp_path):
+def tiny_bert(folder, layers: int = 2):
+    """A small BERT classifier in a local Hugging Face directory (random weights: nothing is downloaded)."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
     torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(tmp_path / "hf")
-    return new_model({"huggingface": str(tmp_path / "hf")}).eval()
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    return new_model({"huggingface": str(folder), "task": "sequence-classification"}).eval()
 
 
-@pytest.mark.parametrize("verb, config", [("prune", {"sparsity": 0.5}), ("cluster", {"bits": 4}),
-                                          ("factorize", {"energy": 0.8})])
-def test_verbs_on_a_hugging_face_model_save_and_load(verb, config, tiny_bert, tmp_path):
-    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
-    result = getattr(slimkit, verb)(tiny_bert, config, data=ids)
+IDS = torch.randint(0, 50, (96, 12), generator=torch.Generator().manual_seed(0))
+LABELS = IDS[:, :4].sum(1) % 3  # a learnable rule
+
+
+@pytest.mark.parametrize("verb, config", [("prune", {"sparsity": 0.5}), ("quantize", {"scheme": "int8-static"}),
+                                          ("cluster", {"bits": 4}), ("factorize", {"energy": 0.8}),
+                                          ("distill", {"train": {"epochs": 2, "lr": 1e-3}})])
+def test_verbs_on_a_hugging_face_model_save_and_load(verb, config, tmp_path):
+    teacher = tiny_bert(tmp_path / "hf")
+    if verb == "distill":
+        batches = [(IDS[i:i + 32], LABELS[i:i + 32]) for i in range(0, 96, 32)]
+        task = Task.from_loaders(batches, batches)
+        result = slimkit.distill(tiny_bert(tmp_path / "small", layers=1), teacher, task, config)
+    else:
+        result = getattr(slimkit, verb)(teacher, config, **{"calib" if verb == "quantize" else "data": IDS})
     save(result, tmp_path / "m")
     again = load(tmp_path / "m")
     with torch.no_grad():
-        assert torch.equal(again(ids).last_hidden_state, result(ids).last_hidden_state)
-        assert not torch.equal(result(ids).last_hidden_state, tiny_bert(ids).last_hidden_state)
+        assert torch.equal(again(IDS).logits, result(IDS).logits)  # the file holds exactly the result
+        assert not torch.equal(result(IDS).logits, teacher(IDS).logits)  # and the result is compressed
+    if verb == "quantize":
+        assert result.slimkit_notes["quantize"]["top1_agreement"] >= 0.99  # ONNX Runtime's int8 model agrees
 
 
 def test_a_verb_on_a_users_own_model_equals_the_cli(factory_model, digits, tmp_path):

@@ -18,6 +18,7 @@ from torch import nn
 
 from .data import Splits, make_loader
 from .errors import SlimkitError
+from .models.outputs import prediction
 from .limits import first_line
 from .train.loop import Batch, LossFn, ScoreFn, TrainConfig, evaluate
 
@@ -55,7 +56,7 @@ class Task:
         model.eval()
         try:
             with torch.no_grad():
-                out = model(x.to(next((p.device for p in model.parameters()), x.device)))
+                out = prediction(model(x.to(next((p.device for p in model.parameters()), x.device))))
         except Exception as exc:  # noqa: BLE001 - whatever the model's own code raises on inputs it cannot take
             built_for = f" (it was built for {list(recorded)})" if recorded else ""
             raise SlimkitError(f"the model cannot run on this data: inputs are {list(x.shape[1:])}{built_for}: "

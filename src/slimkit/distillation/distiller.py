@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from ..config import Config
 from ..errors import SlimkitError
+from ..models.outputs import prediction
 from .losses import attention_loss, feature_loss, kd_loss
 
 
@@ -117,13 +118,13 @@ class Distiller(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.student(x)
+        logits = prediction(self.student(x))
         if self.training:
             if self.cfg.mutual:
-                teacher_logits = self.teacher(x)
+                teacher_logits = prediction(self.teacher(x))
             else:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(x)
+                    teacher_logits = prediction(self.teacher(x))
             self._outputs = (logits, teacher_logits)
         return logits
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..models.outputs import prediction
 from ..io import atomic_path
 from ..outputs import ONNX_PRODUCER, claim_output
 
@@ -154,7 +155,7 @@ def export_onnx(
     with claim_output(path, "onnx", overwrite=overwrite), atomic_path(path) as tmp:
         _export_graph(model, tmp, sample[:2] if len(sample) >= 2 else sample, opset)
         with torch.no_grad():
-            expected = torch.cat([model(check[i : i + 256]) for i in range(0, len(check), 256)]).numpy()
+            expected = torch.cat([prediction(model(check[i : i + 256])) for i in range(0, len(check), 256)]).numpy()
         got = run_ort(ort_session(tmp), check)
         diff = float(np.max(np.abs(got - expected))) if expected.size else 0.0
         if not diff <= atol:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimkitError
+from ..models.outputs import prediction
 from ..io import atomic_path
 from ..outputs import claim_output
 from .onnx import _export_graph, shorten_names
@@ -323,7 +324,8 @@ def compare_with_runtime(model: torch.nn.Module, path: str | os.PathLike, inputs
     from .onnx import ort_session, run_ort
 
     with torch.no_grad():
-        expected = torch.cat([model(inputs[i : i + 256]) for i in range(0, len(inputs), 256)]).double().numpy()
+        expected = torch.cat([prediction(model(inputs[i : i + 256]))
+                              for i in range(0, len(inputs), 256)]).double().numpy()
     got = run_ort(ort_session(path), inputs).astype(np.float64)
     signal = float((expected**2).sum())
     noise = max(float(((expected - got) ** 2).sum()), signal * 1e-30)  # identical outputs read as 300 dB

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
 from ..errors import SlimkitError
+from ..models.outputs import prediction
 from ..io import atomic_path
 from .onnx import DEFAULT_ATOL, export_onnx
 from ..quant.ptq import is_quantized
@@ -69,7 +70,7 @@ class ExportStage(Stage):
             with atomic_path(ctx.out_dir / filename) as packed:
                 table = pack(Path(tmp) / "model", packed)
                 with torch.no_grad():
-                    if not torch.equal(load(packed)(x), model(x)):
+                    if not torch.equal(prediction(load(packed)(x)), prediction(model(x))):
                         raise SlimkitError(f"{filename}: the packed model's outputs differ from the model's")
         table.pop("streams")
         ctx.notes["slim"] = table

@@ -106,6 +106,7 @@ class QuantizeStaticStep(StepSchema):
 
     op: Literal["quantize-static"] = PLAN_OP
     input_shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=MAX_TENSOR_DIMS)
+    input_dtype: Literal["float32", "float16", "bfloat16", "int64", "int32"] = "float32"  # token ids are integers
     folded_batchnorm: list[tuple[str, str]]
     weights: dict[str, QuantizedWeight] = Field(min_length=1)
     activations: dict[str, ActivationQParams]
@@ -283,6 +284,7 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
             scales[name] = weight_scales(gm.get_parameter(name), cfg.bits_of(name), cfg)
     _round_weights(gm, ops, cfg, scales, calib, batch_size)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
+            **({} if calib.dtype == torch.float32 else {"input_dtype": str(calib.dtype).removeprefix("torch.")}),
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
             "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
     return _convert(gm, step, scales), step
@@ -298,7 +300,8 @@ def replay_static(model: nn.Module, step: dict[str, Any]) -> fx.GraphModule:
             parent, _, child = bn_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
     meta = getattr(model, "slimkit_meta", None)
-    gm = _convert(capture(model, torch.zeros(2, *step["input_shape"])), step)
+    example = torch.zeros(2, *step["input_shape"], dtype=getattr(torch, step.get("input_dtype", "float32")))
+    gm = _convert(capture(model, example), step)
     if meta is not None:
         gm.slimkit_meta = meta
     return gm
