@@ -194,6 +194,9 @@ def export(
     path: Path = typer.Argument(..., help="model directory or run directory"),
     out: Path = typer.Option(..., "--out", help="file to write"),
     fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch) or onnx-int8 (a quantized model)"),
+    rtol: float = typer.Option(1e-4, "--rtol", min=0, help="fp32: allowed difference from torch, relative to the "
+                                                            "largest output (plus --atol)"),
+    atol: float = typer.Option(1e-5, "--atol", min=0),
     data: Optional[str] = DataOpt,
     arch: Optional[str] = ArchOpt,
     overwrite: bool = OverwriteOpt,
@@ -225,7 +228,7 @@ def export(
                    f"{result['samples']} samples: top-1 agreement {result['top1_agreement']:.4f}, "
                    f"SQNR {result['sqnr_db']:.1f} dB")
         return
-    result = export_onnx(model, out, check[:2], verify_on=check, overwrite=overwrite)
+    result = export_onnx(model, out, check[:2], verify_on=check, atol=atol, rtol=rtol, overwrite=overwrite)
     typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime vs torch on {result.samples_checked} "
                f"samples: max abs diff {result.max_abs_diff:.2e}")
 

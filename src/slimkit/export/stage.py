@@ -12,7 +12,7 @@ from ..stages import Stage, StageContext, register_stage
 from ..errors import SlimkitError
 from ..models.outputs import prediction
 from ..io import atomic_path
-from .onnx import DEFAULT_ATOL, export_onnx
+from .onnx import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx
 from ..quant.ptq import is_quantized
 from .qdq import export_int8_verified
 
@@ -22,7 +22,8 @@ class ExportStage(Stage):
     type: Literal["export"] = "export"
     format: Literal["onnx", "onnx-int8", "slim"] = "onnx"  # slim: the one-file compressed container
     filename: Optional[str] = Field(None, min_length=1, pattern=r"^[^/\\]+$")  # model.onnx / model.slim
-    atol: float = Field(DEFAULT_ATOL, gt=0)
+    atol: float = Field(DEFAULT_ATOL, ge=0)  # fp32 export: allowed difference atol + rtol x max |output|
+    rtol: float = Field(DEFAULT_RTOL, ge=0)
     changes_model: ClassVar[bool] = False
 
     @model_validator(mode="after")
@@ -46,10 +47,10 @@ class ExportStage(Stage):
             ctx.artifacts["onnx_int8_top1_agreement"] = f"{check['top1_agreement']:.4f}"
             verified = {"against": "slimkit's int8 simulation", **check}
         else:
-            result = export_onnx(model, path, x[:2], verify_on=x, atol=self.atol)
+            result = export_onnx(model, path, x[:2], verify_on=x, atol=self.atol, rtol=self.rtol)
             ctx.artifacts["onnx_max_abs_diff"] = f"{result.max_abs_diff:.3g}"
-            verified = {"against": "the torch model", "max_abs_diff": result.max_abs_diff, "atol": self.atol,
-                        "samples": result.samples_checked}
+            verified = {"against": "the torch model", "max_abs_diff": result.max_abs_diff,
+                        "allowed": result.allowed_diff, "samples": result.samples_checked}
         ctx.artifacts["onnx"] = filename
         ctx.notes["export"] = {"file": filename, "format": self.format, "runtime": "ONNX Runtime",
                                "bytes": path.stat().st_size, "check": verified}

@@ -146,11 +146,37 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
         bn_name = params.get(node.args[1].name, "").rpartition(".")[0] if isinstance(node.args[1], fx.Node) else ""
         if conv_name and bn_name:
             pairs.append([conv_name, bn_name])
+    original = copy.deepcopy(model)
+    _fold_pairs(model, pairs)
+    if not _same_outputs(original, model, example[:8]):  # find the pair that changed them, and name it
+        for pair in pairs:
+            trial = copy.deepcopy(original)
+            _fold_pairs(trial, [pair])
+            if not _same_outputs(original, trial, example[:8]):
+                conv_name, bn_name = pair
+                raise SlimkitError(
+                    f"folding {bn_name} ({type(original.get_submodule(bn_name)).__name__}) into {conv_name} changes "
+                    f"the model's output: its forward computes more than a BatchNorm (an activation inside it?). "
+                    f"Quantize with fold_bn: false (recipe) or StaticQuantConfig(fold_bn=False)")
+    return model, pairs
+
+
+def _fold_pairs(model: nn.Module, pairs: list[list[str]]) -> None:
     for conv_name, bn_name in pairs:
         _fold(model.get_submodule(conv_name), model.get_submodule(bn_name))
         parent, _, child = bn_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-    return model, pairs
+
+
+REWRITE_RTOL = 1e-4  # a rewrite in fp32 (folding) may change outputs by float rounding only
+
+
+@torch.no_grad()
+def _same_outputs(original: nn.Module, rewritten: nn.Module, x: torch.Tensor) -> bool:
+    from ..models.outputs import prediction
+
+    expected, got = prediction(original(x)).double(), prediction(rewritten(x)).double()
+    return bool((expected - got).abs().max() <= 1e-6 + REWRITE_RTOL * expected.abs().max())
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
             quantized, step = quantize_static(model, calib, cfg)
         meta = getattr(model, "slimkit_meta", {"plan": []})
         quantized.slimkit_meta = {**meta, "plan": [*meta.get("plan", []), step]}
-        check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs)
+        check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs, reference=model)
         ctx.artifacts["onnx"] = self.onnx
         ctx.notes["export"] = {"file": self.onnx, "format": "onnx-int8", "runtime": "ONNX Runtime",
                                "bytes": (ctx.out_dir / self.onnx).stat().st_size,

@@ -119,9 +119,13 @@ def _export_rows(stages: list[dict[str, Any]]) -> list[list[str]]:
         if "top1_agreement" in check:
             verdict = (f"top-1 agreement {check['top1_agreement']:.4f}, SQNR {check['sqnr_db']:.1f} dB on "
                        f"{check['samples']} samples")
+            if "deployed_vs_reference" in check:
+                sim, dep = check["simulation_vs_reference"], check["deployed_vs_reference"]
+                verdict += (f"; against {check['reference']}: ONNX Runtime {dep['sqnr_db']:.1f} dB, the simulation "
+                            f"{sim['sqnr_db']:.1f} dB")
         elif "max_abs_diff" in check:
-            verdict = (f"max abs diff {check['max_abs_diff']:.2e} (allowed {check['atol']:g}) on {check['samples']} "
-                       "samples")
+            verdict = (f"max abs diff {check['max_abs_diff']:.2e} (allowed {check['allowed']:.2e}) on "
+                       f"{check['samples']} samples")
         else:
             verdict = f"outputs identical on {check['samples']} samples"
         rows.append([html.escape(stage["name"]), html.escape(export["file"]), html.escape(export["format"]),

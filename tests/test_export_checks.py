@@ -1,0 +1,113 @@
+"""Export checks that judge what matters: relative fp32 tolerances, int8 files judged against a reference
+as well as against the simulation, infinite SQNR for identical outputs, fp32 rewrites verified."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from slimkit import SlimkitError, calibration_subset
+from slimkit.export import export_onnx
+from slimkit.export.qdq import (
+    activations_in_float, compare_with_runtime, deployed_is_faithful, export_int8_verified, sqnr_db,
+)
+from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+
+
+def test_sqnr_of_identical_outputs_is_infinite():
+    a = np.array([[1.0, -2.0], [0.5, 3.0]])
+    assert sqnr_db(a, a) == math.inf and sqnr_db(np.zeros(3), np.zeros(3)) == math.inf
+    assert sqnr_db(np.zeros(3), np.ones(3)) == -math.inf
+    assert sqnr_db(a, a + 0.01) == pytest.approx(10 * np.log10((a**2).sum() / (4 * 1e-4)))
+
+
+class Scaled(nn.Module):
+    """Large outputs: float sums that differ in order between torch and ONNX Runtime differ by more in absolute
+    terms, not in relative ones."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.fc1, self.fc2, self.scale = nn.Linear(64, 256), nn.Linear(256, 10), scale
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1)))) * self.scale
+
+
+def test_fp32_export_tolerance_is_relative_to_the_outputs(tmp_path, digits):
+    torch.manual_seed(0)
+    model = Scaled(1e5).eval()
+    x = digits.x_test[:64]
+    result = export_onnx(model, tmp_path / "m.onnx", x[:2], verify_on=x)
+    assert result.max_abs_diff > 1e-4  # an absolute tolerance of 1e-4 would have refused a correct export
+    assert result.max_abs_diff <= result.allowed_diff == pytest.approx(1e-5 + 1e-4 * float(model(x).abs().max()),
+                                                                       rel=1e-6)
+    with pytest.raises(SlimkitError, match=r"max abs diff .* > allowed .* \(atol 0 \+ rtol 1e-09 x max \|output\|"):
+        export_onnx(model, tmp_path / "strict.onnx", x[:2], verify_on=x, atol=0, rtol=1e-9)
+    assert not (tmp_path / "strict.onnx").exists()
+
+
+def test_int8_files_are_judged_against_a_reference_too(tmp_path, digits, briefly_trained):
+    model = briefly_trained("resnet8")
+    quantized, _ = quantize_static(model, calibration_subset(digits, 128))
+    check = export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test, reference=model)
+    sim, dep = check["simulation_vs_reference"], check["deployed_vs_reference"]
+    assert check["reference"] == "the float model" and sim["top1_agreement"] > 0.95
+    assert abs(dep["sqnr_db"] - sim["sqnr_db"]) < 1.0 and 15 < sim["sqnr_db"] < 60
+    default = compare_with_runtime(quantized, tmp_path / "q.onnx", digits.x_test)  # no float model at hand
+    assert default["reference"] == "the int8 weights with float activations"
+    assert default["simulation_vs_reference"]["sqnr_db"] > sim["sqnr_db"]  # weight rounding is not counted there
+    other, _ = quantize_static(briefly_trained("mobilenetv2"), calibration_subset(digits, 64))
+    wrong = compare_with_runtime(other, tmp_path / "q.onnx", digits.x_test)  # the file is not this model
+    assert not deployed_is_faithful(wrong)
+
+
+def test_the_rule_lets_a_file_differ_from_the_simulation_if_it_is_as_good():
+    close = {"top1_agreement": 0.995, "sqnr_db": 35.0}
+    as_good = {"top1_agreement": 0.94, "sqnr_db": 25.0, "simulation_vs_reference": {"top1_agreement": 0.97,
+               "sqnr_db": 26.0}, "deployed_vs_reference": {"top1_agreement": 0.965, "sqnr_db": 25.6}}
+    worse = {**as_good, "deployed_vs_reference": {"top1_agreement": 0.9, "sqnr_db": 22.0}}
+    assert deployed_is_faithful(close) and deployed_is_faithful(as_good) and not deployed_is_faithful(worse)
+
+
+def test_the_float_activation_reference_drops_only_activation_quantizers(digits, briefly_trained):
+    quantized, step = quantize_static(briefly_trained("lenet5"), calibration_subset(digits, 64))
+    reference = activations_in_float(quantized)
+    targets = [n.target for n in reference.graph.nodes if n.op == "call_function"]
+    assert torch.fake_quantize_per_tensor_affine not in targets
+    assert targets.count(torch.fake_quantize_per_channel_affine) == len(step["weights"])  # weights stay on grids
+    assert any(n.target is torch.fake_quantize_per_tensor_affine for n in quantized.graph.nodes)  # original intact
+
+
+class BatchNormReLU(nn.BatchNorm2d):
+    """A BatchNorm that also applies its activation, as third-party model libraries often write it."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class ConvBNAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = BatchNormReLU(8)
+        self.fc = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).flatten(1))
+
+
+def test_folding_a_batchnorm_that_is_more_than_one_is_refused_by_name(digits):
+    torch.manual_seed(0)
+    model = ConvBNAct().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+    calib = calibration_subset(digits, 32)
+    with pytest.raises(SlimkitError, match=r"folding bn \(BatchNormReLU\) into conv changes the model's output"):
+        quantize_static(model, calib)
+    quantized, step = quantize_static(model, calib, StaticQuantConfig(fold_bn=False))
+    assert step["folded_batchnorm"] == []
+    assert sqnr_db(model(digits.x_test).detach().numpy(), quantized(digits.x_test).detach().numpy()) > 20
