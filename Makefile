@@ -1,17 +1,19 @@
 # The two set-up commands: `make demo` runs the built-in example, `make test` runs the tests.
 # Each creates .venv on first use. torch is pinned here (a CPU build) so that pip does not
-# fetch a multi-GB CUDA build; the package itself only asks for torch>=2.4.
+# fetch a multi-GB CUDA build, and torchvision to the release built for that torch; the package
+# itself only asks for torch>=2.4 (and torchvision>=0.19 in its vision extra).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
+TORCHVISION_PIN ?= torchvision==0.28.0
 STAMP := $(VENV)/.slimkit-installed
 
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" "$(TORCHVISION_PIN)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -7,6 +7,7 @@ included), not a per-layer formula table.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -48,16 +49,36 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool):
+    """nn.MultiheadAttention's inference fast path is one fused op no counter sees; count the plain path."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
-    """MACs of one sample, in total and per module (qualified name -> MACs including children)."""
+    """MACs of one sample, in total and per module (qualified name -> MACs including children): convolutions,
+    linear layers and matmuls, attention included (nn.MultiheadAttention, scaled_dot_product_attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    aten = torch.ops.aten
+    counter = FlopCounterMode(display=False, custom_mapping={  # CPU attention kernels torch has no formula for
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
     try:
-        with counter:
+        with counter, _mha_fastpath(False):
             model(torch.zeros(1, *input_shape))
     finally:
         model.train(was_training)

@@ -6,6 +6,8 @@ Three kinds, one key each:
 * ``{"factory": "package.module:function", "args": {...}}`` - the user's own
   class or function; importing it runs code, so it needs ``trust_code=True``
   (a model directory from elsewhere must not be able to name ``os:system``);
+* ``{"torchvision": "resnet18", "args": {"num_classes": 10}}`` - a torchvision classification
+  architecture (needs the ``vision`` extra; no code from the model file runs, no weights downloaded);
 * ``{"huggingface": "/local/dir", "task": "base"|"sequence-classification"}`` -
   a local Hugging Face directory, loaded offline (needs the ``hf`` extra).
 """
@@ -24,14 +26,15 @@ from ..limits import MAX_MODEL_ELEMENTS, echo, echo_text
 from .zoo import ZOO
 
 HF_TASKS = ("base", "sequence-classification")
+KINDS = ("zoo", "factory", "torchvision", "huggingface")
 
 
 def build_model(arch: dict[str, Any], trust_code: bool = False) -> nn.Module:
     if not isinstance(arch, dict):
         raise SlimkitError(f"architecture must be a mapping, got {type(arch).__name__}")
-    kinds = [k for k in ("zoo", "factory", "huggingface") if k in arch]
+    kinds = [k for k in KINDS if k in arch]
     if len(kinds) != 1:
-        raise SlimkitError(f"architecture needs exactly one of 'zoo', 'factory', 'huggingface', got {sorted(arch)}")
+        raise SlimkitError(f"architecture needs exactly one of {', '.join(map(repr, KINDS))}, got {sorted(arch)}")
     args = arch.get("args", {})
     if not isinstance(args, dict):
         raise SlimkitError(f"architecture 'args' must be a mapping, got {type(args).__name__}")
@@ -40,6 +43,10 @@ def build_model(arch: dict[str, Any], trust_code: bool = False) -> nn.Module:
         return _zoo(arch["zoo"], args)
     if kind == "factory":
         return _factory(arch["factory"], args, trust_code)
+    if kind == "torchvision":
+        from .vision import build_torchvision
+
+        return build_torchvision(arch["torchvision"], args)
     return _huggingface(arch["huggingface"], arch.get("task", "base"))
 
 
