@@ -3,6 +3,8 @@ honestly (attention included)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,49 @@ def test_attention_is_counted(tv):
     assert count_macs(swin, (3, 32, 32))[0] == expected
     assert count_macs(tv.models.vit_b_16(), (3, 224, 224))[0] == vit_macs(224, 16, 12, 768, 3072, 1000)
     assert torch.backends.mha.get_fastpath_enabled() == fast
+
+
+def test_digits_resized_and_given_three_channels(digits):
+    from torch.nn import functional as F
+
+    from slimkit import load_data
+
+    big = load_data("digits:size=16,channels=3")
+    assert big.name == "digits:size=16,channels=3" and big.input_shape == (3, 16, 16)
+    expected = F.interpolate(digits.x_test, size=(16, 16), mode="bilinear", align_corners=False)
+    assert all(torch.equal(big.x_test[:, c], expected[:, 0]) for c in range(3)) and torch.equal(big.y_test, digits.y_test)
+    for spec, message in [("digits:size=2", "size must be"), ("digits:channels=2", "channels must be 1 or 3"),
+                          ("digits:depth=3", "unknown option 'depth'")]:
+        with pytest.raises(SlimkitError, match=message):
+            load_data(spec)
+
+
+def test_image_folders_of_any_size_become_one_size(tmp_path):
+    from PIL import Image
+
+    from slimkit import load_data
+
+    for label, color in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (tmp_path / label).mkdir()
+        for i in range(6):
+            Image.new("RGB", (20 + 5 * i, 12 + 3 * i), color).save(tmp_path / label / f"{i}.png")
+    splits = load_data(f"{tmp_path}:size=8,channels=3")
+    assert splits.input_shape == (3, 8, 8) and splits.num_classes == 2
+    x = torch.cat([splits.x_train, splits.x_val, splits.x_test])
+    assert not torch.equal(x[:, 0], x[:, 2])  # colour kept: red and blue images differ by channel
+    with pytest.raises(SlimkitError, match="the others are"):
+        load_data(str(tmp_path))  # without a size, images of different sizes are refused
+
+
+def test_train_a_torchvision_architecture_on_real_labels(tv, tmp_path, capsys):
+    from slimkit.cli import main
+
+    assert main(["train", "--model", "torchvision:resnet18", "--data", "digits:size=16,channels=3", "--epochs", "2",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    model = load(tmp_path / "r")
+    assert model.slimkit_meta["architecture"] == {"torchvision": "resnet18", "args": {"num_classes": 10}}
+    assert model.slimkit_meta["data"] == "digits:size=16,channels=3" and model.slimkit_meta["input_shape"] == [3, 16, 16]
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "r"), "--no-latency", "--json"]) == 0  # finds its data again
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] > 0.5 and result["params"] == 11_181_642

@@ -110,7 +110,8 @@ def zoo() -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option(..., "--model", help="zoo model name (see 'slimkit zoo')"),
+    model: str = typer.Option(..., "--model", help="zoo model name (see 'slimkit zoo') or torchvision:NAME "
+                                                    "(e.g. torchvision:resnet18, with --data digits:size=32,channels=3)"),
     out: Path = typer.Option(..., "--out", help="run directory to create (model/, metrics.json, checkpoint/)"),
     data: str = typer.Option("digits", "--data", help="'digits', an .npz file or an image folder"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="default: the zoo model's tuned value"),
@@ -126,13 +127,12 @@ def train(
 ) -> None:
     """Train a zoo model; keeps the best-on-validation weights, checkpoints every epoch."""
     from .data import load_data
+    from .models.arch import named_spec
     from .outputs import check_disjoint
-    from .models import ZOO
     from .task import Task
     from .train import build_seeded, default_train_config, train_model
 
-    if model not in ZOO:
-        raise SlimkitError(f"unknown zoo model {model!r}; choose one of {', '.join(ZOO)}")
+    named_spec(model)  # a known name, before the data is read
     check_disjoint(out, [_data_path(data)])
     task = Task.classification(load_data(data, seed=seed))
     try:
@@ -140,7 +140,7 @@ def train(
                                    precision=precision, patience=patience)
     except ValueError as exc:
         raise SlimkitError(f"invalid training option: {exc}") from None
-    net = build_seeded(model, seed, task).to(_torch_device(device))
+    net = build_seeded(named_spec(model, num_classes=task.splits.num_classes), seed, task).to(_torch_device(device))
     from .train.distributed import is_main, rank_folder
 
     with rank_folder(out) as folder:

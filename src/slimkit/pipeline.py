@@ -28,6 +28,7 @@ from .data import load_data
 from .io import dir_bytes, write_json_atomic
 from .outputs import claim_run
 from .limits import check_threads
+from .models.arch import named_spec
 from .modelfile import WEIGHTS_FILE, load, read_meta, resolve_model_dir, save
 from .modelfile.store import read_safetensors
 from .report.layers import layer_decisions
@@ -170,7 +171,8 @@ def _baseline(recipe: Recipe, task: Task, out: Path, resume: bool, progress: boo
         return load(base / MODEL_SUBDIR, trust_code=section.trust_code), base / MODEL_SUBDIR
     overrides = section.train.model_dump(include=section.train.model_fields_set)
     cfg = default_train_config(section.zoo, **{"seed": recipe.seed, **overrides})
-    model = build_seeded({"zoo": section.zoo, "args": section.args}, cfg.seed, task, section.trust_code)
+    classes = task.splits.num_classes if task.splits is not None else None
+    model = build_seeded(named_spec(section.zoo, section.args, classes), cfg.seed, task, section.trust_code)
     log(f"training {section.zoo} for {cfg.epochs} epochs")
     with on_device(model, device):
         train_model(model, task, cfg, base, resume=resume, progress=progress, description=f"train {section.zoo}")

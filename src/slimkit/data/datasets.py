@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,21 +96,68 @@ def calibration_subset(splits: Splits, n: int, seed: int = 0) -> torch.Tensor:
     return x[idx]
 
 
+DATA_OPTIONS = re.compile(r"^(?P<source>.+?):(?P<options>[a-z]+=\w+(?:,[a-z]+=\w+)*)$")
+MAX_IMAGE_SIZE = 1024
+
+
 def load_data(spec: str | os.PathLike, seed: int = 0) -> Splits:
-    """``digits``, a ``.npz`` file, or a folder of images with one sub-folder per class."""
+    """``digits``, a ``.npz`` file, or a folder of images with one sub-folder per class, optionally followed by
+    ``:size=N,channels=C``: images resized to N x N (bilinear) and given C channels (1 or 3; grey replicated), so
+    ImageNet-style architectures train on real labels offline (``digits:size=32,channels=3``)."""
     text = str(spec)
-    if text == "digits":
-        return _digits(seed)
-    path = Path(text)
-    if path.is_dir():
-        return _image_folder(path, seed)
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise SlimkitError(f"{path}: data file not found")
-        return _npz(path, seed)
-    raise SlimkitError(
-        f"data {text!r}: expected 'digits', an existing .npz file or a folder of class sub-folders"
-    )
+    source, size, channels = _data_options(text)
+    if source == "digits":
+        splits = _digits(seed)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            splits = _image_folder(path, seed, size, channels)
+        elif path.suffix == ".npz":
+            if not path.is_file():
+                raise SlimkitError(f"{path}: data file not found")
+            splits = _npz(path, seed)
+        else:
+            raise SlimkitError(
+                f"data {echo_text(text)}: expected 'digits', an existing .npz file or a folder of class sub-folders, "
+                "optionally followed by :size=N,channels=C")
+    return _reshape(splits, text, size, channels)
+
+
+def _data_options(text: str) -> tuple[str, int | None, int | None]:
+    match = DATA_OPTIONS.match(text)
+    if match is None:
+        return text, None, None
+    options = dict(pair.split("=") for pair in match["options"].split(","))
+    unknown = set(options) - {"size", "channels"}
+    if unknown:
+        raise SlimkitError(f"data {echo_text(text)}: unknown option {sorted(unknown)[0]!r}; options are size and "
+                           "channels")
+    size, channels = options.get("size"), options.get("channels")
+    if size is not None and not (size.isdigit() and 4 <= int(size) <= MAX_IMAGE_SIZE):
+        raise SlimkitError(f"data {echo_text(text)}: size must be a whole number of pixels, 4 to {MAX_IMAGE_SIZE}")
+    if channels not in (None, "1", "3"):
+        raise SlimkitError(f"data {echo_text(text)}: channels must be 1 or 3")
+    return match["source"], int(size) if size else None, int(channels) if channels else None
+
+
+def _reshape(splits: Splits, name: str, size: int | None, channels: int | None) -> Splits:
+    """Images resized (bilinear) and channel-replicated as the data spec asks; the name is the full spec, so a
+    model trained on it records how to load its data again."""
+    def change(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise SlimkitError(f"data {name}: size and channels apply to images (N x C x H x W), not {tuple(x.shape)}")
+        if size is not None and x.shape[-2:] != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        if channels is not None and x.shape[1] != channels:
+            if x.shape[1] != 1:
+                raise SlimkitError(f"data {name}: {x.shape[1]}-channel images cannot become {channels}-channel")
+            x = x.expand(-1, channels, -1, -1)
+        return x.contiguous()
+
+    if size is None and channels is None:
+        return splits
+    return Splits(name, change(splits.x_train), splits.y_train, change(splits.x_val), splits.y_val,
+                  change(splits.x_test), splits.y_test)
 
 
 def _digits(seed: int) -> Splits:
@@ -215,15 +263,16 @@ def _labels(a: np.ndarray, path: Path, key: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _image_folder(root: Path, seed: int) -> Splits:
-    """One sub-folder per class, sorted by name; images are converted to grayscale, equal sizes required."""
+def _image_folder(root: Path, seed: int, size: int | None = None, channels: int | None = None) -> Splits:
+    """One sub-folder per class, sorted by name; images are read as grey (or RGB with ``channels=3``) and
+    resized to ``size`` x ``size`` when given, else they must all have one size."""
     from PIL import Image, UnidentifiedImageError
     from PIL.Image import DecompressionBombError
 
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise SlimkitError(f"{root}: an image folder needs at least two class sub-folders, found {len(classes)}")
-    xs, ys, size = [], [], None
+    xs, ys, shape = [], [], None
     for label, folder in enumerate(classes):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -231,13 +280,19 @@ def _image_folder(root: Path, seed: int) -> Splits:
         for file in files:
             try:
                 with Image.open(file) as img:
-                    arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+                    img = img.convert("RGB" if channels == 3 else "L")
+                    if size is not None:
+                        img = img.resize((size, size), Image.Resampling.BILINEAR)
+                    arr = np.asarray(img, dtype=np.float32) / 255.0
             except (UnidentifiedImageError, DecompressionBombError, OSError) as exc:
                 raise SlimkitError(f"{file}: not a readable image ({echo_text(str(exc))})") from None
-            if size is None:
-                size = arr.shape
-            elif arr.shape != size:
-                raise SlimkitError(f"{file}: image is {arr.shape[1]}x{arr.shape[0]}, the others are {size[1]}x{size[0]}")
+            if shape is None:
+                shape = arr.shape
+            elif arr.shape != shape:
+                raise SlimkitError(f"{file}: image is {arr.shape[1]}x{arr.shape[0]}, the others are "
+                                   f"{shape[1]}x{shape[0]} (or pass :size=N to resize them)")
             xs.append(arr)
             ys.append(label)
-    return _split_and_normalize(root.name, np.stack(xs)[:, None], np.asarray(ys, dtype=np.int64), seed)
+    images = np.stack(xs)
+    images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]  # N x C x H x W
+    return _split_and_normalize(root.name, images, np.asarray(ys, dtype=np.int64), seed)

@@ -50,6 +50,22 @@ def build_model(arch: dict[str, Any], trust_code: bool = False) -> nn.Module:
     return _huggingface(arch["huggingface"], arch.get("task", "base"))
 
 
+TORCHVISION = "torchvision:"
+
+
+def named_spec(name: str, args: dict[str, Any] | None = None, num_classes: int | None = None) -> dict[str, Any]:
+    """The architecture spec of a model named on the command line or in a recipe: a zoo name, or
+    ``torchvision:NAME``, whose classifier is sized for the data's ``num_classes`` unless ``args`` say otherwise."""
+    args = dict(args or {})
+    if name.startswith(TORCHVISION):
+        return {"torchvision": name[len(TORCHVISION):], "args": {**({"num_classes": num_classes} if num_classes else {}),
+                                                               **args}}
+    if name not in ZOO:
+        raise SlimkitError(f"unknown model {echo(name)}; choose a zoo model ({', '.join(ZOO)}) or torchvision:NAME "
+                           "(any torchvision classification architecture, e.g. torchvision:resnet18)")
+    return {"zoo": name, "args": args}
+
+
 def _zoo(name: str, args: dict[str, Any]) -> nn.Module:
     """A built-in model; its arguments are tried on the meta device first (no memory), so arguments asking
     for an absurd size are an error before anything is allocated."""
