@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from slimkit import Task, load_data, new_model, save
+from slimkit import SlimkitError, Task, load_data, new_model, save
+from slimkit.models.vision import import_torchvision
 from slimkit.train import TrainConfig, build_seeded, train_model
+
+try:  # as slimkit does before it loads a Hugging Face model: transformers imports torchvision when installed
+    import_torchvision()
+except SlimkitError:
+    pass
 
 
 @pytest.fixture(scope="session")

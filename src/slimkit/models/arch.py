@@ -115,6 +115,12 @@ def _huggingface(directory: str, task: str) -> nn.Module:
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise SlimkitError(f"{path}: not a local Hugging Face model directory (no config.json)")
+    from .vision import import_torchvision
+
+    try:
+        import_torchvision()  # transformers imports torchvision when it is installed; make that import work
+    except SlimkitError:
+        pass  # not installed: transformers does without it
     try:
         import transformers
     except ImportError:
