@@ -276,3 +276,27 @@ def test_an_unknown_op_leaves_its_channels_unpruned_with_a_warning():
         pruned, notes = prune_channels(CumsumNet().eval(), X, 0.5)
     assert (pruned.fc1.out_features, pruned.fc2.out_features) == (16, 8)
     assert "fc1" in notes["pinned"]
+
+
+class InPlaceActivations(nn.Module):
+    """Activations applied in place (as torchvision's MobileNetV3 and EfficientNet do): channels flow through."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.drop = nn.Dropout(0.2, inplace=True)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.conv1(x), inplace=True)
+        x = F.hardsigmoid(F.elu(self.conv2(x), inplace=True), inplace=True)
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+def test_in_place_activations_do_not_stop_pruning():
+    torch.manual_seed(0)
+    model = InPlaceActivations().eval()
+    pruned, notes = prune_channels(model, X, 0.5)
+    assert (pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.fc.in_features) == (8, 8, 8)
+    assert list(notes["pinned"]) == ["fc"] and pruned(X).shape == (8, 10)

@@ -78,7 +78,8 @@ class _Ann:
 
 UNARY = {
     "relu", "relu_", "relu6", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardtanh", "hardtanh_", "hardswish",
-    "hardswish_", "hardsigmoid", "leaky_relu", "elu", "mish", "dropout", "clone", "contiguous", "alias",
+    "hardswish_", "hardsigmoid", "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "dropout",
+    "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias",
     "_to_copy", "to", "detach", "abs", "neg", "exp", "sqrt", "rsqrt", "pow", "square", "erf", "log",
     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",
     "upsample_nearest2d", "upsample_bilinear2d", "constant_pad_nd", "pad", "expand", "lift_fresh_copy",
@@ -188,7 +189,7 @@ class _Analyzer:
         handler = getattr(self, f"op_{name}", None)
         if handler is not None:
             handler(node)
-        elif name in UNARY:
+        elif name in UNARY or name.endswith("_") and name[:-1] in UNARY:  # in-place forms too (dropout_, elu_)
             source = node.args[0]
             self.ann[node] = dict(self.annotation(source)) if isinstance(source, torch.fx.Node) else {}
             if source in self.origin:  # expand/copies of a parameter: dims that were not broadcast still map
