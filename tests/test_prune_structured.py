@@ -300,3 +300,28 @@ def test_in_place_activations_do_not_stop_pruning():
     pruned, notes = prune_channels(model, X, 0.5)
     assert (pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.fc.in_features) == (8, 8, 8)
     assert list(notes["pinned"]) == ["fc"] and pruned(X).shape == (8, 10)
+
+
+class WithAuxiliaryHead(nn.Module):
+    """A classifier that reads the trunk only in training mode (GoogLeNet's and Inception's auxiliary heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.aux = nn.Linear(16, 10)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        logits = self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+        return (logits, self.aux(x.mean((2, 3)))) if self.training else logits
+
+
+def test_branches_only_training_runs_are_pruned_with_the_trunk():
+    torch.manual_seed(0)
+    model = WithAuxiliaryHead().eval()
+    pruned, _ = prune_channels(model, X, 0.5)
+    assert pruned.conv1.out_channels == 8 and pruned.aux.in_features == 8  # the auxiliary head reads 8 now
+    logits, aux = pruned.train()(X)  # and the pruned model still trains
+    assert logits.shape == aux.shape == (8, 10)

@@ -16,8 +16,10 @@ slice that must be removed together.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +89,27 @@ UNARY = {
 BINARY = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "where"}
 
 
+def _export(model: nn.Module, example: torch.Tensor, training: bool):
+    with torch.no_grad():
+        was_training = model.training
+        model.train(training)
+        try:
+            return torch.export.export(model, (example,), strict=False)
+        except Exception as exc:  # export raises many internal types: name the model and the first line
+            raise SlimkitError(f"cannot trace {type(model).__name__} for structured pruning: "
+                               f"{str(exc).strip().splitlines()[0]}") from None
+        finally:
+            model.train(was_training)
+
+
+def _unused_parameters(model: nn.Module, program) -> set[str]:
+    """Parameters the traced forward never reads (export lifts every parameter to an input, used or not)."""
+    params = program.graph_signature.inputs_to_parameters
+    read = {params[node.name] for node in program.graph.nodes
+            if node.op == "placeholder" and node.name in params and node.users}
+    return {name for name, _ in model.named_parameters()} - read
+
+
 class _Analyzer:
     def __init__(self, model: nn.Module, example: torch.Tensor):
         self.model = model
@@ -94,16 +117,21 @@ class _Analyzer:
         self.parent: list[int] = []
         self.ann: dict[Any, dict[int, _Ann]] = {}
         self.origin: dict[Any, tuple[str, dict[int, int]]] = {}  # parameter views: value dim -> parameter dim
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            try:
-                program = torch.export.export(model, (example,), strict=False)
-            except Exception as exc:  # export raises many internal types: name the model and the first line
-                raise SlimkitError(f"cannot trace {type(model).__name__} for structured pruning: "
-                                   f"{str(exc).strip().splitlines()[0]}") from None
-            finally:
-                model.train(was_training)
+        program = _export(model, example, training=False)
+        unused = _unused_parameters(model, program)
+        if unused:  # branches only training runs (GoogLeNet's and Inception's auxiliary classifiers) read channels
+            try:    # too: cut them there as well, or the pruned model fails in training mode
+                trained = _export(copy.deepcopy(model), example, training=True)
+            except SlimkitError as exc:
+                trained = None
+                reason = str(exc).split(": ", 1)[-1]
+            if trained is not None and len(_unused_parameters(model, trained)) < len(unused):
+                program = trained
+            else:
+                modules = sorted({name.rpartition(".")[0].split(".")[0] for name in unused})
+                warnings.warn(f"{', '.join(modules)} run only in training mode and could not be traced with this "
+                              f"example input ({reason if trained is None else 'not reached'}): the pruned model "
+                              "may fail in training mode; give a larger example input", stacklevel=4)
         self.graph = program.graph_module.graph
         sig = program.graph_signature
         self.tensor_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
