@@ -55,6 +55,9 @@ def test_analyze_json(trained_run):
     assert result["file_bytes"] == sum(p.stat().st_size for p in (trained_run / "model").iterdir())
     assert result["macs"] == 64 * 300 + 300 * 100 + 100 * 10
     assert set(result["latency_ms"]) == {"torch_b1", "torch_b64", "ort_b1", "ort_b64"}
+    machine = result["machine"]  # where it was measured: CPU extensions, cores, runtime versions, threads
+    assert machine["threads"] == 1 and machine["cores"] >= 1 and machine["torch"] == __import__("torch").__version__
+    assert isinstance(machine["isa"], list) and machine["onnxruntime_provider"] == "CPUExecutionProvider"
     assert result["accuracy"] > 0.9
 
 

@@ -105,3 +105,19 @@ def test_summary_rows_say_what_changed_and_which_runtime_ran(quantized):
     torch_row = [r for r in rows if r.startswith("latency torch eager, batch 1")][0]
     assert rows[torch_row][3] == "4.00x slower"
     assert ("fake-quant simulation" in torch_row) == quantized
+
+
+def test_a_slower_model_is_flagged_with_its_likely_cause():
+    from slimkit.report.summary import report_warnings
+
+    report = fake_report(True)
+    report["summary"]["speedup"] = {"torch_b1": 0.25, "ort_b64": 0.75}  # the torch time of a quantized model is
+    report["stages"] = [{"name": "baseline", "accuracy": 0.98}, {"name": "0:quantize", "accuracy": 0.975}]  # its sim
+    assert report_warnings(report, 0.01) == [
+        "the final model is 1.33x slower than the baseline in ONNX Runtime at batch 64; likely cause: at 5,000 MACs "
+        "per sample the model is bound by per-operator overhead, not arithmetic, so fewer or cheaper operations do "
+        "not show (real-size models do)"]
+    report["final"]["macs"] = 50_000_000
+    assert "quantize/dequantize steps around operators that stay float" in report_warnings(report, 0.01)[0]
+    assert report_warnings(report, 0.001)[0] == ("stage 0:quantize accuracy is 0.50 points below the baseline "
+                                                 "(allowed: 0.1 points; evaluate.max_metric_drop)")

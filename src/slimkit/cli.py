@@ -186,6 +186,10 @@ def analyze(
         rows.append(["test accuracy", f"{100 * result['accuracy']:.2f}%"])
     rows += [[f"latency {key} (ms, {threads} thread{'s' if threads > 1 else ''})", f"{ms:.3f}"]
              for key, ms in result.get("latency_ms", {}).items()]
+    if "machine" in result:
+        from .analyze.machine import describe_machine
+
+        rows.append(["measured on", describe_machine(result["machine"])])
     print_table(f"slimkit analyze {path}", ["metric", "value"], rows)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import __version__
 from .analyze import count_macs, count_params, layer_stats, measure_latency
+from .analyze.machine import machine_fingerprint
 from .data import load_data
 from .io import dir_bytes, write_json_atomic
 from .outputs import claim_run
@@ -150,6 +151,7 @@ def _finish(recipe: Recipe, task: Task, entries, baseline_model, model, artifact
             k: report["baseline"]["latency_ms"][k] / report["final"]["latency_ms"][k]
             for k in report["final"]["latency_ms"]
         }
+        report["machine"] = machine_fingerprint(recipe.evaluate.threads)
     report["warnings"] = report_warnings(report, recipe.evaluate.max_metric_drop)
     for warning in report["warnings"]:
         log(f"warning: {warning}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..io import dir_bytes
+from .machine import machine_fingerprint
 from .latency import Timing, ort_latency, torch_latency
 
 LATENCY_BATCHES = (1, 64)
@@ -140,7 +141,8 @@ def measure_latency(
             for runtime, timing in (("torch", torch_latency(model, x, threads)), ("ort", ort_latency(session, x))):
                 medians[f"{runtime}_b{b}"] = timing.median_ms
                 details[f"{runtime}_b{b}"] = _timing_dict(timing)
-    return {"latency_ms": medians, "latency_detail": details, "threads": threads}
+    return {"latency_ms": medians, "latency_detail": details, "threads": threads,
+            "machine": machine_fingerprint(threads)}
 
 
 def profile(

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..io import write_text_atomic
 from . import plots
+from ..analyze.machine import describe_machine
 from .summary import summary_rows
 
 STYLE = """
@@ -212,7 +213,9 @@ def render_html(report: dict[str, Any]) -> str:
         _table(["", "baseline", "final", "change"], _summary_rows(report)),
         '<p class="note">' + "<br>".join(f"<b>{html.escape(k)}</b>: {html.escape(v)}"
                                          for k, v in report["provenance"].items())
-        + (f"<br><b>threads</b>: {threads}" if threads else "") + "</p>",
+        + (f"<br><b>threads</b>: {threads}" if threads else "")
+        + (f"<br><b>measured on</b>: {html.escape(describe_machine(report['machine']))}" if "machine" in report else "")
+        + "</p>",
         "<h2>Stages</h2>",
         _table(["stage", data["metric"], "params", "non-zero", "MACs", "file bytes", "seconds"], stage_rows),
     ]

@@ -85,5 +85,19 @@ def report_warnings(report: dict[str, Any], max_drop: float) -> list[str]:
         runtime, _, batch = key.partition("_b")
         if speedup < 1 - SLOWER_NOISE and not (simulated and runtime == "torch"):
             out.append(f"the final model is {1 / speedup:.2f}x slower than the baseline in {RUNTIMES[runtime]} at "
-                       f"batch {batch}")
+                       f"batch {batch}; {_likely_cause(report, runtime)}")
     return out
+
+
+OVERHEAD_BOUND_MACS = 10_000_000  # below this many MACs per sample, per-operator overhead sets a model's speed
+
+
+def _likely_cause(report: dict[str, Any], runtime: str) -> str:
+    macs = report["final"]["macs"]
+    if macs < OVERHEAD_BOUND_MACS:
+        return (f"likely cause: at {macs:,} MACs per sample the model is bound by per-operator overhead, not "
+                "arithmetic, so fewer or cheaper operations do not show (real-size models do)")
+    if report["final"].get("simulated_in_torch") and runtime == "ort":
+        return ("likely cause: quantize/dequantize steps around operators that stay float (LayerNorm, Softmax, "
+                "GELU, small convolutions) cost more than the int8 arithmetic saves; try keeping such layers float")
+    return "likely cause: operators the runtime does not fuse, or layout changes between them; profile the model"
