@@ -89,6 +89,13 @@ UNARY = {
 BINARY = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "where"}
 
 
+def where(node) -> str:
+    """The module whose code ran an operation (a path people know, not an aten node name)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next((value[0] for value in reversed(list(stack.values())) if value and value[0]), "")
+    return f"in {path}" if path else "in the model's own forward"
+
+
 def _export(model: nn.Module, example: torch.Tensor, training: bool):
     with torch.no_grad():
         was_training = model.training
@@ -228,7 +235,7 @@ class _Analyzer:
             self.binary(node)
         else:
             for value in node.all_input_nodes:
-                self.pin_value(value, f"consumed by unsupported op {name}")
+                self.pin_value(value, f"{where(node)}: consumed by {name}, an operation the analysis does not know")
 
     def binary(self, node) -> None:
         """Broadcasting elementwise ops: aligned channel dimensions must lose the same channels."""
@@ -250,7 +257,7 @@ class _Analyzer:
             for other in anns[1:]:
                 if (other.role, other.rep, len(other.segments)) != (first.role, first.rep, len(first.segments)):
                     for space, _ in first.segments + other.segments:
-                        self.pin(space, f"{node.name}: combined with a differently laid-out tensor")
+                        self.pin(space, f"{where(node)}: combined with a differently laid-out tensor")
                     continue
                 for (s1, _), (s2, _) in zip(first.segments, other.segments):
                     self.union(s1, s2)
@@ -264,7 +271,7 @@ class _Analyzer:
             self.spaces[self.find(ann.segments[0][0])].members.append(Member(name, dims[dim], "param"))
             return
         for space, _ in ann.segments:
-            self.pin(space, f"{node.name}: combined with a tensor of unknown channel layout")
+            self.pin(space, f"{where(node)}: combined with a tensor of unknown channel layout")
 
     # conv / linear / norms ------------------------------------------------------------------------
     def op_conv2d(self, node) -> None:
@@ -281,7 +288,7 @@ class _Analyzer:
         bias = node.args[2] if len(node.args) > 2 else None
         weight = self.param_name(w)
         if weight is None:
-            self.pin_value(x, f"{node.name}: a layer with a computed weight")
+            self.pin_value(x, f"{where(node)}: a layer with a computed weight")
             return None
         space = self.new_space(self.shape(w)[0])
         self.spaces[space].members.append(Member(weight, 0, "out"))
@@ -331,7 +338,7 @@ class _Analyzer:
             if in_ann.role == "full":
                 self.add_member(in_ann, weight, 1, "in")
             else:
-                self.pin_value(x, f"{node.name}: linear over a split channel dimension")
+                self.pin_value(x, f"{where(node)}: linear over a split channel dimension")
         out = {d: a for d, a in ann.items() if d != last}
         out[last] = _Ann(((out_space, out_features),))
         self.ann[node] = out
@@ -344,7 +351,7 @@ class _Analyzer:
             for name in filter(None, names):
                 self.add_member(channel, name, 0, "norm")
         elif channel is not None:  # normalizing over heads or head widths: its parameters could not follow
-            self.pin_value(x, f"{node.name}: normalization over split channels")
+            self.pin_value(x, f"{where(node)}: normalization over split channels")
         self.ann[node] = dict(ann)
 
     def op__native_batch_norm_legit_no_training(self, node) -> None:
@@ -358,7 +365,7 @@ class _Analyzer:
     def op_layer_norm(self, node) -> None:
         x, normalized = node.args[0], node.args[1]
         if len(normalized) != 1:
-            self.pin_value(x, f"{node.name}: layer norm over several dimensions")
+            self.pin_value(x, f"{where(node)}: layer norm over several dimensions")
         self.norm(node, x, node.args[2:4], len(self.shape(x)) - 1)
 
     # shape ops ----------------------------------------------------------------------------------
@@ -380,7 +387,7 @@ class _Analyzer:
             elif dim == start and ann.role == "full":
                 out[start] = _Ann(ann.segments, "full", ann.rep * math.prod(shape[start + 1 : end + 1]))
             else:
-                self.pin_value(x, f"{node.name}: channels interleaved by a reshape")
+                self.pin_value(x, f"{where(node)}: channels interleaved by a reshape")
         return out
 
     def op_view(self, node) -> None:
@@ -425,7 +432,7 @@ class _Analyzer:
                         break
                 if i in out:
                     continue
-            self.pin_value(x, f"{node.name}: a reshape the analysis cannot follow ({list(src)} -> {list(dst)})")
+            self.pin_value(x, f"{where(node)}: a reshape the analysis cannot follow ({list(src)} -> {list(dst)})")
         self.ann[node] = out
 
     def op_transpose(self, node) -> None:
@@ -464,14 +471,14 @@ class _Analyzer:
         x, dim = node.args[0], node.args[1] % len(self.shape(node.args[0]))
         ann = self.annotation(x)
         if dim in ann:
-            self.pin_value(x, f"{node.name}: indexes into the channel dimension")
+            self.pin_value(x, f"{where(node)}: indexes into the channel dimension")
         self.ann[node] = {(d - 1 if d > dim else d): a for d, a in ann.items() if d != dim}
 
     def op_slice(self, node) -> None:
         x, dim = node.args[0], node.args[1] % len(self.shape(node.args[0])) if len(node.args) > 1 else 0
         ann = self.annotation(x)
         if dim in ann and self.shape(node)[dim] != self.shape(x)[dim]:
-            self.pin_value(x, f"{node.name}: slices the channel dimension")
+            self.pin_value(x, f"{where(node)}: slices the channel dimension")
         self.ann[node] = dict(ann)
 
     def op_mean(self, node) -> None:
@@ -482,7 +489,7 @@ class _Analyzer:
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         ann = self.annotation(x)
         if dims & set(ann):
-            self.pin_value(x, f"{node.name}: reduces over channels")
+            self.pin_value(x, f"{where(node)}: reduces over channels")
         self.ann[node] = {(d if keep else d - sum(r < d for r in dims)): a for d, a in ann.items() if d not in dims}
 
     op_sum = op_mean
@@ -492,7 +499,7 @@ class _Analyzer:
         x, dim = node.args[0], node.args[1] % len(self.shape(node.args[0]))
         ann = self.annotation(x)
         if dim in ann:
-            self.pin_value(x, f"{node.name}: softmax over channels")
+            self.pin_value(x, f"{where(node)}: softmax over channels")
         self.ann[node] = dict(ann)
 
     op__softmax = op_softmax
@@ -511,7 +518,7 @@ class _Analyzer:
                     out[d] = _Ann(tuple(seg for p in parts for seg in p.segments))
                 elif any(p is not None for p in parts):
                     for t in tensors:
-                        self.pin_value(t, f"{node.name}: concatenated with untracked channels")
+                        self.pin_value(t, f"{where(node)}: concatenated with untracked channels")
                 continue
             present = [p for p in parts if p is not None]
             if not present:
@@ -530,7 +537,7 @@ class _Analyzer:
         sa, sb, so = self.shape(a), self.shape(b), self.shape(node)
         if len(sa) < 2 or len(sb) < 2:
             for v in (a, b):
-                self.pin_value(v, f"{node.name}: matmul with a vector")
+                self.pin_value(v, f"{where(node)}: matmul with a vector")
             return
         aa, ab = self.annotation(a), self.annotation(b)
         # contracted dimension: a[-1] with b[-2]
@@ -539,7 +546,7 @@ class _Analyzer:
             self.union(ca.segments[0][0], cb.segments[0][0])
         elif ca is not None or cb is not None:
             for v in (a, b):
-                self.pin_value(v, f"{node.name}: matmul contracts over channels it cannot couple")
+                self.pin_value(v, f"{where(node)}: matmul contracts over channels it cannot couple")
         out: dict[int, _Ann] = {}
         for d in range(len(so) - 2):  # broadcast batch dims
             da, db = d - (len(so) - len(sa)), d - (len(so) - len(sb))
