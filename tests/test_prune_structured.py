@@ -272,7 +272,7 @@ def test_an_unknown_op_leaves_its_channels_unpruned_with_a_warning():
             return self.fc3(F.relu(self.fc2(h)))
 
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="fc1 .*consumed by unsupported op cumsum"):
+    with pytest.warns(UserWarning, match="fc1 .*consumed by cumsum, an operation the analysis does not know"):
         pruned, notes = prune_channels(CumsumNet().eval(), X, 0.5)
     assert (pruned.fc1.out_features, pruned.fc2.out_features) == (16, 8)
     assert "fc1" in notes["pinned"]
@@ -325,3 +325,33 @@ def test_branches_only_training_runs_are_pruned_with_the_trunk():
     assert pruned.conv1.out_channels == 8 and pruned.aux.in_features == 8  # the auxiliary head reads 8 now
     logits, aux = pruned.train()(X)  # and the pruned model still trains
     assert logits.shape == aux.shape == (8, 10)
+
+
+def test_global_scope_ranks_channels_across_groups():
+    """ratio of all channels, least important first across groups, at most max_ratio of any one group."""
+    torch.manual_seed(0)
+    model = InPlaceActivations().eval()
+    with torch.no_grad():
+        model.conv1.weight[4:] *= 1e-3  # 12 of conv1's 16 channels barely matter; conv2's all do
+    pruned, notes = prune_channels(model, X, 0.5, scope="global", max_ratio=0.75)
+    assert (pruned.conv1.out_channels, pruned.conv2.out_channels) == (4, 12)  # 16 of 32 removed; conv1 capped at 12
+    assert notes["reached"]["scope"] == "global" and notes["reached"]["requested_ratio"] == 0.5
+    layered, layer_notes = prune_channels(model, X, 0.5)
+    assert (layered.conv1.out_channels, layered.conv2.out_channels) == (8, 8)
+    params = layer_notes["reached"]["params"]
+    assert params == [sum(p.numel() for p in m.parameters()) for m in (model, layered)]
+    assert layer_notes["reached"]["macs_kept"] < 0.5
+
+
+def test_global_structured_pruning_in_a_stage_reloads(tmp_path, digits):
+    from slimkit import load, run_recipe, parse_recipe, save
+
+    save(new_model("resnet8", input_shape=[1, 8, 8], num_classes=10, data="digits"), tmp_path / "m")
+    recipe = parse_recipe({"model": {"path": str(tmp_path / "m")}, "evaluate": {"latency": False},
+                           "stages": [{"type": "prune", "structured": True, "scope": "global", "sparsity": 0.5}]})
+    report = run_recipe(recipe, tmp_path / "r", progress=False)
+    reached = report["stages"][1]["notes"]["prune"]["reached"]
+    assert reached["scope"] == "global" and reached["params"][1] == report["final"]["params"]
+    again = load(tmp_path / "r")
+    assert torch.equal(again(digits.x_test), load(tmp_path / "r" / "stages" / "00-prune" / "model")(digits.x_test))
+    assert "requested: 50% of the channels overall" in (tmp_path / "r" / "report.html").read_text()

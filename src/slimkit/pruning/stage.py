@@ -36,6 +36,7 @@ class PruneStage(Stage, PruneConfig):
     agp_every: int = Field(10, ge=1)
     agp_ramp: float = Field(0.75, gt=0, le=1)
     structured: bool = False
+    max_group_sparsity: float = Field(0.9, gt=0, lt=1)  # structured, scope global: at most this much of a group
     allocate: Literal["uniform", "sensitivity"] = "uniform"
     finetune: RecoveryConfig = RecoveryConfig()
 
@@ -43,8 +44,8 @@ class PruneStage(Stage, PruneConfig):
     def _consistent(self) -> "PruneStage":
         if self.schedule != "one-shot" and self.finetune.epochs == 0:
             raise ValueError(f"schedule {self.schedule!r} prunes while training: set finetune.epochs > 0")
-        if self.structured and (self.nm or self.scope == "global" or self.schedule == "agp" or self.layer_sparsity):
-            raise ValueError("structured pruning takes one ratio per group: no nm, global scope, agp or layer_sparsity")
+        if self.structured and (self.nm or self.schedule == "agp" or self.layer_sparsity):
+            raise ValueError("structured pruning takes one ratio (per group, or global): no nm, agp or layer_sparsity")
         if self.allocate == "sensitivity" and (self.structured or self.nm or self.scope == "global"):
             raise ValueError("allocate: sensitivity sets per-layer sparsities: not with structured, nm or global")
         return self
@@ -94,6 +95,7 @@ class PruneStage(Stage, PruneConfig):
         steps = self.steps if self.schedule == "iterative" else 1
         per_step = 1 - (1 - self.sparsity) ** (1 / steps)  # equal fractions compound to the target
         kwargs = dict(include=self.include, exclude=self.exclude, loss_fn=task.loss_fn, seed=self.seed,
+                      scope=self.scope, max_ratio=self.max_group_sparsity,
                       batches=task.train_batches(TrainConfig(seed=self.seed)) if self.method == "taylor" else None)
         notes = []
         for k in range(1, steps + 1):

@@ -55,6 +55,7 @@ class PruneChannelsStep(StepSchema):
     op: Literal["prune-channels"] = PLAN_OP
     method: str
     ratio: float
+    scope: Literal["layer", "global"] = "layer"
     groups: list[PlannedGroup]
 
 
@@ -133,8 +134,18 @@ def plan_channels(
     batches: Iterable[Batch] | None = None,
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    scope: str = "layer",
+    max_ratio: float = 0.9,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Choose the channels to keep in every prunable group; returns (plan step, report notes)."""
+    """Choose the channels to keep in every prunable group; returns (plan step, report notes).
+
+    ``scope="layer"`` removes ``ratio`` of every group's channels; ``"global"`` removes ``ratio`` of all
+    channels, the least important first across groups (scores compared relative to each group's mean), at
+    most ``max_ratio`` of any one group and never its last block."""
+    if scope not in ("layer", "global"):
+        raise SlimkitError(f"structured pruning scope must be layer or global, got {scope!r}")
+    if not 0 < max_ratio < 1:
+        raise SlimkitError(f"max_ratio must be in (0, 1), got {max_ratio}")
     if method not in STRUCTURED_METHODS:
         raise SlimkitError(f"unknown importance {method!r}; choose one of {', '.join(STRUCTURED_METHODS)}")
     if not 0 <= ratio < 1:
@@ -150,7 +161,7 @@ def plan_channels(
             raise SlimkitError("taylor importance needs a few batches of training data")
         grads = gradient_magnitudes(model, batches, loss_fn or nn.CrossEntropyLoss())
     generator = torch.Generator().manual_seed(seed)
-    planned, skipped, selected = [], {}, []
+    skipped, selected, block_scores = {}, [], []
     for group in groups:
         reason = _not_selected(group, include or ["*"], exclude or [])
         if reason is not None:
@@ -158,10 +169,16 @@ def plan_channels(
             continue
         selected.append(group)
         per_part = group.size // group.block // group.parts  # blocks in each part
-        remove = min(int(ratio * per_part), per_part - 1)
         scores = group_scores(model, group, method, grads, generator)
-        block_scores = scores.reshape(group.parts, per_part, group.block).sum(2)
-        kept = torch.sort(torch.argsort(block_scores, dim=1, descending=True, stable=True)[:, : per_part - remove]).values
+        block_scores.append(scores.reshape(group.parts, per_part, group.block).sum(2))
+    if scope == "global":
+        removals = _global_removals(block_scores, [g.block * g.parts for g in selected], ratio, max_ratio)
+    else:
+        removals = [min(int(ratio * scores.shape[1]), scores.shape[1] - 1) for scores in block_scores]
+    planned = []
+    for group, scores, remove in zip(selected, block_scores, removals):
+        per_part = scores.shape[1]
+        kept = torch.sort(torch.argsort(scores, dim=1, descending=True, stable=True)[:, : per_part - remove]).values
         kept_blocks = (kept + per_part * torch.arange(group.parts)[:, None]).reshape(-1)
         keep = (kept_blocks[:, None] * group.block + torch.arange(group.block)[None, :]).reshape(-1)
         planned.append({
@@ -169,6 +186,8 @@ def plan_channels(
             "members": [[m.tensor, m.dim, m.rep, m.offset, m.role, m.groups] for m in group.members],
         })
     step = {"op": PLAN_OP, "method": method, "ratio": ratio, "groups": planned}
+    if scope == "global":
+        step["scope"] = "global"
     notes = {"groups": [{"channels": g.describe(), "kept": len(p["keep"])} for g, p in zip(selected, planned)],
              "skipped": skipped, "pinned": pinned}
     return step, notes
@@ -258,6 +277,27 @@ def _resync(module: nn.Module) -> None:
         module.normalized_shape = (module.weight.shape[0],)
 
 
+def _global_removals(block_scores: list[torch.Tensor], widths: list[int], ratio: float, max_ratio: float) -> list[int]:
+    """Blocks to remove from each part of each group so that ``ratio`` of all channels go, least important first
+    across groups. A block index is removed from every part of its group at once, ranked by its mean over the
+    parts; scores are compared relative to their group's mean, since groups score on different scales."""
+    candidates = []
+    for g, scores in enumerate(block_scores):
+        per_block = scores.mean(0)
+        relative = (per_block / per_block.mean().clamp_min(1e-12)).tolist()
+        candidates += [(value, g) for value in sorted(relative)]
+    caps = [min(int(max_ratio * scores.shape[1]), scores.shape[1] - 1) for scores in block_scores]
+    target = ratio * sum(width * scores.shape[1] for width, scores in zip(widths, block_scores))
+    counts, removed = [0] * len(block_scores), 0
+    for _, g in sorted(candidates, key=lambda c: c[0]):  # (each group's own values arrive in ascending order)
+        if removed >= target:
+            break
+        if counts[g] < caps[g]:
+            counts[g] += 1
+            removed += widths[g]
+    return counts
+
+
 def prune_channels(
     model: nn.Module,
     example: torch.Tensor,
@@ -293,7 +333,19 @@ def prune_channels(
     meta = getattr(candidate, "slimkit_meta", None)
     if meta is not None:
         candidate.slimkit_meta = {**meta, "plan": [*meta.get("plan", []), step]}
+    notes["reached"] = _reached(model, candidate, example, ratio, kw.get("scope", "layer"))
     return candidate, notes
+
+
+def _reached(model: nn.Module, pruned: nn.Module, example: torch.Tensor, ratio: float, scope: str) -> dict[str, Any]:
+    """What was asked and what it came to: parameters and MACs before and after."""
+    from ..analyze import count_macs
+
+    shape = tuple(example.shape[1:])
+    params = [sum(p.numel() for p in m.parameters()) for m in (model, pruned)]
+    macs = [count_macs(m, shape)[0] for m in (model, pruned)]
+    return {"requested_ratio": ratio, "scope": scope, "params": params, "macs": macs,
+            "params_kept": params[1] / max(1, params[0]), "macs_kept": macs[1] / max(1, macs[0])}
 
 
 def _forward_error(model: nn.Module, example: torch.Tensor, expected: tuple[int, ...]) -> str | None:

@@ -143,11 +143,17 @@ def _structured_sections(stages: list[dict[str, Any]]) -> list[str]:
         for step in ([notes] if isinstance(notes, dict) else notes or []):
             if not isinstance(step, dict) or "groups" not in step:
                 continue
+            reached = step.get("reached")
+            summary = "" if not reached else (
+                f'<p class="note">requested: {100 * reached["requested_ratio"]:g}% of the channels '
+                f'{"of each group" if reached["scope"] == "layer" else "overall, least important first"}; '
+                f'reached: parameters {reached["params_kept"]:.3f}x ({reached["params"][0]:,} -> '
+                f'{reached["params"][1]:,}), MACs {reached["macs_kept"]:.3f}x</p>')
             rows = [[html.escape(g["channels"]), str(g["kept"]), "pruned"] for g in step["groups"]]
             rows += [[html.escape(group), "all", html.escape(reason)] for group, reason in step["skipped"].items()]
             rows += [[html.escape(group), "all", html.escape("; ".join(reasons))]
                      for group, reasons in step.get("pinned", {}).items()]
-            parts += [f"<h3>Channel groups of {html.escape(stage['name'])}</h3>",
+            parts += [f"<h3>Channel groups of {html.escape(stage['name'])}</h3>", summary,
                       _table(["channels (producing layers)", "kept", "decision"], rows, text=(2,))]
     return parts
 
