@@ -1,0 +1,577 @@
+"""Vision benchmark: torchvision architectures trained on real labels, then pruned (50% of channels), quantized
+(static int8) and both; accuracy at 32 px, speed at 224 px; against Torch-Pruning 1.6 and ONNX Runtime's
+``quantize_static``, in one run.
+
+1. Accuracy. Each architecture (random initialisation: no pretrained weights can be downloaded here) is trained
+   on digits resized to 32x32 and replicated to 3 channels (``digits:size=32,channels=3``, real labels,
+   1437/180/180 split... see ``slimkit.data``); cached in benchmarks/results/vision/NAME. Then: slimkit's
+   structured pruning at ratio 0.5 and Torch-Pruning's MetaPruner (L1 magnitude, classifier ignored) at the
+   same ratio, each fine-tuned for the same epochs; slimkit's static int8 (256 calibration images) and ONNX
+   Runtime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, MinMax) on the same images;
+   the pruned model quantized by both. Accuracy is on the test split, int8 accuracy from ONNX Runtime running
+   the exported file.
+2. Speed at 224x224, where these models are compute-bound: the trained weights (ViT's position embeddings
+   interpolated to 224) pruned and quantized again at 224 with 64 calibration images of the same data at 224
+   (latency does not depend on the weight values, and a user quantizes at the size they deploy). Every file
+   runs in ONNX Runtime with the same thread count in one process, batch 1 and 8, interleaved rounds: the
+   median of the rounds' medians, and its spread. Achieved MAC/s is compared with the peak GEMM throughput of
+   this CPU measured in the same run (ONNX Runtime MatMul fp32 and MatMulInteger u8 x s8, 2048x2048).
+
+Prints Markdown tables and writes benchmarks/results/vision.json.
+
+    python benchmarks/vision.py [--models resnet18,resnet50] [--all] [--epochs 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prune import finetune, torch_pruning_model
+from quant import ort_quantizers
+
+import slimkit
+from slimkit import Task, count_macs, count_params, load, load_data
+from slimkit.analyze.latency import ort_latency
+from slimkit.analyze.machine import machine_fingerprint
+from slimkit.data import calibration_subset
+from slimkit.export import export_onnx, ort_session, run_ort
+from slimkit.export.qdq import export_int8_verified, export_qdq, sqnr_db
+from slimkit.io import write_json_atomic
+from slimkit.models.vision import classification_models, import_torchvision
+from slimkit.pruning.structured import prune_channels
+from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+from slimkit.train import TrainConfig, build_seeded, train_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = (
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "vit_b_16",
+    "swin_t",
+)
+RATIO = 0.5
+SPEED_SIZE = 224
+MIN_SIZE = {
+    "inception_v3": 96,
+    "googlenet": 32,
+}  # smallest inputs their stems and pools accept
+FIXED_SIZE = (
+    "vit_",
+)  # built for one image size (position embeddings): trained at it, interpolated for speed
+
+
+def image_size(name: str) -> int:
+    return max(32, MIN_SIZE.get(name, 32))
+
+
+def arch(name: str, size: int) -> dict[str, Any]:
+    args: dict[str, Any] = {"num_classes": 10}
+    if name.startswith(FIXED_SIZE):
+        args["image_size"] = size
+    return {"torchvision": name, "args": args}
+
+
+def train_config(name: str, epochs: int) -> TrainConfig:
+    # transformers trained from scratch want a smaller step and a warm-up
+    if name.startswith(("vit_", "swin_", "maxvit")):
+        return TrainConfig(epochs=epochs, lr=3e-4, warmup_epochs=1, grad_clip=1.0)
+    return TrainConfig(epochs=epochs, lr=1e-3)
+
+
+def trained(name: str, task: Task, epochs: int) -> torch.nn.Module:
+    run = RESULTS / "vision" / name
+    if not (run / "model" / "slimkit.json").is_file():
+        model = build_seeded(arch(name, task.input_shape[-1]), 0, task)
+        train_model(
+            model, task, train_config(name, epochs), run, progress=False, overwrite=True
+        )
+    return load(run).eval()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def attempt(row: dict, key: str, fn: Callable[[], Any]) -> Any:
+    """Run one measurement; a failure is recorded in the row (and printed), never ends the run."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the benchmark reports whatever breaks, per architecture
+        row.setdefault("errors", {})[key] = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        )
+        print(f"  {row['model']} {key}: {row['errors'][key]}", flush=True)
+        traceback.print_exc(limit=2)
+        return None
+
+
+def file_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> float:
+    return float((run_ort(ort_session(path, threads), x).argmax(1) == y.numpy()).mean())
+
+
+def recovery(name: str, epochs: int) -> TrainConfig:
+    return train_config(name, epochs).model_copy(
+        update={"warmup_epochs": 0, "lr": train_config(name, 1).lr / 2}
+    )
+
+
+def accuracy_row(
+    name: str, splits, task: Task, args: argparse.Namespace
+) -> dict[str, Any]:
+    """fp32, pruned (slimkit and Torch-Pruning), int8 (slimkit and ONNX Runtime) and pruned+int8, at 32 px."""
+    model = trained(name, task, args.epochs)
+    example = splits.x_train[:8]
+    shape = task.input_shape
+    params, macs = count_params(model)[0], count_macs(model, shape)[0]
+    row: dict[str, Any] = {
+        "model": name,
+        "size": shape[-1],
+        "params": params,
+        "macs": macs,
+        "fp32": task.test_score(model),
+    }
+    ft = recovery(name, args.recovery_epochs)
+    x_test, y_test = splits.x_test, splits.y_test
+
+    def slimkit_pruned():
+        (pruned, notes), seconds = timed(lambda: prune_channels(model, example, RATIO))
+        out = {
+            "params_ratio": count_params(pruned)[0] / params,
+            "macs_ratio": count_macs(pruned, shape)[0] / macs,
+            "seconds": seconds,
+            "before_recovery": task.test_score(pruned),
+            "unpruned": {**notes["pinned"], **notes["skipped"]},
+        }
+        out["accuracy"] = task.test_score(finetune(pruned, task, ft).eval())
+        return pruned, out
+
+    def tp_pruned():
+        pruned, seconds = timed(lambda: torch_pruning_model(model, example, RATIO))
+        out = {
+            "params_ratio": count_params(pruned)[0] / params,
+            "macs_ratio": count_macs(pruned, shape)[0] / macs,
+            "seconds": seconds,
+            "before_recovery": task.test_score(pruned),
+        }
+        out["accuracy"] = task.test_score(finetune(pruned, task, ft).eval())
+        return out
+
+    ours = attempt(row, "slimkit prune", slimkit_pruned)
+    if ours is not None:
+        row["slimkit_pruned"] = ours[1]
+    row["tp_pruned"] = attempt(row, "Torch-Pruning", tp_pruned)
+    calib = calibration_subset(splits, 256, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for label, source in (
+            ("int8", model),
+            ("pruned_int8", ours[0] if ours else None),
+        ):
+            if source is None:
+                continue
+
+            def slimkit_int8(source=source, label=label):
+                (quantized, _), seconds = timed(
+                    lambda: quantize_static(source, calib, StaticQuantConfig())
+                )
+                path = tmp / f"{label}.onnx"
+                _, export_s = timed(
+                    lambda: export_int8_verified(
+                        quantized, path, x_test, reference=source
+                    )
+                )
+                return {
+                    "accuracy": file_accuracy(path, x_test, y_test, args.threads),
+                    "simulated": task.test_score(quantized),
+                    "seconds": seconds,
+                    "export_seconds": export_s,
+                }
+
+            def ort_int8(source=source, label=label):
+                fp32 = tmp / f"{label}-fp32.onnx"
+                export_onnx(source, fp32, x_test[:2], verify_on=x_test[:64])
+                out = tmp / f"ort-{label}"
+                out.mkdir()
+                files, seconds = timed(lambda: ort_quantizers(fp32, calib, out))
+                return {
+                    "accuracy": file_accuracy(
+                        files["ORT quantize_static"], x_test, y_test, args.threads
+                    ),
+                    "seconds": seconds,
+                }
+
+            row[f"slimkit_{label}"] = attempt(row, f"slimkit {label}", slimkit_int8)
+            row[f"ort_{label}"] = attempt(row, f"ORT {label}", ort_int8)
+    return row
+
+
+def at_speed_size(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The trained model at 224 px: the same module for size-agnostic networks; ViT rebuilt for 224 with its
+    position embeddings interpolated (torchvision's own helper)."""
+    if not name.startswith(FIXED_SIZE):
+        return copy.deepcopy(model).eval()
+    tv = import_torchvision()
+    big = tv.models.get_model(name, **arch(name, SPEED_SIZE)["args"])
+    state = tv.models.vision_transformer.interpolate_embeddings(
+        SPEED_SIZE, big.patch_size, model.state_dict()
+    )
+    big.load_state_dict(state)
+    return big.eval()
+
+
+def peak_gemm(threads: int, n: int = 2048) -> dict[str, float]:
+    """ONNX Runtime's fp32 MatMul and int8 MatMulInteger (u8 activations x s8 weights) on n x n x n: GMAC/s."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("fp32", "int8"):
+            if kind == "fp32":
+                a = rng.standard_normal((n, n), dtype=np.float32)
+                b = numpy_helper.from_array(
+                    rng.standard_normal((n, n), dtype=np.float32), "B"
+                )
+                node = helper.make_node("MatMul", ["A", "B"], ["Y"])
+                inputs, y = (
+                    [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+                    TensorProto.FLOAT,
+                )
+                inits = [b]
+            else:
+                a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+                b = numpy_helper.from_array(
+                    rng.integers(-127, 128, (n, n), dtype=np.int8), "B"
+                )
+                zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), "Z")
+                node = helper.make_node("MatMulInteger", ["A", "B", "Z"], ["Y"])
+                inputs, y = (
+                    [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+                    TensorProto.INT32,
+                )
+                inits = [b, zero]
+            graph = helper.make_graph(
+                [node],
+                kind,
+                inputs,
+                [helper.make_tensor_value_info("Y", y, [n, n])],
+                inits,
+            )
+            path = Path(tmp) / f"{kind}.onnx"
+            onnx.save(
+                helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                str(path),
+            )
+            session = ort_session(path, threads)
+            ms = ort_latency(session, torch.from_numpy(a), min_repeats=10).median_ms
+            out[kind] = n**3 / (ms / 1e3) / 1e9
+    return out
+
+
+def interleaved_latency(
+    files: dict[str, Path], batches: list[int], threads: int, rounds: int
+) -> dict[str, Any]:
+    """Median (and spread) over ``rounds`` of each file's median latency; the files take turns in every round."""
+    sessions = {label: ort_session(path, threads) for label, path in files.items()}
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {label: {} for label in files}
+    for batch in batches:
+        x = torch.randn(batch, 3, SPEED_SIZE, SPEED_SIZE, generator=gen)
+        samples: dict[str, list[float]] = {label: [] for label in files}
+        for _ in range(rounds):
+            for label, session in sessions.items():
+                samples[label].append(
+                    ort_latency(
+                        session, x, warmup=1, min_repeats=5, budget_s=1.0
+                    ).median_ms
+                )
+        for label, values in samples.items():
+            out[label][f"b{batch}"] = {
+                "median_ms": statistics.median(values),
+                "min_ms": min(values),
+                "max_ms": max(values),
+            }
+    return out
+
+
+def speed_row(
+    name: str, model: torch.nn.Module, big: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """fp32, pruned and int8 files at 224 px: export and quantization times, fidelity to fp32, latency."""
+    fp32_model = at_speed_size(name, model)
+    calib, test = calibration_subset(big, 64, seed=0), big.x_test[:32]
+    shape = (3, SPEED_SIZE, SPEED_SIZE)
+    row: dict[str, Any] = {
+        "model": name,
+        "macs": count_macs(fp32_model, shape)[0],
+        "seconds": {},
+    }
+    pruned = attempt(
+        row, "prune at 224", lambda: prune_channels(fp32_model, calib[:8], RATIO)[0]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files: dict[str, Path] = {}
+        for label, source in (("fp32", fp32_model), ("pruned", pruned)):
+            if source is None:
+                continue
+            prefix = "" if label == "fp32" else "pruned "
+            path = tmp / f"{label}.onnx"
+
+            def export(source=source, path=path, prefix=prefix):
+                _, seconds = timed(
+                    lambda: export_onnx(source, path, test[:2], verify_on=test[:8])
+                )
+                row["seconds"][f"{prefix}fp32 export"] = seconds
+                return path
+
+            if attempt(row, f"{label} export", export) is None:
+                continue
+            files[f"{prefix}fp32"] = path
+            row.setdefault("macs_of", {})[f"{prefix}fp32"] = count_macs(source, shape)[
+                0
+            ]
+
+            def slimkit_int8(source=source, label=label, prefix=prefix):
+                (quantized, _), seconds = timed(
+                    lambda: quantize_static(source, calib, StaticQuantConfig())
+                )
+                qpath = tmp / f"{label}-int8.onnx"
+                _, export_s = timed(lambda: export_qdq(quantized, qpath, test[:2]))
+                row["seconds"][f"{prefix}slimkit quantize"] = seconds
+                row["seconds"][f"{prefix}slimkit int8 export"] = export_s
+                files[f"{prefix}slimkit int8"] = qpath
+
+            def ort_int8(path=path, label=label, prefix=prefix):
+                out = tmp / f"ort-{label}"
+                out.mkdir()
+                made, seconds = timed(lambda: ort_quantizers(path, calib, out))
+                row["seconds"][f"{prefix}ORT quantize_static + quantize_dynamic"] = (
+                    seconds
+                )
+                files[f"{prefix}ORT int8"] = made["ORT quantize_static"]
+                if label == "fp32":
+                    files["ORT dynamic int8"] = made["ORT quantize_dynamic"]
+
+            attempt(row, f"{prefix}slimkit int8", slimkit_int8)
+            attempt(row, f"{prefix}ORT int8", ort_int8)
+        row["file_bytes"] = {
+            label: path.stat().st_size for label, path in files.items()
+        }
+        reference = (
+            run_ort(ort_session(files["fp32"], args.threads), test)
+            if "fp32" in files
+            else None
+        )
+        if reference is not None:
+            row["sqnr_db_vs_fp32"] = {
+                label: sqnr_db(
+                    reference, run_ort(ort_session(path, args.threads), test)
+                )
+                for label, path in files.items()
+                if "pruned" not in label
+            }
+        row["latency"] = interleaved_latency(files, [1, 8], args.threads, args.rounds)
+    return row
+
+
+def ratio(row: dict, label: str, batch: str) -> str:
+    lat = row.get("latency", {})
+    if label not in lat or "fp32" not in lat:
+        return "-"
+    return f"{lat[label][batch]['median_ms'] / lat['fp32'][batch]['median_ms']:.2f}x"
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def print_tables(
+    acc: list[dict], speed: list[dict], peak: dict[str, float], args: argparse.Namespace
+) -> None:
+    print(
+        f"\n### Accuracy on real labels (digits at 32 px, 3 channels; test split), ratio {RATIO}, "
+        f"{args.recovery_epochs} recovery epochs for both pruners\n"
+    )
+    print(
+        "| model | params | fp32 | slimkit pruned: params, MACs, acc | Torch-Pruning: params, MACs, acc "
+        "| slimkit int8 | ORT int8 | slimkit pruned+int8 | ORT pruned+int8 |"
+    )
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|")
+    for r in acc:
+
+        def pruned(p):
+            return (
+                "failed"
+                if not p
+                else (
+                    f"{p['params_ratio']:.3f}x, {p['macs_ratio']:.3f}x, "
+                    f"{pct(p['accuracy'])}"
+                )
+            )
+
+        def acc_of(key, r=r):
+            return pct((r.get(key) or {}).get("accuracy"))
+
+        print(
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {pct(r['fp32'])} | {pruned(r.get('slimkit_pruned'))} "
+            f"| {pruned(r.get('tp_pruned'))} | {acc_of('slimkit_int8')} | {acc_of('ort_int8')} "
+            f"| {acc_of('slimkit_pruned_int8')} | {acc_of('ort_pruned_int8')} |"
+        )
+    print("\n### Quantization time at 32 px (256 calibration images; seconds)\n")
+    print(
+        "| model | slimkit quantize | slimkit export + verify | ORT quantize_static + quantize_dynamic |"
+    )
+    print("|---|---:|---:|---:|")
+    for r in acc:
+        s, o = r.get("slimkit_int8") or {}, r.get("ort_int8") or {}
+        print(
+            f"| {r['model']} | {s.get('seconds', float('nan')):.1f} | {s.get('export_seconds', float('nan')):.1f} "
+            f"| {o.get('seconds', float('nan')):.1f} |"
+        )
+    print(
+        f"\n### Speed at {SPEED_SIZE}x{SPEED_SIZE}: ONNX Runtime, {args.threads} threads, latency ratio to fp32 "
+        f"(median of {args.rounds} interleaved rounds)\n"
+    )
+    print(
+        f"Peak GEMM here: fp32 {peak['fp32']:.0f} GMAC/s, int8 {peak['int8']:.0f} GMAC/s "
+        f"({peak['int8'] / peak['fp32']:.1f}x).\n"
+    )
+    labels = [
+        "slimkit int8",
+        "ORT int8",
+        "ORT dynamic int8",
+        "pruned fp32",
+        "pruned slimkit int8",
+        "pruned ORT int8",
+    ]
+    print(
+        "| model | GMACs | fp32 ms b1 / b8 | "
+        + " | ".join(f"{label} b1 / b8" for label in labels)
+        + " | int8 GMAC/s b8 (% of int8 peak) | SQNR to fp32: slimkit / ORT static / ORT dynamic |"
+    )
+    print("|---|---:|---:|" + "---:|" * len(labels) + "---:|---:|")
+    for r in speed:
+        lat = r.get("latency", {})
+        fp32 = lat.get("fp32", {})
+        base = (
+            f"{fp32['b1']['median_ms']:.1f} / {fp32['b8']['median_ms']:.1f}"
+            if fp32
+            else "-"
+        )
+        achieved = "-"
+        if "slimkit int8" in lat:
+            rate = 8 * r["macs"] / (lat["slimkit int8"]["b8"]["median_ms"] / 1e3) / 1e9
+            achieved = f"{rate:.0f} ({100 * rate / peak['int8']:.0f}%)"
+        sq = r.get("sqnr_db_vs_fp32", {})
+        sqnr = " / ".join(
+            f"{sq[k]:.1f}" if k in sq else "-"
+            for k in ("slimkit int8", "ORT int8", "ORT dynamic int8")
+        )
+        print(
+            f"| {r['model']} | {r['macs'] / 1e9:.2f} | {base} | "
+            + " | ".join(
+                f"{ratio(r, label, 'b1')} / {ratio(r, label, 'b8')}" for label in labels
+            )
+            + f" | {achieved} | {sqnr} |"
+        )
+    print(
+        "\n### Time to export and quantize at 224 px (64 calibration images; seconds)\n"
+    )
+    keys = [
+        "fp32 export",
+        "slimkit quantize",
+        "slimkit int8 export",
+        "ORT quantize_static + quantize_dynamic",
+    ]
+    print("| model | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for r in speed:
+        s = r.get("seconds", {})
+        print(
+            f"| {r['model']} | "
+            + " | ".join(f"{s[k]:.1f}" if k in s else "-" for k in keys)
+            + " |"
+        )
+    failures = [
+        (r["model"], k, v)
+        for r in (*acc, *speed)
+        for k, v in r.get("errors", {}).items()
+    ]
+    if failures:
+        print("\nFailures:\n")
+        for model, key, message in failures:
+            print(f"- {model}, {key}: {message}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every torchvision classification architecture",
+    )
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--recovery-epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+    names = classification_models() if args.all else args.models.split(",")
+    torch.set_num_threads(args.threads)
+    peak = peak_gemm(args.threads)
+    print(f"peak GEMM: {peak}", flush=True)
+    big = None if args.skip_speed else load_data(f"digits:size={SPEED_SIZE},channels=3")
+    acc_rows, speed_rows = [], []
+    for name in names:
+        splits = load_data(f"digits:size={image_size(name)},channels=3")
+        task = Task.classification(splits)
+        row = {"model": name}
+        acc = attempt(row, "accuracy", partial(accuracy_row, name, splits, task, args))
+        acc_rows.append(acc or row)
+        print(f"accuracy {name}: {acc_rows[-1]}", flush=True)
+        if big is not None:
+            srow = {"model": name}
+            speed = attempt(
+                srow,
+                "speed",
+                partial(speed_row, name, trained(name, task, args.epochs), big, args),
+            )
+            speed_rows.append(speed or srow)
+            print(f"speed {name}: {speed_rows[-1]}", flush=True)
+        write_json_atomic(
+            RESULTS / "vision.json",
+            {
+                "slimkit_version": slimkit.__version__,
+                "machine": machine_fingerprint(args.threads),
+                "threads": args.threads,
+                "peak_gemm_gmacs": peak,
+                "accuracy": acc_rows,
+                "speed": speed_rows,
+            },
+        )
+    print_tables(acc_rows, speed_rows, peak, args)
+
+
+if __name__ == "__main__":
+    main()
