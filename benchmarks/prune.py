@@ -106,7 +106,7 @@ def torch_pruning_model(model: nn.Module, example: torch.Tensor, ratio: float) -
     import torch_pruning as tp
 
     model = copy.deepcopy(model).eval()
-    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]  # squeezenet: a conv
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=ratio, ignored_layers=[classifier])
     pruner.step()

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -521,6 +524,157 @@ def print_tables(
             print(f"- {model}, {key}: {message}")
 
 
+SWEEP_SIZE = 64
+SWEEP_SIZES = {
+    "inception_v3": 96,
+    "maxvit_t": 224,
+    "vit_h_14": 56,
+}  # what their stems and patch sizes accept
+
+
+def sweep_one(name: str) -> dict[str, Any]:
+    """One architecture, random weights (BatchNorm statistics from a few batches): pruned at 0.5 by slimkit and
+    by Torch-Pruning, and the dense and pruned models exported to fp32 and int8 ONNX, each verified."""
+    from slimkit.export.qdq import deployed_is_faithful
+    from slimkit.models.vision import build_torchvision
+
+    size = SWEEP_SIZES.get(name, SWEEP_SIZE)
+    torch.manual_seed(0)
+    model = build_torchvision(name, arch(name, size)["args"])
+    x = torch.randn(16, 3, size, size)
+    model.train()
+    with torch.no_grad():
+        for i in range(3):
+            model(x[4 * i : 4 * i + 4])
+    model.eval()
+    shape = (3, size, size)
+    params, macs = count_params(model)[0], count_macs(model, shape)[0]
+    row: dict[str, Any] = {
+        "model": name,
+        "size": size,
+        "params": params,
+        "macs": macs,
+        "exports": {},
+    }
+
+    def slimkit_prune():
+        (pruned, notes), seconds = timed(lambda: prune_channels(model, x[:4], RATIO))
+        row["slimkit"] = {
+            "params_ratio": count_params(pruned)[0] / params,
+            "macs_ratio": count_macs(pruned, shape)[0] / macs,
+            "seconds": seconds,
+            "unpruned": {**notes["pinned"], **notes["skipped"]},
+        }
+        return pruned
+
+    def tp_prune():
+        pruned, seconds = timed(lambda: torch_pruning_model(model, x[:4], RATIO))
+        with torch.no_grad():
+            pruned(x[:2])
+        row["torch_pruning"] = {
+            "params_ratio": count_params(pruned)[0] / params,
+            "seconds": seconds,
+        }
+
+    pruned = attempt(row, "slimkit prune", slimkit_prune)
+    attempt(row, "Torch-Pruning", tp_prune)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, source in (("dense", model), ("pruned", pruned)):
+            if source is None:
+                continue
+
+            def fp32(source=source, label=label):
+                result, seconds = timed(
+                    lambda: export_onnx(
+                        source, Path(tmp) / f"{label}.onnx", x[:2], verify_on=x
+                    )
+                )
+                row["exports"][f"{label} fp32"] = {
+                    "max_abs_diff": result.max_abs_diff,
+                    "allowed": result.allowed_diff,
+                    "seconds": seconds,
+                }
+
+            def int8(source=source, label=label):
+                (quantized, _), seconds = timed(
+                    lambda: quantize_static(source, x, StaticQuantConfig())
+                )
+                path = Path(tmp) / f"{label}-int8.onnx"
+                check, export_s = timed(
+                    lambda: export_int8_verified(quantized, path, x, reference=source)
+                )
+                row["exports"][f"{label} int8"] = {
+                    "sqnr_db": check["deployed_vs_reference"]["sqnr_db"],
+                    "simulation_sqnr_db": check["simulation_vs_reference"]["sqnr_db"],
+                    "faithful": deployed_is_faithful(check),
+                    "seconds": seconds + export_s,
+                }
+
+            attempt(row, f"{label} fp32 export", fp32)
+            attempt(row, f"{label} int8 export", int8)
+    return row
+
+
+def sweep(names: list[str], timeout_s: int) -> list[dict[str, Any]]:
+    """Each architecture in its own process: one that exhausts memory or hangs is recorded, not fatal."""
+    rows = []
+    for name in names:
+        try:
+            done = subprocess.run(
+                [sys.executable, __file__, "--sweep-one", name],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            row = (
+                json.loads(lines[-1])
+                if done.returncode == 0 and lines
+                else {
+                    "model": name,
+                    "errors": {
+                        "process": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
+                    },
+                }
+            )
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "errors": {"process": f"over {timeout_s} s"}}
+        rows.append(row)
+        print(f"sweep {name}: {json.dumps(row)[:600]}", flush=True)
+    return rows
+
+
+def print_sweep(rows: list[dict[str, Any]]) -> None:
+    def export(row, key):
+        done = row.get("exports", {}).get(key)
+        if done is None:
+            return "failed" if f"{key} export" in row.get("errors", {}) else "-"
+        return f"ok ({done['sqnr_db']:.1f} dB)" if "sqnr_db" in done else "ok"
+
+    def params(pruned):
+        return f"{pruned['params_ratio']:.3f}x" if pruned else "failed"
+
+    print(
+        f"\n### Every torchvision classifier: random weights at {SWEEP_SIZE} px (or the size it needs), pruned at "
+        f"{RATIO}, exported and verified\n"
+    )
+    print(
+        "| model | params | slimkit pruned params | Torch-Pruning pruned params | fp32 ONNX dense / pruned "
+        "| int8 ONNX dense / pruned (SQNR to fp32) |"
+    )
+    print("|---|---:|---:|---:|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r.get('params', 0) / 1e6:.1f}M | {params(r.get('slimkit'))} "
+            f"| {params(r.get('torch_pruning'))} | {export(r, 'dense fp32')} / {export(r, 'pruned fp32')} "
+            f"| {export(r, 'dense int8')} / {export(r, 'pruned int8')} |"
+        )
+    for r in rows:
+        for key, message in r.get("errors", {}).items():
+            print(f"- {r['model']}, {key}: {message}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -536,7 +690,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead: every architecture (or --models) pruned and exported with random weights",
+    )
+    parser.add_argument("--sweep-one", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-timeout", type=int, default=1800)
     args = parser.parse_args()
+    if args.sweep_one:
+        print(json.dumps(sweep_one(args.sweep_one)))
+        return
+    if args.sweep:
+        rows = sweep(
+            classification_models()
+            if args.all or args.models == ",".join(MODELS)
+            else args.models.split(","),
+            args.sweep_timeout,
+        )
+        write_json_atomic(
+            RESULTS / "vision-sweep.json",
+            {"slimkit_version": slimkit.__version__, "rows": rows},
+        )
+        print_sweep(rows)
+        return
     names = classification_models() if args.all else args.models.split(",")
     torch.set_num_threads(args.threads)
     peak = peak_gemm(args.threads)

@@ -13,7 +13,7 @@ from torch import nn
 from slimkit import SlimkitError, calibration_subset
 from slimkit.export import export_onnx
 from slimkit.export.qdq import (
-    activations_in_float, compare_with_runtime, deployed_is_faithful, export_int8_verified, sqnr_db,
+    activations_in_float, compare_with_runtime, deployed_is_faithful, export_int8_verified, export_qdq, sqnr_db,
 )
 from slimkit.quant.ptq import StaticQuantConfig, quantize_static
 
@@ -111,3 +111,58 @@ def test_folding_a_batchnorm_that_is_more_than_one_is_refused_by_name(digits):
     quantized, step = quantize_static(model, calib, StaticQuantConfig(fold_bn=False))
     assert step["folded_batchnorm"] == []
     assert sqnr_db(model(digits.x_test).detach().numpy(), quantized(digits.x_test).detach().numpy()) > 20
+
+
+def _damage_weight(path, out, layer_index: int) -> tuple[int, ...]:
+    """Zero a quarter of the output channels of the file's ``layer_index``-th int8 conv weight."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    convs = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    target = convs[layer_index]
+    codes = numpy_helper.to_array(target).copy()
+    codes[: codes.shape[0] // 4] = 0
+    target.CopyFrom(numpy_helper.from_array(codes, target.name))
+    onnx.save(proto, str(out))
+    return tuple(target.dims)
+
+
+def test_layer_diff_finds_where_a_file_parts_from_the_simulation(tmp_path, digits, briefly_trained):
+    from slimkit.export import first_divergence, int8_layer_diff
+
+    quantized, _ = quantize_static(briefly_trained("resnet8"), calibration_subset(digits, 128))
+    export_qdq(quantized, tmp_path / "q.onnx", digits.x_test[:2])
+    x = digits.x_test[:32]
+    clean = int8_layer_diff(quantized, tmp_path / "q.onnx", x)
+    assert len(clean) == sum(n.target is torch.fake_quantize_per_tensor_affine for n in quantized.graph.nodes)
+    assert first_divergence(clean) is None and max(r["max_steps"] for r in clean) <= 2
+    assert clean[0]["quantizer"] == "input of stem.0"
+    convs = [str(n.args[1].args[0].target).rpartition(".")[0]  # conv <- weight quantizer <- weight
+             for n in quantized.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    for index in (1, 4):
+        _damage_weight(tmp_path / "q.onnx", tmp_path / "bad.onnx", index)
+        first = first_divergence(int8_layer_diff(quantized, tmp_path / "bad.onnx", x))
+        assert first is not None and first["quantizer"].startswith(f"output of {convs[index]}")
+        assert first["max_steps"] >= 8
+    other, _ = quantize_static(briefly_trained("mobilenetv2"), calibration_subset(digits, 64))
+    with pytest.raises(SlimkitError, match="not exported from this model"):
+        int8_layer_diff(other, tmp_path / "q.onnx", x)
+
+
+def test_a_refused_int8_export_names_the_layer_where_it_parts(tmp_path, digits, briefly_trained, monkeypatch):
+    from slimkit.export import qdq
+
+    quantized, _ = quantize_static(briefly_trained("resnet8"), calibration_subset(digits, 128))
+    original = qdq.export_qdq
+
+    def damaged(model, path, sample, opset=18):
+        original(model, path, sample, opset)
+        _damage_weight(path, path, 2)
+        return path
+
+    monkeypatch.setattr(qdq, "export_qdq", damaged)
+    with pytest.raises(SlimkitError, match=r"worse than slimkit's simulation.*the codes part at the output of "
+                                           r"\S+ \(\d+\.\d% differ, up to \d+ steps; slimkit diff-int8"):
+        qdq.export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test)
+    assert not (tmp_path / "q.onnx").exists()

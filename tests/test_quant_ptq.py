@@ -1,4 +1,5 @@
 import json
+import json
 import subprocess
 import sys
 
@@ -116,6 +117,15 @@ def test_quantize_recipe_and_cli(trained_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "slimkit", "export", str(tmp_path / "r"), "--format", "onnx",
                            "--out", str(tmp_path / "x.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2 and "use --format onnx-int8" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "slimkit", "diff-int8", str(tmp_path / "r"),
+                           str(tmp_path / "r" / "model-int8.onnx"), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    diff = json.loads(proc.stdout)
+    assert diff["first_divergence"] is None and [r["quantizer"] for r in diff["layers"]][0] == "input of fc1"
+    assert len(diff["layers"]) == 4 and all(r["max_steps"] <= 1 for r in diff["layers"])
+    proc = subprocess.run([sys.executable, "-m", "slimkit", "diff-int8", str(tmp_path / "r"),
+                           str(tmp_path / "r" / "report.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a readable ONNX file" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "slimkit", "quantize", str(trained_run), "--calib", "64",
                            "--no-latency", "--no-progress", "--out", str(tmp_path / "c")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

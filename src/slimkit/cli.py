@@ -237,6 +237,41 @@ def export(
                f"samples: max abs diff {result.max_abs_diff:.2e}")
 
 
+@app.command("diff-int8")
+def diff_int8(
+    path: Path = typer.Argument(..., help="quantized model directory or run directory"),
+    onnx_file: Path = typer.Argument(..., help="an int8 ONNX file exported from that model"),
+    data: Optional[str] = DataOpt,
+    samples: int = typer.Option(16, "--samples", min=1, max=1024, help="test inputs to compare on"),
+    arch: Optional[str] = ArchOpt,
+    trust_code: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Where an int8 file parts from slimkit's simulation: every activation quantizer's int8 codes compared,
+    in graph order, and the first layer whose codes jump away from rounding noise."""
+    import torch
+
+    from .export.layer_diff import first_divergence, int8_layer_diff
+    from .quant.ptq import is_quantized
+
+    model, splits = _load_for_data(path, arch, trust_code, data)
+    if not is_quantized(model):
+        raise SlimkitError(f"{path} is a float model; diff-int8 compares a quantized model with its int8 file")
+    if splits is not None:
+        inputs = splits.x_test[:samples]
+    else:
+        inputs = torch.randn(samples, *_input_shape(model, splits), generator=torch.Generator().manual_seed(0))
+    rows = int8_layer_diff(model, onnx_file, inputs)
+    first = first_divergence(rows)
+    if as_json:
+        typer.echo(json.dumps({"layers": rows, "first_divergence": first}, indent=2))
+        return
+    print_table(f"int8 codes of {onnx_file} vs slimkit's simulation ({len(inputs)} samples)",
+                ["activation quantizer", "codes differing", "max steps"],
+                [[r["quantizer"], f"{100 * r['codes_differ']:.3f}%", str(r["max_steps"])] for r in rows])
+    typer.echo(f"first divergence: {first['quantizer']}" if first else "no layer diverges beyond rounding noise")
+
+
 @app.command()
 def prune(
     path: Path = typer.Argument(..., help="model directory or run directory (never modified)"),

@@ -409,5 +409,20 @@ def export_int8_verified(model: torch.nn.Module, path: str | os.PathLike, inputs
                 f"{check['reference']}, ONNX Runtime reaches SQNR {dep['sqnr_db']:.1f} dB and top-1 agreement "
                 f"{dep['top1_agreement']:.4f}, the simulation {sim['sqnr_db']:.1f} dB and {sim['top1_agreement']:.4f} "
                 f"(allowed: {SQNR_SLACK_DB:g} dB and {AGREEMENT_SLACK:g} less); against each other "
-                f"{check['sqnr_db']:.1f} dB and {check['top1_agreement']:.4f}")
+                f"{check['sqnr_db']:.1f} dB and {check['top1_agreement']:.4f}; {_where_it_parts(model, tmp, inputs)}")
     return check
+
+
+def _where_it_parts(model: torch.nn.Module, path: Path, inputs: torch.Tensor) -> str:
+    from .layer_diff import first_divergence, int8_layer_diff
+
+    if not isinstance(model, torch.fx.GraphModule):
+        return "slimkit diff-int8 compares the two layer by layer"
+    try:
+        first = first_divergence(int8_layer_diff(model, path, inputs[:16]))
+    except SlimkitError as exc:
+        return f"cannot compare layer by layer: {exc}"
+    if first is None:
+        return "no single layer diverges: rounding differences compound with depth"
+    return (f"the codes part at the {first['quantizer']} ({100 * first['codes_differ']:.1f}% differ, up to "
+            f"{first['max_steps']} steps; slimkit diff-int8 lists every layer)")
