@@ -29,6 +29,8 @@ def test_every_classification_architecture_is_listed_and_buildable_by_name(tv, t
     save(model, tmp_path / "m")
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(load(tmp_path / "m")(x), model(x))  # no trust_code: only a name from torchvision's list
+    regnet = new_model({"torchvision": "regnet_y_400mf", "args": {"num_classes": 10}})  # widths from torch ops
+    assert sum(p.numel() for p in regnet.parameters()) == 3_907_554 and regnet.eval()(x).shape == (2, 10)
     with pytest.raises(SlimkitError, match="unknown torchvision classification model 'fasterrcnn_resnet50_fpn'"):
         new_model({"torchvision": "fasterrcnn_resnet50_fpn"})
     with pytest.raises(SlimkitError, match="'weights' download from a hub"):

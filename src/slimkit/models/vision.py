@@ -52,10 +52,24 @@ def build_torchvision(name: str, args: dict[str, Any]) -> nn.Module:
         raise SlimkitError("torchvision 'weights' download from a hub; load your weights from a model file instead")
     models = import_torchvision().models
     try:
-        with torch.device("meta"):
-            params = sum(p.numel() for p in models.get_model(name, **args).parameters())
+        params = _parameters_on_meta(models, name, args)
         if params > MAX_MODEL_ELEMENTS:
             raise SlimkitError(f"torchvision {name} with arguments {echo(args)} would have {params:,} parameters")
-        return models.get_model(name, **args)
+        model = models.get_model(name, **args)
+        params = sum(p.numel() for p in model.parameters())
+        if params > MAX_MODEL_ELEMENTS:  # a builder the meta probe could not run
+            raise SlimkitError(f"torchvision {name} with arguments {echo(args)} has {params:,} parameters")
+        return model
     except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise SlimkitError(f"torchvision {name}: bad arguments {echo(args)} ({echo_text(str(exc))})") from None
+
+
+def _parameters_on_meta(models, name: str, args: dict[str, Any]) -> int:
+    """The parameter count, found without allocating (the size limit is checked before any memory is used);
+    0 when the builder computes with tensor values (RegNet derives its widths with torch ops), which the
+    meta device does not hold: only architecture-chosen sizes are at stake there, checked after building."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in models.get_model(name, **args).parameters())
+    except NotImplementedError:
+        return 0
