@@ -106,3 +106,46 @@ def test_train_a_torchvision_architecture_on_real_labels(tv, tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "r"), "--no-latency", "--json"]) == 0  # finds its data again
     result = json.loads(capsys.readouterr().out)
     assert result["accuracy"] > 0.5 and result["params"] == 11_181_642
+
+
+def attention_reference(mha, x: torch.Tensor) -> torch.Tensor:
+    """Self-attention in float64 from the module's tensors and its own head count (batch first)."""
+    w, b = mha.in_proj_weight.double(), mha.in_proj_bias.double()
+    q, k, v = (x.double() @ w.T + b).chunk(3, dim=-1)
+    heads = mha.num_heads
+
+    def split(t):
+        return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+    scores = split(q) @ split(k).transpose(-1, -2) / (q.shape[-1] // heads) ** 0.5
+    out = (scores.softmax(-1) @ split(v)).transpose(1, 2).flatten(2)
+    return out @ mha.out_proj.weight.double().T + mha.out_proj.bias.double()
+
+
+def test_vision_transformer_prunes_its_width_through_multi_head_attention(tv):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from slimkit.pruning.structured import apply_plan, prune_channels
+
+    def build():
+        torch.manual_seed(0)
+        return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                                 num_classes=10).eval()
+
+    model, x = build(), torch.randn(4, 3, 32, 32)
+    model.slimkit_meta = {"plan": []}  # where the step is recorded, to replay on a fresh model
+    pruned, notes = prune_channels(model, x, 0.5)
+    assert notes["reached"]["params_kept"] <= 0.30 and notes["reached"]["macs_kept"] <= 0.30
+    assert list(notes["pinned"]) == ["heads.head"] and notes["skipped"] == {}
+    mha = pruned.encoder.layers[0].self_attention
+    assert (mha.embed_dim, mha.num_heads, mha.head_dim) == (32, 4, 8) and pruned.hidden_dim == 32
+    assert tuple(mha.in_proj_weight.shape) == (96, 32) and tuple(pruned.class_token.shape) == (1, 1, 32)
+    tokens = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        got = mha(tokens, tokens, tokens, need_weights=False)[0]
+    assert torch.allclose(got.double(), attention_reference(mha, tokens), atol=1e-5)
+    replayed = apply_plan(build(), pruned.slimkit_meta["plan"][-1])
+    with torch.no_grad():
+        assert torch.equal(replayed(x), pruned(x))
+    pruned.train()
+    pruned(x).sum().backward()  # trains as well

@@ -140,6 +140,10 @@ class _Analyzer:
                               f"example input ({reason if trained is None else 'not reached'}): the pruned model "
                               "may fail in training mode; give a larger example input", stacklevel=4)
         self.graph = program.graph_module.graph
+        # nn.MultiheadAttention with one packed in-projection: its width is the model's, split across heads
+        self.attention = {name: m for name, m in model.named_modules()
+                          if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim}
+        self.attention_space: dict[str, int] = {}  # attention module -> the channel space its input width is in
         sig = program.graph_signature
         self.tensor_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         self.user_inputs = set(sig.user_inputs)
@@ -324,7 +328,47 @@ class _Analyzer:
         out[1] = _Ann(((out_space, out_channels),))
         self.ann[node] = out
 
+    def attention_linear(self, node) -> bool:
+        """``nn.MultiheadAttention``'s packed in-projection and its out-projection. Its inner width (q, k, v
+        per head) must equal its input width, so both lose the same channel indices: the input width's channel
+        c takes row c of q, k and v and column c of the out-projection, and every head loses the same number
+        (heads keep their count and become narrower; ``embed_dim`` and ``head_dim`` follow). Returns whether
+        ``node`` was one of the two."""
+        weight = self.param_name(node.args[1])
+        owner, _, attr = (weight or "").rpartition(".")
+        if attr == "in_proj_weight" and owner in self.attention:
+            mha, x = self.attention[owner], node.args[0]
+            ann = self.annotation(x).get(len(self.shape(x)) - 1)
+            if ann is None:
+                return True
+            if ann.role != "full" or ann.rep != 1 or len(ann.segments) != 1:
+                self.pin_value(x, f"{where(node)}: attention over concatenated or split channels")
+                return True
+            space = self.find(ann.segments[0][0])
+            self.add_member(ann, weight, 1, "in")
+            bias = self.param_name(node.args[2]) if len(node.args) > 2 else None
+            for k in range(3):  # q, k, v rows
+                self.spaces[space].members.append(Member(weight, 0, "out", 1, k * mha.embed_dim))
+                if bias:
+                    self.spaces[space].members.append(Member(bias, 0, "out", 1, k * mha.embed_dim))
+            self.spaces[space].parts = math.lcm(self.spaces[space].parts, mha.num_heads)
+            self.attention_space[owner] = space
+            return True
+        owner = owner.removesuffix(".out_proj")
+        if attr == "weight" and owner in self.attention:
+            produced = self.produce(node)
+            if produced is not None:
+                self.ann[node] = {len(self.shape(node)) - 1: _Ann(((produced[1], self.shape(node)[-1]),))}
+                if owner in self.attention_space:
+                    self.spaces[self.find(self.attention_space[owner])].members.append(Member(weight, 1, "in"))
+                else:
+                    self.pin(produced[1], f"in {owner}: attention whose input width the analysis cannot follow")
+            return True
+        return False
+
     def op_linear(self, node) -> None:
+        if self.attention_linear(node):
+            return
         x = node.args[0]
         produced = self.produce(node)
         if produced is None:

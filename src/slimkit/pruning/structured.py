@@ -275,6 +275,11 @@ def _resync(module: nn.Module) -> None:
         module.num_features = source.shape[0]
     elif isinstance(module, nn.LayerNorm):
         module.normalized_shape = (module.weight.shape[0],)
+    elif isinstance(module, nn.MultiheadAttention):  # heads keep their count and become narrower
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+        module.head_dim = module.embed_dim // module.num_heads
+    elif type(module).__name__ == "VisionTransformer" and hasattr(module, "conv_proj"):
+        module.hidden_dim = module.conv_proj.weight.shape[0]  # torchvision's ViT reshapes patches with it
 
 
 def _global_removals(block_scores: list[torch.Tensor], widths: list[int], ratio: float, max_ratio: float) -> list[int]:
