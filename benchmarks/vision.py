@@ -3,8 +3,8 @@
 ``quantize_static``, in one run.
 
 1. Accuracy. Each architecture (random initialisation: no pretrained weights can be downloaded here) is trained
-   on digits resized to 32x32 and replicated to 3 channels (``digits:size=32,channels=3``, real labels,
-   1437/180/180 split... see ``slimkit.data``); cached in benchmarks/results/vision/NAME. Then: slimkit's
+   on digits resized to 32x32 and replicated to 3 channels (``digits:size=32,channels=3``: real labels,
+   1078/359/360 train/val/test); cached in benchmarks/results/vision/NAME-EPOCHSep. Then: slimkit's
    structured pruning at ratio 0.5 and Torch-Pruning's MetaPruner (L1 magnitude, classifier ignored) at the
    same ratio, each fine-tuned for the same epochs; slimkit's static int8 (256 calibration images) and ONNX
    Runtime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, MinMax) on the same images;
@@ -17,9 +17,14 @@
    median of the rounds' medians, and its spread. Achieved MAC/s is compared with the peak GEMM throughput of
    this CPU measured in the same run (ONNX Runtime MatMul fp32 and MatMulInteger u8 x s8, 2048x2048).
 
-Prints Markdown tables and writes benchmarks/results/vision.json.
+Prints Markdown tables and writes benchmarks/results/vision.json (rows of models a run does not measure are
+kept from the previous file unless ``--fresh``; ``--tables`` prints them).
 
-    python benchmarks/vision.py [--models resnet18,resnet50] [--all] [--epochs 5] [--threads 2]
+3. ``--sweep``: every torchvision classifier (or ``--models``), random weights, each in its own process: pruned
+   at 0.5 by slimkit and Torch-Pruning, the dense and pruned models exported to fp32 and int8 ONNX, verified;
+   writes benchmarks/results/vision-sweep.json.
+
+    python benchmarks/vision.py [--models resnet18,resnet50] [--all] [--epochs 10] [--threads 2] [--sweep]
 """
 
 from __future__ import annotations
@@ -72,9 +77,7 @@ MIN_SIZE = {
     "inception_v3": 96,
     "googlenet": 32,
 }  # smallest inputs their stems and pools accept
-FIXED_SIZE = (
-    "vit_",
-)  # built for one image size (position embeddings): trained at it, interpolated for speed
+FIXED_SIZE = ("vit_",)  # built for one image size (position embeddings): trained at it, interpolated for speed
 
 
 def image_size(name: str) -> int:
@@ -96,12 +99,10 @@ def train_config(name: str, epochs: int) -> TrainConfig:
 
 
 def trained(name: str, task: Task, epochs: int) -> torch.nn.Module:
-    run = RESULTS / "vision" / name
+    run = RESULTS / "vision" / f"{name}-{epochs}ep"
     if not (run / "model" / "slimkit.json").is_file():
         model = build_seeded(arch(name, task.input_shape[-1]), 0, task)
-        train_model(
-            model, task, train_config(name, epochs), run, progress=False, overwrite=True
-        )
+        train_model(model, task, train_config(name, epochs), run, progress=False, overwrite=True)
     return load(run).eval()
 
 
@@ -116,9 +117,7 @@ def attempt(row: dict, key: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - the benchmark reports whatever breaks, per architecture
-        row.setdefault("errors", {})[key] = (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
-        )
+        row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
         print(f"  {row['model']} {key}: {row['errors'][key]}", flush=True)
         traceback.print_exc(limit=2)
         return None
@@ -129,14 +128,10 @@ def file_accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) ->
 
 
 def recovery(name: str, epochs: int) -> TrainConfig:
-    return train_config(name, epochs).model_copy(
-        update={"warmup_epochs": 0, "lr": train_config(name, 1).lr / 2}
-    )
+    return train_config(name, epochs).model_copy(update={"warmup_epochs": 0, "lr": train_config(name, 1).lr / 2})
 
 
-def accuracy_row(
-    name: str, splits, task: Task, args: argparse.Namespace
-) -> dict[str, Any]:
+def accuracy_row(name: str, splits, task: Task, args: argparse.Namespace) -> dict[str, Any]:
     """fp32, pruned (slimkit and Torch-Pruning), int8 (slimkit and ONNX Runtime) and pruned+int8, at 32 px."""
     model = trained(name, task, args.epochs)
     example = splits.x_train[:8]
@@ -190,15 +185,9 @@ def accuracy_row(
                 continue
 
             def slimkit_int8(source=source, label=label):
-                (quantized, _), seconds = timed(
-                    lambda: quantize_static(source, calib, StaticQuantConfig())
-                )
+                (quantized, _), seconds = timed(lambda: quantize_static(source, calib, StaticQuantConfig()))
                 path = tmp / f"{label}.onnx"
-                _, export_s = timed(
-                    lambda: export_int8_verified(
-                        quantized, path, x_test, reference=source
-                    )
-                )
+                _, export_s = timed(lambda: export_int8_verified(quantized, path, x_test, reference=source))
                 return {
                     "accuracy": file_accuracy(path, x_test, y_test, args.threads),
                     "simulated": task.test_score(quantized),
@@ -213,9 +202,7 @@ def accuracy_row(
                 out.mkdir()
                 files, seconds = timed(lambda: ort_quantizers(fp32, calib, out))
                 return {
-                    "accuracy": file_accuracy(
-                        files["ORT quantize_static"], x_test, y_test, args.threads
-                    ),
+                    "accuracy": file_accuracy(files["ORT quantize_static"], x_test, y_test, args.threads),
                     "seconds": seconds,
                 }
 
@@ -231,9 +218,7 @@ def at_speed_size(name: str, model: torch.nn.Module) -> torch.nn.Module:
         return copy.deepcopy(model).eval()
     tv = import_torchvision()
     big = tv.models.get_model(name, **arch(name, SPEED_SIZE)["args"])
-    state = tv.models.vision_transformer.interpolate_embeddings(
-        SPEED_SIZE, big.patch_size, model.state_dict()
-    )
+    state = tv.models.vision_transformer.interpolate_embeddings(SPEED_SIZE, big.patch_size, model.state_dict())
     big.load_state_dict(state)
     return big.eval()
 
@@ -249,9 +234,7 @@ def peak_gemm(threads: int, n: int = 2048) -> dict[str, float]:
         for kind in ("fp32", "int8"):
             if kind == "fp32":
                 a = rng.standard_normal((n, n), dtype=np.float32)
-                b = numpy_helper.from_array(
-                    rng.standard_normal((n, n), dtype=np.float32), "B"
-                )
+                b = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "B")
                 node = helper.make_node("MatMul", ["A", "B"], ["Y"])
                 inputs, y = (
                     [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
@@ -260,9 +243,7 @@ def peak_gemm(threads: int, n: int = 2048) -> dict[str, float]:
                 inits = [b]
             else:
                 a = rng.integers(0, 256, (n, n), dtype=np.uint8)
-                b = numpy_helper.from_array(
-                    rng.integers(-127, 128, (n, n), dtype=np.int8), "B"
-                )
+                b = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "B")
                 zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), "Z")
                 node = helper.make_node("MatMulInteger", ["A", "B", "Z"], ["Y"])
                 inputs, y = (
@@ -288,9 +269,7 @@ def peak_gemm(threads: int, n: int = 2048) -> dict[str, float]:
     return out
 
 
-def interleaved_latency(
-    files: dict[str, Path], batches: list[int], threads: int, rounds: int
-) -> dict[str, Any]:
+def interleaved_latency(files: dict[str, Path], batches: list[int], threads: int, rounds: int) -> dict[str, Any]:
     """Median (and spread) over ``rounds`` of each file's median latency; the files take turns in every round."""
     sessions = {label: ort_session(path, threads) for label, path in files.items()}
     gen = torch.Generator().manual_seed(0)
@@ -300,11 +279,7 @@ def interleaved_latency(
         samples: dict[str, list[float]] = {label: [] for label in files}
         for _ in range(rounds):
             for label, session in sessions.items():
-                samples[label].append(
-                    ort_latency(
-                        session, x, warmup=1, min_repeats=5, budget_s=1.0
-                    ).median_ms
-                )
+                samples[label].append(ort_latency(session, x, warmup=1, min_repeats=5, budget_s=1.0).median_ms)
         for label, values in samples.items():
             out[label][f"b{batch}"] = {
                 "median_ms": statistics.median(values),
@@ -314,9 +289,7 @@ def interleaved_latency(
     return out
 
 
-def speed_row(
-    name: str, model: torch.nn.Module, big: Any, args: argparse.Namespace
-) -> dict[str, Any]:
+def speed_row(name: str, model: torch.nn.Module, big: Any, args: argparse.Namespace) -> dict[str, Any]:
     """fp32, pruned and int8 files at 224 px: export and quantization times, fidelity to fp32, latency."""
     fp32_model = at_speed_size(name, model)
     calib, test = calibration_subset(big, 64, seed=0), big.x_test[:32]
@@ -326,9 +299,7 @@ def speed_row(
         "macs": count_macs(fp32_model, shape)[0],
         "seconds": {},
     }
-    pruned = attempt(
-        row, "prune at 224", lambda: prune_channels(fp32_model, calib[:8], RATIO)[0]
-    )
+    pruned = attempt(row, "prune at 224", lambda: prune_channels(fp32_model, calib[:8], RATIO)[0])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files: dict[str, Path] = {}
@@ -339,23 +310,17 @@ def speed_row(
             path = tmp / f"{label}.onnx"
 
             def export(source=source, path=path, prefix=prefix):
-                _, seconds = timed(
-                    lambda: export_onnx(source, path, test[:2], verify_on=test[:8])
-                )
+                _, seconds = timed(lambda: export_onnx(source, path, test[:2], verify_on=test[:8]))
                 row["seconds"][f"{prefix}fp32 export"] = seconds
                 return path
 
             if attempt(row, f"{label} export", export) is None:
                 continue
             files[f"{prefix}fp32"] = path
-            row.setdefault("macs_of", {})[f"{prefix}fp32"] = count_macs(source, shape)[
-                0
-            ]
+            row.setdefault("macs_of", {})[f"{prefix}fp32"] = count_macs(source, shape)[0]
 
             def slimkit_int8(source=source, label=label, prefix=prefix):
-                (quantized, _), seconds = timed(
-                    lambda: quantize_static(source, calib, StaticQuantConfig())
-                )
+                (quantized, _), seconds = timed(lambda: quantize_static(source, calib, StaticQuantConfig()))
                 qpath = tmp / f"{label}-int8.onnx"
                 _, export_s = timed(lambda: export_qdq(quantized, qpath, test[:2]))
                 row["seconds"][f"{prefix}slimkit quantize"] = seconds
@@ -366,28 +331,18 @@ def speed_row(
                 out = tmp / f"ort-{label}"
                 out.mkdir()
                 made, seconds = timed(lambda: ort_quantizers(path, calib, out))
-                row["seconds"][f"{prefix}ORT quantize_static + quantize_dynamic"] = (
-                    seconds
-                )
+                row["seconds"][f"{prefix}ORT quantize_static + quantize_dynamic"] = seconds
                 files[f"{prefix}ORT int8"] = made["ORT quantize_static"]
                 if label == "fp32":
                     files["ORT dynamic int8"] = made["ORT quantize_dynamic"]
 
             attempt(row, f"{prefix}slimkit int8", slimkit_int8)
             attempt(row, f"{prefix}ORT int8", ort_int8)
-        row["file_bytes"] = {
-            label: path.stat().st_size for label, path in files.items()
-        }
-        reference = (
-            run_ort(ort_session(files["fp32"], args.threads), test)
-            if "fp32" in files
-            else None
-        )
+        row["file_bytes"] = {label: path.stat().st_size for label, path in files.items()}
+        reference = run_ort(ort_session(files["fp32"], args.threads), test) if "fp32" in files else None
         if reference is not None:
             row["sqnr_db_vs_fp32"] = {
-                label: sqnr_db(
-                    reference, run_ort(ort_session(path, args.threads), test)
-                )
+                label: sqnr_db(reference, run_ort(ort_session(path, args.threads), test))
                 for label, path in files.items()
                 if "pruned" not in label
             }
@@ -402,13 +357,20 @@ def ratio(row: dict, label: str, batch: str) -> str:
     return f"{lat[label][batch]['median_ms'] / lat['fp32'][batch]['median_ms']:.2f}x"
 
 
+def achieved_rate(row: dict, label: str, kind: str) -> str:
+    """MAC/s of ``label`` at batch 8, and its share of the GEMM peak of ``kind`` measured in the row's run."""
+    lat, peak = row.get("latency", {}), row.get("peak_gemm_gmacs")
+    if label not in lat or not peak:
+        return "-"
+    rate = 8 * row["macs"] / (lat[label]["b8"]["median_ms"] / 1e3) / 1e9
+    return f"{rate:.0f} ({100 * rate / peak[kind]:.0f}% of {peak[kind]:.0f})"
+
+
 def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def print_tables(
-    acc: list[dict], speed: list[dict], peak: dict[str, float], args: argparse.Namespace
-) -> None:
+def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -> None:
     print(
         f"\n### Accuracy on real labels (digits at 32 px, 3 channels; test split), ratio {RATIO}, "
         f"{args.recovery_epochs} recovery epochs for both pruners\n"
@@ -421,14 +383,7 @@ def print_tables(
     for r in acc:
 
         def pruned(p):
-            return (
-                "failed"
-                if not p
-                else (
-                    f"{p['params_ratio']:.3f}x, {p['macs_ratio']:.3f}x, "
-                    f"{pct(p['accuracy'])}"
-                )
-            )
+            return "failed" if not p else (f"{p['params_ratio']:.3f}x, {p['macs_ratio']:.3f}x, {pct(p['accuracy'])}")
 
         def acc_of(key, r=r):
             return pct((r.get(key) or {}).get("accuracy"))
@@ -439,9 +394,7 @@ def print_tables(
             f"| {acc_of('slimkit_pruned_int8')} | {acc_of('ort_pruned_int8')} |"
         )
     print("\n### Quantization time at 32 px (256 calibration images; seconds)\n")
-    print(
-        "| model | slimkit quantize | slimkit export + verify | ORT quantize_static + quantize_dynamic |"
-    )
+    print("| model | slimkit quantize | slimkit export + verify | ORT quantize_static + quantize_dynamic |")
     print("|---|---:|---:|---:|")
     for r in acc:
         s, o = r.get("slimkit_int8") or {}, r.get("ort_int8") or {}
@@ -454,8 +407,8 @@ def print_tables(
         f"(median of {args.rounds} interleaved rounds)\n"
     )
     print(
-        f"Peak GEMM here: fp32 {peak['fp32']:.0f} GMAC/s, int8 {peak['int8']:.0f} GMAC/s "
-        f"({peak['int8'] / peak['fp32']:.1f}x).\n"
+        "Peak GEMM: ONNX Runtime MatMul (fp32) and MatMulInteger (u8 x s8), 2048^3, measured in the same run as "
+        "the model's row.\n"
     )
     labels = [
         "slimkit int8",
@@ -468,36 +421,22 @@ def print_tables(
     print(
         "| model | GMACs | fp32 ms b1 / b8 | "
         + " | ".join(f"{label} b1 / b8" for label in labels)
-        + " | int8 GMAC/s b8 (% of int8 peak) | SQNR to fp32: slimkit / ORT static / ORT dynamic |"
+        + " | slimkit int8 GMAC/s b8 (% of int8 peak) | fp32 GMAC/s b8 (% of fp32 peak) | SQNR to fp32: slimkit / ORT static / ORT dynamic |"
     )
-    print("|---|---:|---:|" + "---:|" * len(labels) + "---:|---:|")
+    print("|---|---:|---:|" + "---:|" * len(labels) + "---:|---:|---:|")
     for r in speed:
         lat = r.get("latency", {})
         fp32 = lat.get("fp32", {})
-        base = (
-            f"{fp32['b1']['median_ms']:.1f} / {fp32['b8']['median_ms']:.1f}"
-            if fp32
-            else "-"
-        )
-        achieved = "-"
-        if "slimkit int8" in lat:
-            rate = 8 * r["macs"] / (lat["slimkit int8"]["b8"]["median_ms"] / 1e3) / 1e9
-            achieved = f"{rate:.0f} ({100 * rate / peak['int8']:.0f}%)"
+        base = f"{fp32['b1']['median_ms']:.1f} / {fp32['b8']['median_ms']:.1f}" if fp32 else "-"
+        achieved = {kind: achieved_rate(r, label, kind) for kind, label in (("int8", "slimkit int8"), ("fp32", "fp32"))}
         sq = r.get("sqnr_db_vs_fp32", {})
-        sqnr = " / ".join(
-            f"{sq[k]:.1f}" if k in sq else "-"
-            for k in ("slimkit int8", "ORT int8", "ORT dynamic int8")
-        )
+        sqnr = " / ".join(f"{sq[k]:.1f}" if k in sq else "-" for k in ("slimkit int8", "ORT int8", "ORT dynamic int8"))
         print(
             f"| {r['model']} | {r['macs'] / 1e9:.2f} | {base} | "
-            + " | ".join(
-                f"{ratio(r, label, 'b1')} / {ratio(r, label, 'b8')}" for label in labels
-            )
-            + f" | {achieved} | {sqnr} |"
+            + " | ".join(f"{ratio(r, label, 'b1')} / {ratio(r, label, 'b8')}" for label in labels)
+            + f" | {achieved['int8']} | {achieved['fp32']} | {sqnr} |"
         )
-    print(
-        "\n### Time to export and quantize at 224 px (64 calibration images; seconds)\n"
-    )
+    print("\n### Time to export and quantize at 224 px (64 calibration images; seconds)\n")
     keys = [
         "fp32 export",
         "slimkit quantize",
@@ -508,16 +447,8 @@ def print_tables(
     print("|---|" + "---:|" * len(keys))
     for r in speed:
         s = r.get("seconds", {})
-        print(
-            f"| {r['model']} | "
-            + " | ".join(f"{s[k]:.1f}" if k in s else "-" for k in keys)
-            + " |"
-        )
-    failures = [
-        (r["model"], k, v)
-        for r in (*acc, *speed)
-        for k, v in r.get("errors", {}).items()
-    ]
+        print(f"| {r['model']} | " + " | ".join(f"{s[k]:.1f}" if k in s else "-" for k in keys) + " |")
+    failures = [(r["model"], k, v) for r in (*acc, *speed) for k, v in r.get("errors", {}).items()]
     if failures:
         print("\nFailures:\n")
         for model, key, message in failures:
@@ -584,11 +515,7 @@ def sweep_one(name: str) -> dict[str, Any]:
                 continue
 
             def fp32(source=source, label=label):
-                result, seconds = timed(
-                    lambda: export_onnx(
-                        source, Path(tmp) / f"{label}.onnx", x[:2], verify_on=x
-                    )
-                )
+                result, seconds = timed(lambda: export_onnx(source, Path(tmp) / f"{label}.onnx", x[:2], verify_on=x))
                 row["exports"][f"{label} fp32"] = {
                     "max_abs_diff": result.max_abs_diff,
                     "allowed": result.allowed_diff,
@@ -596,13 +523,9 @@ def sweep_one(name: str) -> dict[str, Any]:
                 }
 
             def int8(source=source, label=label):
-                (quantized, _), seconds = timed(
-                    lambda: quantize_static(source, x, StaticQuantConfig())
-                )
+                (quantized, _), seconds = timed(lambda: quantize_static(source, x, StaticQuantConfig()))
                 path = Path(tmp) / f"{label}-int8.onnx"
-                check, export_s = timed(
-                    lambda: export_int8_verified(quantized, path, x, reference=source)
-                )
+                check, export_s = timed(lambda: export_int8_verified(quantized, path, x, reference=source))
                 row["exports"][f"{label} int8"] = {
                     "sqnr_db": check["deployed_vs_reference"]["sqnr_db"],
                     "simulation_sqnr_db": check["simulation_vs_reference"]["sqnr_db"],
@@ -633,9 +556,7 @@ def sweep(names: list[str], timeout_s: int) -> list[dict[str, Any]]:
                 if done.returncode == 0 and lines
                 else {
                     "model": name,
-                    "errors": {
-                        "process": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
-                    },
+                    "errors": {"process": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"},
                 }
             )
         except subprocess.TimeoutExpired:
@@ -676,20 +597,20 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument(
         "--all",
         action="store_true",
         help="every torchvision classification architecture",
     )
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--recovery-epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--recovery-epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--tables", action="store_true", help="print the tables of vision.json and stop")
+    parser.add_argument("--fresh", action="store_true", help="drop the rows earlier runs left in vision.json")
     parser.add_argument(
         "--sweep",
         action="store_true",
@@ -703,9 +624,7 @@ def main() -> None:
         return
     if args.sweep:
         rows = sweep(
-            classification_models()
-            if args.all or args.models == ",".join(MODELS)
-            else args.models.split(","),
+            classification_models() if args.all or args.models == ",".join(MODELS) else args.models.split(","),
             args.sweep_timeout,
         )
         write_json_atomic(
@@ -714,11 +633,16 @@ def main() -> None:
         )
         print_sweep(rows)
         return
+    if args.tables:
+        earlier = previous_rows(fresh=False)
+        print_tables(earlier["accuracy"], earlier["speed"], args)
+        return
     names = classification_models() if args.all else args.models.split(",")
     torch.set_num_threads(args.threads)
     peak = peak_gemm(args.threads)
     print(f"peak GEMM: {peak}", flush=True)
     big = None if args.skip_speed else load_data(f"digits:size={SPEED_SIZE},channels=3")
+    earlier = previous_rows(args.fresh)
     acc_rows, speed_rows = [], []
     for name in names:
         splits = load_data(f"digits:size={image_size(name)},channels=3")
@@ -729,25 +653,37 @@ def main() -> None:
         print(f"accuracy {name}: {acc_rows[-1]}", flush=True)
         if big is not None:
             srow = {"model": name}
-            speed = attempt(
-                srow,
-                "speed",
-                partial(speed_row, name, trained(name, task, args.epochs), big, args),
-            )
-            speed_rows.append(speed or srow)
+            speed = attempt(srow, "speed", partial(speed_row, name, trained(name, task, args.epochs), big, args))
+            speed_rows.append({**(speed or srow), "peak_gemm_gmacs": peak})
             print(f"speed {name}: {speed_rows[-1]}", flush=True)
+        acc_all, speed_all = merged(earlier["accuracy"], acc_rows), merged(earlier["speed"], speed_rows)
         write_json_atomic(
             RESULTS / "vision.json",
             {
                 "slimkit_version": slimkit.__version__,
                 "machine": machine_fingerprint(args.threads),
                 "threads": args.threads,
-                "peak_gemm_gmacs": peak,
-                "accuracy": acc_rows,
-                "speed": speed_rows,
+                "accuracy": acc_all,
+                "speed": speed_all,
             },
         )
-    print_tables(acc_rows, speed_rows, peak, args)
+    print_tables(acc_all, speed_all, args)
+
+
+def previous_rows(fresh: bool) -> dict[str, list[dict]]:
+    """Rows of an earlier run, kept for the models this run does not measure (one architecture can be measured
+    again without the others); every speed row carries the GEMM peak of its own run."""
+    path = RESULTS / "vision.json"
+    if fresh or not path.is_file():
+        return {"accuracy": [], "speed": []}
+    data = json.loads(path.read_text())
+    speed = [{"peak_gemm_gmacs": data.get("peak_gemm_gmacs"), **r} for r in data.get("speed", [])]
+    return {"accuracy": data.get("accuracy", []), "speed": speed}
+
+
+def merged(earlier: list[dict], now: list[dict]) -> list[dict]:
+    measured = {r["model"] for r in now}
+    return [r for r in earlier if r["model"] not in measured] + now
 
 
 if __name__ == "__main__":
