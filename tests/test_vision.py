@@ -149,3 +149,29 @@ def test_vision_transformer_prunes_its_width_through_multi_head_attention(tv):
         assert torch.equal(replayed(x), pruned(x))
     pruned.train()
     pruned(x).sum().backward()  # trains as well
+
+
+def test_swin_prunes_through_window_attention_roll_and_patch_merging(tv):
+    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2, PatchMergingV2
+
+    from slimkit.pruning.structured import apply_plan, prune_channels
+
+    def build(v2: bool):
+        torch.manual_seed(0)
+        extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+        return SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                               num_classes=10, **extra).eval()
+
+    x = torch.randn(4, 3, 32, 32)
+    for v2 in (False, True):
+        model = build(v2)
+        model.slimkit_meta = {"plan": []}
+        pruned, notes = prune_channels(model, x, 0.5)
+        assert notes["reached"]["params_kept"] <= 0.30 and notes["skipped"] == {}
+        assert set(notes["pinned"]) <= {"head"} | {f"features.{s}.{b}.attn.cpb_mlp.2" for s in (1, 3) for b in (0, 1)}
+        attn = pruned.features[1][1].attn  # the shifted one: rolled there and back
+        assert (attn.qkv.in_features, attn.qkv.out_features, attn.num_heads) == (16, 48, 2)
+        with torch.no_grad():
+            assert torch.equal(apply_plan(build(v2), pruned.slimkit_meta["plan"][-1])(x), pruned(x))
+        pruned.train()
+        pruned(x).sum().backward()

@@ -86,6 +86,7 @@ UNARY = {
     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",
     "upsample_nearest2d", "upsample_bilinear2d", "constant_pad_nd", "pad", "expand", "lift_fresh_copy",
 }
+METADATA_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full"}
 BINARY = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "where"}
 
 
@@ -117,6 +118,23 @@ def _unused_parameters(model: nn.Module, program) -> set[str]:
     return {name for name, _ in model.named_parameters()} - read
 
 
+def _packed_attention(model: nn.Module) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+    """Attentions with one packed q/k/v projection whose inner width equals their input width:
+    {in-projection weight: (module, heads)} and {out-projection weight: module}."""
+    ins, outs = {}, {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+            projections = ("in_proj_weight", "out_proj.weight")
+        elif type(module).__name__.startswith("ShiftedWindowAttention") and hasattr(module, "qkv"):
+            projections = ("qkv.weight", "proj.weight")  # torchvision's Swin (V1 and V2)
+        else:
+            continue
+        ins[prefix + projections[0]] = (name, module.num_heads)
+        outs[prefix + projections[1]] = name
+    return ins, outs
+
+
 class _Analyzer:
     def __init__(self, model: nn.Module, example: torch.Tensor):
         self.model = model
@@ -140,9 +158,7 @@ class _Analyzer:
                               f"example input ({reason if trained is None else 'not reached'}): the pruned model "
                               "may fail in training mode; give a larger example input", stacklevel=4)
         self.graph = program.graph_module.graph
-        # nn.MultiheadAttention with one packed in-projection: its width is the model's, split across heads
-        self.attention = {name: m for name, m in model.named_modules()
-                          if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim}
+        self.in_projections, self.out_projections = _packed_attention(model)
         self.attention_space: dict[str, int] = {}  # attention module -> the channel space its input width is in
         sig = program.graph_signature
         self.tensor_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
@@ -228,6 +244,8 @@ class _Analyzer:
         handler = getattr(self, f"op_{name}", None)
         if handler is not None:
             handler(node)
+        elif name in METADATA_ONLY:
+            pass  # reads only the tensor's dtype and device: a new tensor of a given shape, no channels
         elif name in UNARY or name.endswith("_") and name[:-1] in UNARY:  # in-place forms too (dropout_, elu_)
             source = node.args[0]
             self.ann[node] = dict(self.annotation(source)) if isinstance(source, torch.fx.Node) else {}
@@ -329,33 +347,36 @@ class _Analyzer:
         self.ann[node] = out
 
     def attention_linear(self, node) -> bool:
-        """``nn.MultiheadAttention``'s packed in-projection and its out-projection. Its inner width (q, k, v
-        per head) must equal its input width, so both lose the same channel indices: the input width's channel
-        c takes row c of q, k and v and column c of the out-projection, and every head loses the same number
-        (heads keep their count and become narrower; ``embed_dim`` and ``head_dim`` follow). Returns whether
-        ``node`` was one of the two."""
+        """The packed q/k/v in-projection and the out-projection of an attention whose inner width must equal
+        its input width (``nn.MultiheadAttention``; torchvision's Swin window attention computes its head width
+        from its input width). Both lose the same channel indices: the input width's channel c takes row c of
+        q, k and v and column c of the out-projection, and every head loses the same number (heads keep their
+        count and become narrower). Returns whether ``node`` was one of the two."""
         weight = self.param_name(node.args[1])
-        owner, _, attr = (weight or "").rpartition(".")
-        if attr == "in_proj_weight" and owner in self.attention:
-            mha, x = self.attention[owner], node.args[0]
+        if weight in self.in_projections:
+            owner, heads = self.in_projections[weight]
+            x = node.args[0]
             ann = self.annotation(x).get(len(self.shape(x)) - 1)
             if ann is None:
                 return True
             if ann.role != "full" or ann.rep != 1 or len(ann.segments) != 1:
                 self.pin_value(x, f"{where(node)}: attention over concatenated or split channels")
                 return True
-            space = self.find(ann.segments[0][0])
+            space, width = self.find(ann.segments[0][0]), self.shape(node.args[1])[0] // 3
             self.add_member(ann, weight, 1, "in")
-            bias = self.param_name(node.args[2]) if len(node.args) > 2 else None
-            for k in range(3):  # q, k, v rows
-                self.spaces[space].members.append(Member(weight, 0, "out", 1, k * mha.embed_dim))
-                if bias:
-                    self.spaces[space].members.append(Member(bias, 0, "out", 1, k * mha.embed_dim))
-            self.spaces[space].parts = math.lcm(self.spaces[space].parts, mha.num_heads)
+            bias = node.args[2] if len(node.args) > 2 else None
+            while isinstance(bias, torch.fx.Node) and self.param_name(bias) is None and bias.args:
+                bias = bias.args[0]  # Swin V2 projects with a copy of its bias (the key part zeroed)
+            rows = [weight, *([self.param_name(bias)] if isinstance(bias, torch.fx.Node) and self.param_name(bias)
+                              else [])]
+            for tensor in rows:
+                for k in range(3):  # q, k, v
+                    self.spaces[space].members.append(Member(tensor, 0, "out", 1, k * width))
+            self.spaces[space].parts = math.lcm(self.spaces[space].parts, heads)
             self.attention_space[owner] = space
             return True
-        owner = owner.removesuffix(".out_proj")
-        if attr == "weight" and owner in self.attention:
+        if weight in self.out_projections:
+            owner = self.out_projections[weight]
             produced = self.produce(node)
             if produced is not None:
                 self.ann[node] = {len(self.shape(node)) - 1: _Ann(((produced[1], self.shape(node)[-1]),))}
@@ -510,6 +531,14 @@ class _Analyzer:
         dims = node.args[1] if len(node.args) > 1 else [d for d, s in enumerate(src) if s == 1]
         dims = sorted({d % len(src) for d in ([dims] if isinstance(dims, int) else dims) if src[d % len(src)] == 1})
         self.ann[node] = {d - sum(r < d for r in dims): a for d, a in self.annotation(x).items() if d not in dims}
+
+    def op_roll(self, node) -> None:
+        x, dims = node.args[0], node.args[2] if len(node.args) > 2 else []
+        n = len(self.shape(x))
+        ann = self.annotation(x)
+        if not dims or {d % n for d in ([dims] if isinstance(dims, int) else dims)} & set(ann):
+            self.pin_value(x, f"{where(node)}: rolls the channel dimension")
+        self.ann[node] = dict(ann)
 
     def op_select(self, node) -> None:
         x, dim = node.args[0], node.args[1] % len(self.shape(node.args[0]))
