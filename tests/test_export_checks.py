@@ -13,7 +13,7 @@ from torch import nn
 from slimkit import SlimkitError, calibration_subset
 from slimkit.export import export_onnx
 from slimkit.export.qdq import (
-    activations_in_float, compare_with_runtime, deployed_is_faithful, export_int8_verified, export_qdq, sqnr_db,
+    activations_in_float, agreement_slack, compare_with_runtime, deployed_is_faithful, export_int8_verified, export_qdq, sqnr_db,
 )
 from slimkit.quant.ptq import StaticQuantConfig, quantize_static
 
@@ -71,6 +71,14 @@ def test_the_rule_lets_a_file_differ_from_the_simulation_if_it_is_as_good():
                "sqnr_db": 26.0}, "deployed_vs_reference": {"top1_agreement": 0.965, "sqnr_db": 25.6}}
     worse = {**as_good, "deployed_vs_reference": {"top1_agreement": 0.9, "sqnr_db": 22.0}}
     assert deployed_is_faithful(close) and deployed_is_faithful(as_good) and not deployed_is_faithful(worse)
+    # a deep model's file that is as close to fp32 (SQNR) flips 10 of 360 top-1 decisions against the simulation:
+    # its agreement with fp32 may differ by chance by about sqrt(10)/360 per sample set, not by 0.01 at most
+    noisy = {"top1_agreement": 350 / 360, "sqnr_db": 24.5, "samples": 360,
+             "simulation_vs_reference": {"top1_agreement": 334 / 360, "sqnr_db": 16.2},
+             "deployed_vs_reference": {"top1_agreement": 328 / 360, "sqnr_db": 16.3}}
+    assert agreement_slack(noisy) == pytest.approx(3 * 10**0.5 / 360) and deployed_is_faithful(noisy)
+    assert not deployed_is_faithful({**noisy, "deployed_vs_reference": {"top1_agreement": 320 / 360,
+                                                                         "sqnr_db": 16.3}})
 
 
 def test_the_float_activation_reference_drops_only_activation_quantizers(digits, briefly_trained):
