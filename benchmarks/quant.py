@@ -51,15 +51,26 @@ class _Reader:
         return next(self.batches, None)
 
 
-def ort_quantizers(fp32: Path, calib: torch.Tensor, out: Path) -> dict[str, Path]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+def ort_static(fp32: Path, calib: torch.Tensor, out: Path) -> Path:
+    """ONNX Runtime's quantize_static: QDQ, per-channel int8 weights, uint8 activations, MinMax."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    static, dynamic = out / "ort-static.onnx", out / "ort-dynamic.onnx"
-    quantize_static(str(fp32), str(static), _Reader(calib, "input"), quant_format=QuantFormat.QDQ,
+    quantize_static(str(fp32), str(out), _Reader(calib, "input"), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
-    quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=True)
-    return {"ORT quantize_static": static, "ORT quantize_dynamic": dynamic}
+    return out
+
+
+def ort_dynamic(fp32: Path, out: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    return out
+
+
+def ort_quantizers(fp32: Path, calib: torch.Tensor, out: Path) -> dict[str, Path]:
+    return {"ORT quantize_static": ort_static(fp32, calib, out / "ort-static.onnx"),
+            "ORT quantize_dynamic": ort_dynamic(fp32, out / "ort-dynamic.onnx")}
 
 
 def slimkit_variants(observer: str) -> dict[str, StaticQuantConfig]:

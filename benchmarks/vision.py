@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 from prune import finetune, torch_pruning_model
-from quant import ort_quantizers
+from quant import ort_dynamic, ort_static
 
 import slimkit
 from slimkit import Task, count_macs, count_params, load, load_data
@@ -198,13 +198,8 @@ def accuracy_row(name: str, splits, task: Task, args: argparse.Namespace) -> dic
             def ort_int8(source=source, label=label):
                 fp32 = tmp / f"{label}-fp32.onnx"
                 export_onnx(source, fp32, x_test[:2], verify_on=x_test[:64])
-                out = tmp / f"ort-{label}"
-                out.mkdir()
-                files, seconds = timed(lambda: ort_quantizers(fp32, calib, out))
-                return {
-                    "accuracy": file_accuracy(files["ORT quantize_static"], x_test, y_test, args.threads),
-                    "seconds": seconds,
-                }
+                made, seconds = timed(lambda: ort_static(fp32, calib, tmp / f"ort-{label}.onnx"))
+                return {"accuracy": file_accuracy(made, x_test, y_test, args.threads), "seconds": seconds}
 
             row[f"slimkit_{label}"] = attempt(row, f"slimkit {label}", slimkit_int8)
             row[f"ort_{label}"] = attempt(row, f"ORT {label}", ort_int8)
@@ -328,13 +323,11 @@ def speed_row(name: str, model: torch.nn.Module, big: Any, args: argparse.Namesp
                 files[f"{prefix}slimkit int8"] = qpath
 
             def ort_int8(path=path, label=label, prefix=prefix):
-                out = tmp / f"ort-{label}"
-                out.mkdir()
-                made, seconds = timed(lambda: ort_quantizers(path, calib, out))
-                row["seconds"][f"{prefix}ORT quantize_static + quantize_dynamic"] = seconds
-                files[f"{prefix}ORT int8"] = made["ORT quantize_static"]
+                made, seconds = timed(lambda: ort_static(path, calib, tmp / f"ort-{label}.onnx"))
+                row["seconds"][f"{prefix}ORT quantize_static"] = seconds
+                files[f"{prefix}ORT int8"] = made
                 if label == "fp32":
-                    files["ORT dynamic int8"] = made["ORT quantize_dynamic"]
+                    files["ORT dynamic int8"] = ort_dynamic(path, tmp / "ort-dynamic.onnx")
 
             attempt(row, f"{prefix}slimkit int8", slimkit_int8)
             attempt(row, f"{prefix}ORT int8", ort_int8)
@@ -394,7 +387,7 @@ def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -
             f"| {acc_of('slimkit_pruned_int8')} | {acc_of('ort_pruned_int8')} |"
         )
     print("\n### Quantization time at 32 px (256 calibration images; seconds)\n")
-    print("| model | slimkit quantize | slimkit export + verify | ORT quantize_static + quantize_dynamic |")
+    print("| model | slimkit quantize | slimkit export + verify | ORT quantize_static |")
     print("|---|---:|---:|---:|")
     for r in acc:
         s, o = r.get("slimkit_int8") or {}, r.get("ort_int8") or {}
@@ -441,7 +434,7 @@ def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -
         "fp32 export",
         "slimkit quantize",
         "slimkit int8 export",
-        "ORT quantize_static + quantize_dynamic",
+        "ORT quantize_static",
     ]
     print("| model | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
