@@ -532,9 +532,20 @@ def sweep_one(name: str) -> dict[str, Any]:
 
 
 def sweep(names: list[str], timeout_s: int) -> list[dict[str, Any]]:
-    """Each architecture in its own process: one that exhausts memory or hangs is recorded, not fatal."""
+    """Each architecture in its own process, smallest first: one that exhausts memory or hangs is recorded,
+    not fatal; rows are written as they come."""
+    from slimkit.models.vision import _parameters_on_meta
+
+    models = import_torchvision().models
+
+    def size(name: str) -> int:
+        args = arch(name, 224)["args"]
+        return _parameters_on_meta(models, name, args) or sum(
+            p.numel() for p in models.get_model(name, **args).parameters()
+        )  # RegNet: not on the meta device
+
     rows = []
-    for name in names:
+    for name in sorted(names, key=size):
         try:
             done = subprocess.run(
                 [sys.executable, __file__, "--sweep-one", name],
@@ -556,6 +567,7 @@ def sweep(names: list[str], timeout_s: int) -> list[dict[str, Any]]:
             row = {"model": name, "errors": {"process": f"over {timeout_s} s"}}
         rows.append(row)
         print(f"sweep {name}: {json.dumps(row)[:600]}", flush=True)
+        write_json_atomic(RESULTS / "vision-sweep.json", {"slimkit_version": slimkit.__version__, "rows": rows})
     return rows
 
 
@@ -619,10 +631,6 @@ def main() -> None:
         rows = sweep(
             classification_models() if args.all or args.models == ",".join(MODELS) else args.models.split(","),
             args.sweep_timeout,
-        )
-        write_json_atomic(
-            RESULTS / "vision-sweep.json",
-            {"slimkit_version": slimkit.__version__, "rows": rows},
         )
         print_sweep(rows)
         return
