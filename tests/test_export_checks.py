@@ -174,3 +174,33 @@ def test_a_refused_int8_export_names_the_layer_where_it_parts(tmp_path, digits, 
                                            r"\S+ \(\d+\.\d% differ, up to \d+ steps; slimkit diff-int8"):
         qdq.export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test)
     assert not (tmp_path / "q.onnx").exists()
+
+
+class TokenMLP(nn.Module):
+    """Linear layers over [batch, tokens, width] (ViT blocks, ConvNeXt's channels-last pixels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = x.reshape(x.shape[0], 8, 8)
+        return self.head(self.fc2(torch.nn.functional.gelu(self.fc1(tokens))).mean(1))
+
+
+def test_linears_over_tokens_run_as_integer_gemms(tmp_path, digits):
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    quantized, _ = quantize_static(model, calibration_subset(digits, 128))
+    check = export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test, reference=model)
+    assert check["top1_agreement"] >= 0.99 and check["sqnr_db"] > 30
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert ops.count("Gemm") == 3 and "MatMul" not in ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert fused.count("QGemm") == 3 and "MatMulIntegerToFloat" not in fused  # integer in, integer out

@@ -58,8 +58,9 @@ def test_int8_onnx_agrees_with_simulation_and_is_integer(name, tmp_path, digits,
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in dtypes for n in graph.node)
     export_onnx(model, tmp_path / "f.onnx", digits.x_test[:2])
     ratio = (tmp_path / "q.onnx").stat().st_size / (tmp_path / "f.onnx").stat().st_size
-    # resnet8 is mostly full convolutions: its file is the int8 weights plus per-channel scales and biases
-    assert ratio < {"resnet8": 0.285, "mobilenetv2": 0.41, "lenet5": 0.30, "vit": 0.33}[name]
+    # resnet8 is mostly full convolutions: its file is the int8 weights plus per-channel scales and biases;
+    # vit's token linears also carry int32 biases and the reshapes that make them integer Gemms
+    assert ratio < {"resnet8": 0.285, "mobilenetv2": 0.41, "lenet5": 0.30, "vit": 0.345}[name]
     values = {v for n in graph.node for v in (*n.input, *n.output)} - {"input", "logits"}
     assert max(map(len, values)) <= 4 and not graph.metadata_props  # short names, no exporter signature
 

@@ -235,6 +235,68 @@ def dynamic_gemms_to_integer(model) -> int:
     return count
 
 
+def batched_linears_to_gemms(model) -> int:
+    """Rewrite a linear layer over a >2-D input (Transpose(W) -> MatMul -> Add(b), which the exporter emits for
+    ViT tokens or ConvNeXt's channels-last pixels) as a Gemm over the flattened rows, between Reshapes of the
+    *quantized* tensors: ONNX Runtime then fuses DequantizeLinear -> Gemm -> QuantizeLinear into one integer
+    QGemm with its int32 bias, where the MatMul form became MatMulIntegerToFloat plus a float bias Add, and
+    the Q/DQ pair around every such layer stayed. Runs after the weight quantizers are folded."""
+    from onnx import helper, numpy_helper
+
+    graph, consts, producers, uses = _index(model.graph)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    count = 0
+    for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
+        transpose, x_dq = producers.get(matmul.input[1]), producers.get(matmul.input[0])
+        w_dq = producers.get(transpose.input[0]) if transpose is not None else None
+        readers = consumers.get(matmul.output[0], [])
+        add = readers[0] if len(readers) == 1 else None
+        if not (transpose is not None and transpose.op_type == "Transpose"
+                and [int(p) for a in transpose.attribute if a.name == "perm" for p in a.ints] == [1, 0]
+                and w_dq is not None and w_dq.op_type == "DequantizeLinear" and w_dq.input[0] in consts
+                and consts[w_dq.input[0]].dtype == np.int8 and uses.get(matmul.input[1]) == 1
+                and x_dq is not None and x_dq.op_type == "DequantizeLinear"
+                and getattr(producers.get(x_dq.input[0]), "op_type", "") == "QuantizeLinear"  # static only
+                and add is not None and add.op_type == "Add"):
+            continue
+        bias = next((name for name in add.input if name != matmul.output[0]), "")
+        width, out_width = consts[w_dq.input[0]].shape[1], consts[w_dq.input[0]].shape[0]
+        if bias not in consts or consts[bias].shape != (out_width,):
+            continue
+        base = matmul.output[0]
+        after = consumers.get(add.output[0], [])
+        q_out = after[0] if len(after) == 1 and after[0].op_type == "QuantizeLinear" else None
+        graph.initializer.extend([numpy_helper.from_array(np.array([-1, width], dtype=np.int64), f"{base}_rows"),
+                                  numpy_helper.from_array(np.array([out_width], dtype=np.int64), f"{base}_width")])
+        nodes = [
+            helper.make_node("Reshape", [x_dq.input[0], f"{base}_rows"], [f"{base}_rows_q"]),
+            helper.make_node("DequantizeLinear", [f"{base}_rows_q", *x_dq.input[1:]], [f"{base}_rows_x"]),
+            helper.make_node("Gemm", [f"{base}_rows_x", transpose.input[0], bias], [f"{base}_gemm"], transB=1),
+            helper.make_node("Shape", [matmul.input[0]], [f"{base}_lead"], end=-1),
+            helper.make_node("Concat", [f"{base}_lead", f"{base}_width"], [f"{base}_shape"], axis=0),
+        ]
+        if q_out is not None:  # quantize the Gemm's rows, then give them back their shape, still quantized
+            nodes += [helper.make_node("QuantizeLinear", [f"{base}_gemm", *q_out.input[1:]], [f"{base}_gemm_q"]),
+                      helper.make_node("Reshape", [f"{base}_gemm_q", f"{base}_shape"], [q_out.output[0]])]
+            graph.node.remove(q_out)
+        else:
+            nodes.append(helper.make_node("Reshape", [f"{base}_gemm", f"{base}_shape"], [add.output[0]]))
+        _insert_in_place_of(graph, matmul, nodes)
+        graph.node.remove(transpose)
+        graph.node.remove(add)
+        count += 1
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in list(graph.node):  # activation dequantizers nothing reads any more
+        if node.op_type == "DequantizeLinear" and node.output[0] not in read:
+            graph.node.remove(node)
+    _drop_unused_initializers(graph)
+    _topological_sort(graph)
+    return count
+
+
 def quantize_biases(model) -> int:
     """Conv/Gemm biases as int32 at scale s_x * s_w (what integer kernels add to their accumulators)."""
     from onnx import helper, numpy_helper
@@ -255,7 +317,7 @@ def quantize_biases(model) -> int:
         scale = (s_x.astype(np.float64) * s_w.astype(np.float64)).reshape(-1)
         bias = consts[node.input[2]].astype(np.float64)
         q = np.round(bias / scale).astype(np.int32)
-        base = node.input[2]
+        base = f"{node.output[0]}_bias"  # per layer: the exporter shares one initializer among equal biases
         graph.initializer.extend([
             numpy_helper.from_array(q, f"{base}_int32"),
             numpy_helper.from_array(scale.astype(np.float32), f"{base}_int32_scale"),
@@ -311,6 +373,7 @@ def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Te
         if fold_weight_quantizers(proto) == 0:
             raise SlimkitError(f"{type(model).__name__} has no quantized weights to export as int8")
         dynamic_gemms_to_integer(proto)
+        batched_linears_to_gemms(proto)
         quantize_biases(proto)
         shorten_names(proto)
         onnx.checker.check_model(proto)
