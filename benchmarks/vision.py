@@ -303,16 +303,21 @@ def interleaved_latency(files: dict[str, Path], batches: list[int], threads: int
     return out
 
 
+def speed_calibration(name: str) -> int:
+    return next((n for prefix, n in SPEED_CALIBRATION.items() if name.startswith(prefix)), 64)
+
+
 def speed_row(name: str, model: torch.nn.Module, big: Any, args: argparse.Namespace) -> dict[str, Any]:
     """fp32, pruned and int8 files at 224 px: export and quantization times, fidelity to fp32, latency."""
     fp32_model = at_speed_size(name, model)
-    images = next((n for prefix, n in SPEED_CALIBRATION.items() if name.startswith(prefix)), 64)
+    images = speed_calibration(name)
     calib, test = calibration_subset(big, images, seed=0), big.x_test[:32]
     shape = (3, SPEED_SIZE, SPEED_SIZE)
     row: dict[str, Any] = {
         "model": name,
         "macs": count_macs(fp32_model, shape)[0],
         "seconds": {},
+        "calibration_images": images,
     }
     pruned = attempt(row, "prune at 224", lambda: prune_channels(fp32_model, calib[:8], RATIO)[0])
     with tempfile.TemporaryDirectory() as tmp:
@@ -469,7 +474,7 @@ def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -
     for r in speed:
         s = r.get("seconds", {})
         print(
-            f"| {r['model']} | {r.get('calibration_images', 64)} | "
+            f"| {r['model']} | {r.get('calibration_images', speed_calibration(r['model']))} | "
             + " | ".join(f"{s[k]:.1f}" if k in s else "-" for k in keys)
             + " |"
         )
