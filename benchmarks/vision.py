@@ -31,8 +31,10 @@ kept from the previous file unless ``--fresh``; ``--tables`` prints them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -74,6 +76,7 @@ MODELS = (
     "swin_t",
 )
 RATIO = 0.5
+TP_MEMORY = 8 << 30  # bytes Torch-Pruning may allocate on top of what the process holds
 QAT_WHEN_VAL_DROPS = 0.01  # static int8 losing more validation accuracy than this is recovered by QAT
 SPEED_SIZE = 224
 # calibration images at 224 px; 16 for the transformers, whose every intermediate output of every image ONNX
@@ -110,6 +113,19 @@ def trained(name: str, task: Task, epochs: int) -> torch.nn.Module:
         model = build_seeded(arch(name, task.input_shape[-1]), 0, task)
         train_model(model, task, train_config(name, epochs), run, progress=False, overwrite=True)
     return load(run).eval()
+
+
+@contextlib.contextmanager
+def memory_limit(extra_bytes: int):
+    """Let the enclosed call allocate at most ``extra_bytes`` more address space: Torch-Pruning 1.6 exhausts the
+    machine's memory on swin_t (24 GB, OOM-killed), and a MemoryError is a result, a killed run is not."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -166,7 +182,8 @@ def accuracy_row(name: str, splits, task: Task, args: argparse.Namespace) -> dic
         return pruned, out
 
     def tp_pruned():
-        pruned, seconds = timed(lambda: torch_pruning_model(model, example, RATIO))
+        with memory_limit(TP_MEMORY):
+            pruned, seconds = timed(lambda: torch_pruning_model(model, example, RATIO))
         out = {
             "params_ratio": count_params(pruned)[0] / params,
             "macs_ratio": count_macs(pruned, shape)[0] / macs,
@@ -529,7 +546,8 @@ def sweep_one(name: str) -> dict[str, Any]:
         return pruned
 
     def tp_prune():
-        pruned, seconds = timed(lambda: torch_pruning_model(model, x[:4], RATIO))
+        with memory_limit(TP_MEMORY):
+            pruned, seconds = timed(lambda: torch_pruning_model(model, x[:4], RATIO))
         with torch.no_grad():
             pruned(x[:2])
         row["torch_pruning"] = {
