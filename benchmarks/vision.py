@@ -139,7 +139,9 @@ def attempt(row: dict, key: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - the benchmark reports whatever breaks, per architecture
-        row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        row.setdefault("errors", {})[key] = (
+            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or ['(no message)'])[0][:300]}"
+        )
         print(f"  {row['model']} {key}: {row['errors'][key]}", flush=True)
         traceback.print_exc(limit=2)
         return None
