@@ -429,6 +429,9 @@ def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -
             qat = " (QAT)" if done.get("method", "PTQ") != "PTQ" else ""
             return pct(done.get("accuracy")) + qat
 
+        if "params" not in r:
+            print(f"| {r['model']} | - | failed (see below) |" + " - |" * 6)
+            continue
         print(
             f"| {r['model']} | {r['params'] / 1e6:.1f}M | {pct(r['fp32'])} | {pruned(r.get('slimkit_pruned'))} "
             f"| {pruned(r.get('tp_pruned'))} | {acc_of('slimkit_int8')} | {acc_of('ort_int8')} "
