@@ -168,7 +168,10 @@ def _fold_pairs(model: nn.Module, pairs: list[list[str]]) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
 
 
-REWRITE_RTOL = 1e-4  # a rewrite in fp32 (folding) may change outputs by float rounding only
+# A rewrite in fp32 (folding) may change outputs by float rounding only. Ill-conditioned models move more
+# (efficientnet_b0 trained at 32 px, run at 224 px: outputs near 1e4, one fold moves them by 2e-4 of that);
+# a BatchNorm that hides an activation moves them by 1% to 100%.
+REWRITE_RTOL = 1e-3
 
 
 @torch.no_grad()
