@@ -83,7 +83,7 @@ SPEED_SIZE = 224
 # Runtime's calibrator holds at once (64 images of vit_b_16: 22 GB)
 SPEED_CALIBRATION = {"vit_": 16, "swin_": 16}
 MIN_SIZE = {
-    "inception_v3": 96,
+    "inception_v3": 299,  # its auxiliary head (training mode) pools 5x5 over a 17x17 map
     "googlenet": 32,
 }  # smallest inputs their stems and pools accept
 FIXED_SIZE = ("vit_",)  # built for one image size (position embeddings): trained at it, interpolated for speed
@@ -509,7 +509,7 @@ def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -
 
 SWEEP_SIZE = 64
 SWEEP_SIZES = {
-    "inception_v3": 96,
+    "inception_v3": 299,  # its auxiliary head (training mode) pools 5x5 over a 17x17 map
     "maxvit_t": 224,
     "vit_h_14": 56,
 }  # what their stems and patch sizes accept
