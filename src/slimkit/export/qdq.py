@@ -227,11 +227,7 @@ def dynamic_gemms_to_integer(model) -> int:
         _insert_in_place_of(graph, gemm, nodes)
         graph.node.remove(w_dq)
         count += 1
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for node in list(graph.node):  # activation dequantizers nothing reads any more
-        if node.op_type == "DequantizeLinear" and node.output[0] not in read:
-            graph.node.remove(node)
-    _drop_unused_initializers(graph)
+    _drop_unread(graph)
     return count
 
 
@@ -288,11 +284,7 @@ def batched_linears_to_gemms(model) -> int:
         graph.node.remove(transpose)
         graph.node.remove(add)
         count += 1
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for node in list(graph.node):  # activation dequantizers nothing reads any more
-        if node.op_type == "DequantizeLinear" and node.output[0] not in read:
-            graph.node.remove(node)
-    _drop_unused_initializers(graph)
+    _drop_unread(graph)
     _topological_sort(graph)
     return count
 
@@ -329,6 +321,15 @@ def quantize_biases(model) -> int:
     _drop_unused_initializers(graph)
     _topological_sort(graph)
     return count
+
+
+def _drop_unread(graph) -> None:
+    """Remove the dequantizers nothing reads any more after a rewrite, then the initializers they read."""
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type == "DequantizeLinear" and node.output[0] not in read:
+            graph.node.remove(node)
+    _drop_unused_initializers(graph)
 
 
 def _drop_unused_initializers(graph) -> None:
