@@ -203,4 +203,6 @@ def test_linears_over_tokens_run_as_integer_gemms(tmp_path, digits):
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
     fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert fused.count("QGemm") == 3 and "MatMulIntegerToFloat" not in fused  # integer in, integer out
+    assert fused.count("QGemm") == 3 and "MatMulIntegerToFloat" not in fused
+    # integer in, float out: GELU and the mean read floats straight from the kernel, no dequantize pass
+    assert fused.count("QuantizeLinear") == 3 and "DequantizeLinear" not in fused

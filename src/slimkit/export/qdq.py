@@ -23,7 +23,7 @@ from ..errors import SlimkitError
 from ..models.outputs import prediction
 from ..io import atomic_path
 from ..outputs import claim_output
-from .onnx import _export_graph, shorten_names
+from .onnx import DEFAULT_OPSET, _export_graph, shorten_names
 
 
 def _constants(graph) -> dict[str, np.ndarray]:
@@ -271,7 +271,8 @@ def batched_linears_to_gemms(model) -> int:
             helper.make_node("Reshape", [x_dq.input[0], f"{base}_rows"], [f"{base}_rows_q"]),
             helper.make_node("DequantizeLinear", [f"{base}_rows_q", *x_dq.input[1:]], [f"{base}_rows_x"]),
             helper.make_node("Gemm", [f"{base}_rows_x", transpose.input[0], bias], [f"{base}_gemm"], transB=1),
-            helper.make_node("Shape", [matmul.input[0]], [f"{base}_lead"], end=-1),
+            # the shape of the quantized tensor: the dequantized one would be computed only to be measured
+            helper.make_node("Shape", [x_dq.input[0]], [f"{base}_lead"], end=-1),
             helper.make_node("Concat", [f"{base}_lead", f"{base}_width"], [f"{base}_shape"], axis=0),
         ]
         if q_out is not None:  # quantize the Gemm's rows, then give them back their shape, still quantized
@@ -354,7 +355,7 @@ def _topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Tensor, opset: int = 18) -> Path:
+def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Tensor, opset: int = DEFAULT_OPSET) -> Path:
     """Export a fake-quantized model as a QDQ ONNX file with integer weights and int32 biases
     (opset 21 where weights are block-quantized)."""
     import onnx

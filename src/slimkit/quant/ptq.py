@@ -42,7 +42,8 @@ from .scheme import QScheme, log2_quantize, qparams
 
 ACT_SCHEME = QScheme(bits=8, symmetric=False, signed=False)  # uint8, as ONNX Runtime's x86 kernels prefer
 aten = torch.ops.aten
-WEIGHTED = {aten.conv2d.default, aten.conv1d.default, aten.linear.default}
+CONVS = {aten.conv2d.default, aten.conv1d.default}
+WEIGHTED = {*CONVS, aten.linear.default}
 MATMULS = {aten.matmul.default, aten.bmm.default}
 PLAN_OP = "quantize-static"
 FUSED_ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
@@ -139,7 +140,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
         if node.op != "call_function" or "batch_norm" not in str(node.target):
             continue
         conv = node.args[0]
-        if not (isinstance(conv, fx.Node) and conv.target in (aten.conv2d.default, aten.conv1d.default)
+        if not (isinstance(conv, fx.Node) and conv.target in CONVS
                 and len(conv.users) == 1):
             continue
         conv_name = params.get(conv.args[1].name, "").rpartition(".")[0]
@@ -251,9 +252,10 @@ def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.No
         else:
             continue
         users = list(node.users)
-        out = users[0] if len(users) == 1 and users[0].target in FUSED_ACTIVATIONS else node
+        fused = len(users) == 1 and users[0].target in FUSED_ACTIVATIONS
+        outputs = [users[0] if fused else node] if fused or node.target in CONVS else []
         if cfg.activations == "static":
-            for value in (*inputs, out):
+            for value in (*inputs, *outputs):
                 values[value] = None
     return ops, list(values)
 
