@@ -26,6 +26,7 @@ kept from the previous file unless ``--fresh``; ``--tables`` prints them).
    writes benchmarks/results/vision-sweep.json.
 
     python benchmarks/vision.py [--models resnet18,resnet50] [--all] [--epochs 10] [--threads 2] [--sweep]
+                                [--skip-speed | --skip-accuracy]
 """
 
 from __future__ import annotations
@@ -675,6 +676,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--skip-accuracy",
+        action="store_true",
+        help="speed rows only (the trained models cached by an accuracy run); accuracy rows kept from vision.json",
+    )
     parser.add_argument("--tables", action="store_true", help="print the tables of vision.json and stop")
     parser.add_argument("--fresh", action="store_true", help="drop the rows earlier runs left in vision.json")
     parser.add_argument(
@@ -709,10 +715,11 @@ def main() -> None:
     for name in names:
         splits = load_data(f"digits:size={image_size(name)},channels=3")
         task = Task.classification(splits)
-        row = {"model": name}
-        acc = attempt(row, "accuracy", partial(accuracy_row, name, splits, task, args))
-        acc_rows.append(acc or row)
-        print(f"accuracy {name}: {acc_rows[-1]}", flush=True)
+        if not args.skip_accuracy:
+            row = {"model": name}
+            acc = attempt(row, "accuracy", partial(accuracy_row, name, splits, task, args))
+            acc_rows.append(acc or row)
+            print(f"accuracy {name}: {acc_rows[-1]}", flush=True)
         if big is not None:
             srow = {"model": name}
             speed = attempt(srow, "speed", partial(speed_row, name, trained(name, task, args.epochs), big, args))
