@@ -258,3 +258,19 @@ def test_quantizer_buffers_the_codes_carry_are_not_stored_twice(digits, briefly_
     assert torch.equal(load(tmp_path / "old")(digits.x_test), gm(digits.x_test))
     channels = 300 + 100 + 10  # a float32 scale and an int32 zero point per output channel, no longer twice
     assert dir_bytes(tmp_path / "old") - dir_bytes(tmp_path / "new") >= 8 * channels
+
+
+def test_qat_runs_only_where_static_int8_loses_too_much(trained_run, tmp_path):
+    def quantize(out, **stage):
+        recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False},
+                               "stages": [{"type": "quantize", "calib": 128, **stage}]})
+        return run_recipe(recipe, tmp_path / out, progress=False)["stages"][1]["notes"]
+
+    kept = quantize("kept", qat_if_drop=0.05)  # 8-bit lenet300 loses well under 5 points: PTQ stays
+    assert kept["qat_decision"]["method"] == "PTQ" and kept["quantize"]["qat_epochs"] == 0
+    decision = kept["qat_decision"]
+    assert decision["val_score_float"] - decision["val_score_ptq"] <= 0.05
+    trained = quantize("trained", weight_bits=2, qat_if_drop=0.01, qat={"epochs": 1, "lr": 5e-4})
+    decision = trained["qat_decision"]  # 2-bit weights lose far more than a point: QAT runs, as configured
+    assert decision["method"] == "QAT" and decision["val_score_float"] - decision["val_score_ptq"] > 0.01
+    assert trained["quantize"]["qat_epochs"] == 1 and len(trained["training"]["QAT"]["history"]) == 1

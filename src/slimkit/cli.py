@@ -336,6 +336,9 @@ def quantize(
                                                 help="mixed 4/8-bit weights within this fraction of fp32 bytes"),
     qat_epochs: int = typer.Option(0, "--qat-epochs", help="quantization-aware training epochs after calibration"),
     qat_lr: float = typer.Option(5e-4, "--qat-lr"),
+    qat_if_drop: Optional[float] = typer.Option(
+        None, "--qat-if-drop", help="run QAT only if static int8 loses more than this validation score (0.01: "
+                                    "1 point); --qat-epochs sets its length (default 2)"),
     exclude: list[str] = typer.Option([], "--exclude", metavar="GLOB", help="layer name glob to keep in float (repeatable)"),
     data: Optional[str] = DataOpt,
     latency: bool = typer.Option(True, "--latency/--no-latency"),
@@ -353,7 +356,7 @@ def quantize(
     stage = {"type": "quantize", "scheme": scheme, "calib": calib, "observer": observer,
              "per_channel": per_channel, "exclude": exclude, "rounding": rounding,
              "size_budget": size_budget, "bias_correction": bias_correction,
-             "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None}
+             "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None, "qat_if_drop": qat_if_drop}
     stage.update({k: v for k, v in (("weight_bits", bits), ("group_size", group_size)) if v is not None})
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],

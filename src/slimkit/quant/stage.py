@@ -8,9 +8,12 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from torch import nn
 
+from ..errors import SlimkitError
 from ..stages import Stage, StageContext, register_stage
 from ..train.loop import TrainConfig
 from .ptq import StaticQuantConfig, calibration_batches, quantize_static
+
+QAT_FALLBACK = TrainConfig(epochs=2, lr=1e-4)  # from calibrated scales: a short, gentle fine-tune
 
 
 @register_stage
@@ -24,6 +27,9 @@ class QuantizeStage(Stage, StaticQuantConfig):
     scheme: Literal["int8-static", "int8-dynamic", "int8-weight", "int4-weight", "log"] = "int8-static"
     onnx: str = Field("model-int8.onnx", min_length=1, pattern=r"^[^/\\]+\.onnx$")
     qat: TrainConfig | None = None  # quantization-aware training after calibration (epochs, lr, ...)
+    # QAT only where static quantization loses more than this much validation score (0.01: one point of
+    # accuracy), with the `qat` settings or QAT_FALLBACK; PTQ is kept when it is close enough
+    qat_if_drop: float | None = Field(None, ge=0, le=1)
     size_budget: float | None = Field(None, gt=0, le=0.25)  # mixed precision: weights' fraction of fp32 bytes
     learn_scale: bool = True  # LSQ step sizes during QAT
 
@@ -39,10 +45,13 @@ class QuantizeStage(Stage, StaticQuantConfig):
             allocation = allocate_bits(model, ctx.task, calib, self.size_budget, cfg)
             cfg = cfg.model_copy(update={"layer_bits": allocation["layer_bits"]})
             ctx.notes["mixed_precision"] = allocation
-        if self.qat is not None and self.qat.epochs > 0:
-            quantized, step = self._train(model, calib, cfg, ctx)
+        qat = self.qat if self.qat is not None and self.qat.epochs > 0 else None
+        if qat is not None and self.qat_if_drop is None:
+            quantized, step = self._train(model, calib, cfg, ctx, qat)
         else:
             quantized, step = quantize_static(model, calib, cfg)
+            if self.qat_if_drop is not None:
+                quantized, step, qat = self._qat_if_needed(model, calib, cfg, ctx, (quantized, step), qat)
         meta = getattr(model, "slimkit_meta", {"plan": []})
         quantized.slimkit_meta = {**meta, "plan": [*meta.get("plan", []), step]}
         check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs, reference=model)
@@ -51,7 +60,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
                                "bytes": (ctx.out_dir / self.onnx).stat().st_size,
                                "check": {"against": "slimkit's int8 simulation", **check}}
         ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]), "weight_bits": cfg.weight_bits,
-                                 "qat_epochs": self.qat.epochs if self.qat else 0,
+                                 "qat_epochs": qat.epochs if qat else 0,
                                  "activations": cfg.activations, "group_size": cfg.group_size,
                                  "activations_uint8": len(step["activations"]),
                                  "folded_batchnorm": len(step["folded_batchnorm"]), "observer": self.observer,
@@ -74,9 +83,21 @@ class QuantizeStage(Stage, StaticQuantConfig):
     def model_post_init(self, __context) -> None:  # the scheme's settings are what must be consistent
         self.quant_config()
 
-    def _train(self, model: nn.Module, calib, cfg: StaticQuantConfig, ctx: StageContext):
+    def _qat_if_needed(self, model: nn.Module, calib, cfg: StaticQuantConfig, ctx: StageContext, ptq,
+                       qat: TrainConfig | None):
+        """PTQ's result, or QAT's where PTQ lost more than ``qat_if_drop`` of the validation score."""
+        if not ctx.task.can_score:
+            raise SlimkitError("qat_if_drop needs labelled data to score the quantized model on")
+        before, after = ctx.task.val_score(model), ctx.task.val_score(ptq[0])
+        needed = before - after > self.qat_if_drop
+        qat = (qat or QAT_FALLBACK) if needed else None
+        ctx.notes["qat_decision"] = {"val_score_float": before, "val_score_ptq": after, "max_drop": self.qat_if_drop,
+                                     "method": "QAT" if needed else "PTQ"}
+        return (*(self._train(model, calib, cfg, ctx, qat) if needed else ptq), qat)
+
+    def _train(self, model: nn.Module, calib, cfg: StaticQuantConfig, ctx: StageContext, qat: TrainConfig):
         from .qat import convert_qat, prepare_qat
 
         trainable, qat_ctx = prepare_qat(model, calib, cfg, learn_scale=self.learn_scale)
-        ctx.fit(trainable, self.qat, "QAT")
+        ctx.fit(trainable, qat, "QAT")
         return convert_qat(trainable, qat_ctx)
