@@ -323,6 +323,17 @@ def interleaved_latency(files: dict[str, Path], batches: list[int], threads: int
     return out
 
 
+def linear_share(model: torch.nn.Module) -> float:
+    """The fraction of the model's parameters in linear layers (transformers, ConvNeXt: most; CNNs: the head)."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = sum(
+        m.in_proj_weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None
+    )
+    return (linear + attention) / count_params(model)[0]
+
+
 def speed_calibration(name: str) -> int:
     return next((n for prefix, n in SPEED_CALIBRATION.items() if name.startswith(prefix)), 64)
 
@@ -376,7 +387,14 @@ def speed_row(name: str, model: torch.nn.Module, big: Any, args: argparse.Namesp
                 if label == "fp32":
                     files["ORT dynamic int8"] = ort_dynamic(path, tmp / "ort-dynamic.onnx")
 
+            def slimkit_dynamic(source=source):
+                quantized, _ = quantize_static(source, calib, StaticQuantConfig(activations="dynamic"))
+                export_qdq(quantized, tmp / "slimkit-dynamic.onnx", test[:2])
+                files["slimkit dynamic int8"] = tmp / "slimkit-dynamic.onnx"
+
             attempt(row, f"{prefix}slimkit int8", slimkit_int8)
+            if label == "fp32" and linear_share(source) > 0.5:  # dynamic int8 quantizes linear layers only
+                attempt(row, "slimkit dynamic int8", slimkit_dynamic)
             attempt(row, f"{prefix}ORT int8", ort_int8)
         row["file_bytes"] = {label: path.stat().st_size for label, path in files.items()}
         reference = run_ort(ort_session(files["fp32"], args.threads), test) if "fp32" in files else None
@@ -463,6 +481,7 @@ def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -
         "slimkit int8",
         "ORT int8",
         "ORT dynamic int8",
+        "slimkit dynamic int8",
         "pruned fp32",
         "pruned slimkit int8",
         "pruned ORT int8",
@@ -470,7 +489,7 @@ def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -
     print(
         "| model | GMACs | fp32 ms b1 / b8 | "
         + " | ".join(f"{label} b1 / b8" for label in labels)
-        + " | slimkit int8 GMAC/s b8 (% of int8 peak) | fp32 GMAC/s b8 (% of fp32 peak) | SQNR to fp32: slimkit / ORT static / ORT dynamic |"
+        + " | slimkit int8 GMAC/s b8 (% of int8 peak) | fp32 GMAC/s b8 (% of fp32 peak) | SQNR to fp32: slimkit / ORT static / ORT dynamic / slimkit dynamic |"
     )
     print("|---|---:|---:|" + "---:|" * len(labels) + "---:|---:|---:|")
     for r in speed:
@@ -479,7 +498,10 @@ def print_tables(acc: list[dict], speed: list[dict], args: argparse.Namespace) -
         base = f"{fp32['b1']['median_ms']:.1f} / {fp32['b8']['median_ms']:.1f}" if fp32 else "-"
         achieved = {kind: achieved_rate(r, label, kind) for kind, label in (("int8", "slimkit int8"), ("fp32", "fp32"))}
         sq = r.get("sqnr_db_vs_fp32", {})
-        sqnr = " / ".join(f"{sq[k]:.1f}" if k in sq else "-" for k in ("slimkit int8", "ORT int8", "ORT dynamic int8"))
+        sqnr = " / ".join(
+            f"{sq[k]:.1f}" if k in sq else "-"
+            for k in ("slimkit int8", "ORT int8", "ORT dynamic int8", "slimkit dynamic int8")
+        )
         print(
             f"| {r['model']} | {r['macs'] / 1e9:.2f} | {base} | "
             + " | ".join(f"{ratio(r, label, 'b1')} / {ratio(r, label, 'b8')}" for label in labels)
