@@ -614,10 +614,15 @@ def sweep_one(name: str) -> dict[str, Any]:
     return row
 
 
-def sweep(names: list[str], timeout_s: int) -> list[dict[str, Any]]:
+def sweep(names: list[str], timeout_s: int, fresh: bool) -> list[dict[str, Any]]:
     """Each architecture in its own process, smallest first: one that exhausts memory or hangs is recorded,
-    not fatal; rows are written as they come."""
+    not fatal; rows are written as they come, and a rerun keeps the finished rows of an earlier one (resume)."""
     from slimkit.models.vision import _parameters_on_meta
+
+    path = RESULTS / "vision-sweep.json"
+    earlier = [] if fresh or not path.is_file() else json.loads(path.read_text())["rows"]
+    finished = {r["model"]: r for r in earlier if "process" not in r.get("errors", {})}
+    others = [r for r in earlier if r["model"] not in names]  # kept in the file, not swept now
 
     models = import_torchvision().models
 
@@ -629,6 +634,9 @@ def sweep(names: list[str], timeout_s: int) -> list[dict[str, Any]]:
 
     rows = []
     for name in sorted(names, key=size):
+        if name in finished:
+            rows.append(finished[name])
+            continue
         try:
             done = subprocess.run(
                 [sys.executable, __file__, "--sweep-one", name],
@@ -650,8 +658,8 @@ def sweep(names: list[str], timeout_s: int) -> list[dict[str, Any]]:
             row = {"model": name, "errors": {"process": f"over {timeout_s} s"}}
         rows.append(row)
         print(f"sweep {name}: {json.dumps(row)[:600]}", flush=True)
-        write_json_atomic(RESULTS / "vision-sweep.json", {"slimkit_version": slimkit.__version__, "rows": rows})
-    return rows
+        write_json_atomic(path, {"slimkit_version": slimkit.__version__, "rows": others + rows})
+    return others + rows
 
 
 def print_sweep(rows: list[dict[str, Any]]) -> None:
@@ -704,7 +712,9 @@ def main() -> None:
         help="speed rows only (the trained models cached by an accuracy run); accuracy rows kept from vision.json",
     )
     parser.add_argument("--tables", action="store_true", help="print the tables of vision.json and stop")
-    parser.add_argument("--fresh", action="store_true", help="drop the rows earlier runs left in vision.json")
+    parser.add_argument(
+        "--fresh", action="store_true", help="drop the rows earlier runs left in vision.json (vision-sweep.json)"
+    )
     parser.add_argument(
         "--sweep",
         action="store_true",
@@ -720,6 +730,7 @@ def main() -> None:
         rows = sweep(
             classification_models() if args.all or args.models == ",".join(MODELS) else args.models.split(","),
             args.sweep_timeout,
+            args.fresh,
         )
         print_sweep(rows)
         return
