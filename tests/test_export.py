@@ -48,3 +48,41 @@ def test_unexportable_model_is_a_clear_error(tmp_path):
     with pytest.raises(SlimkitError, match="ONNX export failed for DataDependent"):
         export_onnx(DataDependent(), tmp_path / "x.onnx", torch.randn(2, 3))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_weights_over_the_protobuf_limit_go_to_a_side_file(tmp_path, digits, monkeypatch):
+    """A model too large for one protobuf (2 GiB) keeps its weights in NAME.onnx.data; exercised on a small
+    model by lowering the threshold. Both files appear only when verified, and a user's file is never replaced."""
+    from slimkit.export.onnx import onnx_bytes
+    from slimkit.export.qdq import export_int8_verified
+    from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+
+    monkeypatch.setattr(onnx_module, "EXTERNAL_DATA_BYTES", 0)
+    model = new_model("lenet5").eval()
+    out = tmp_path / "fp32.onnx"
+    export_onnx(model, out, digits.x_test[:2], verify_on=digits.x_test[:64])
+    export_onnx(model, out, digits.x_test[:2], verify_on=digits.x_test[:64])  # replaces its own pair
+    quantized, _ = quantize_static(model, digits.x_train[:256], StaticQuantConfig())
+    export_int8_verified(quantized, tmp_path / "int8.onnx", digits.x_test[:64], reference=model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "fp32.onnx.data", "int8.onnx", "int8.onnx.data"]
+    weights = sum(p.numel() for p in model.parameters())
+    side_bytes = (tmp_path / "fp32.onnx.data").stat().st_size  # every tensor of 1 KiB or more: ~all the weights
+    assert 0.95 * 4 * weights < side_bytes <= 4 * weights and out.stat().st_size < 0.1 * side_bytes
+    assert onnx_bytes(out) == out.stat().st_size + (tmp_path / "fp32.onnx.data").stat().st_size
+    locations = {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"fp32.onnx.data"}
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("fp32.onnx", "fp32.onnx.data"):
+        (tmp_path / name).rename(moved / name)
+    with torch.no_grad():
+        expected = model(digits.x_test[:8]).numpy()
+    np.testing.assert_allclose(run_ort(ort_session(moved / "fp32.onnx"), digits.x_test[:8]), expected, atol=1e-4)
+
+    (tmp_path / "user.onnx.data").write_bytes(b"not slimkit's")
+    with pytest.raises(SlimkitError, match="user.onnx.data already exists and slimkit did not write it"):
+        export_onnx(model, tmp_path / "user.onnx", digits.x_test[:2])
+    assert (tmp_path / "user.onnx.data").read_bytes() == b"not slimkit's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx", "int8.onnx.data", "moved", "user.onnx.data"]

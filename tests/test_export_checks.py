@@ -162,14 +162,13 @@ def test_a_refused_int8_export_names_the_layer_where_it_parts(tmp_path, digits, 
     from slimkit.export import qdq
 
     quantized, _ = quantize_static(briefly_trained("resnet8"), calibration_subset(digits, 128))
-    original = qdq.export_qdq
+    original = qdq.write_qdq
 
     def damaged(model, path, sample, opset=18):
         original(model, path, sample, opset)
         _damage_weight(path, path, 2)
-        return path
 
-    monkeypatch.setattr(qdq, "export_qdq", damaged)
+    monkeypatch.setattr(qdq, "write_qdq", damaged)
     with pytest.raises(SlimkitError, match=r"worse than slimkit's simulation.*the codes part at the output of "
                                            r"\S+ \(\d+\.\d% differ, up to \d+ steps; slimkit diff-int8"):
         qdq.export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test)

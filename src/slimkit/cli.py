@@ -209,7 +209,7 @@ def export(
     """Export to a deployment format; the result is checked against torch on the test split."""
     import torch
 
-    from .export import export_onnx
+    from .export import export_onnx, onnx_bytes
     from .export.qdq import export_int8_verified
     from .outputs import check_disjoint
     from .modelfile import resolve_model_dir
@@ -228,12 +228,12 @@ def export(
         check = torch.randn(64, *_input_shape(model, splits), generator=torch.Generator().manual_seed(0))
     if fmt == "onnx-int8":
         result = export_int8_verified(model, out, check, overwrite=overwrite)
-        typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime int8 vs slimkit's simulation on "
+        typer.echo(f"wrote {out} ({onnx_bytes(out):,} bytes); ONNX Runtime int8 vs slimkit's simulation on "
                    f"{result['samples']} samples: top-1 agreement {result['top1_agreement']:.4f}, "
                    f"SQNR {result['sqnr_db']:.1f} dB")
         return
     result = export_onnx(model, out, check[:2], verify_on=check, atol=atol, rtol=rtol, overwrite=overwrite)
-    typer.echo(f"wrote {out} ({out.stat().st_size:,} bytes); ONNX Runtime vs torch on {result.samples_checked} "
+    typer.echo(f"wrote {out} ({onnx_bytes(out):,} bytes); ONNX Runtime vs torch on {result.samples_checked} "
                f"samples: max abs diff {result.max_abs_diff:.2e}")
 
 

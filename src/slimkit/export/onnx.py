@@ -27,6 +27,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_ATOL = 1e-5  # ONNX Runtime vs torch: at most atol + rtol x the largest output magnitude
 DEFAULT_RTOL = 1e-4
+# protobuf cannot hold 2 GiB: a model with more weight bytes than this keeps them in a side file (NAME.onnx.data)
+EXTERNAL_DATA_BYTES = 1 << 30
 # opset 20: GELU is one Gelu op (ONNX Runtime fuses it with the bias before it); at 18 it is five
 # elementwise passes over the widest activations of ViT, Swin and ConvNeXt
 DEFAULT_OPSET = 20
@@ -96,7 +98,62 @@ def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int
         proto = program.model_proto
         strip_debug_info(proto)
         proto.producer_name = ONNX_PRODUCER  # marks slimkit's files (so only they are replaced without --overwrite)
+        save_onnx(proto, path)
+
+
+def side_file(path: Path) -> Path:
+    """Where the weights of a model too large for one protobuf live: ``NAME.onnx.data`` beside ``NAME.onnx``."""
+    return path.with_name(path.name + ".data")
+
+
+def save_onnx(proto, path: Path) -> None:
+    """Save ``proto`` at ``path``, its weights in ``side_file(path)`` when they pass ``EXTERNAL_DATA_BYTES``
+    (ONNX Runtime finds the side file by the name recorded in the model, relative to the model's folder)."""
+    import onnx
+
+    side_file(path).unlink(missing_ok=True)
+    if sum(t.ByteSize() for t in proto.graph.initializer) <= EXTERNAL_DATA_BYTES:
         onnx.save(proto, str(path))
+        return
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=side_file(path).name)  # tensors under 1 KiB (shapes) stay in the model
+
+
+def onnx_bytes(path: Path) -> int:
+    """Bytes of an ONNX model on disk: the file and its side file of weights, if any."""
+    side = side_file(path)
+    return path.stat().st_size + (side.stat().st_size if side.is_file() else 0)
+
+
+@contextlib.contextmanager
+def atomic_onnx_path(target: Path):
+    """``atomic_path`` for an ONNX file and its side file of weights, if it has one: the side file is renamed
+    into place first (and the model's reference to it rewritten), then the model."""
+    with atomic_path(target) as tmp:
+        try:
+            yield tmp
+            if side_file(tmp).exists():
+                _publish_side_file(tmp, target)
+        finally:
+            side_file(tmp).unlink(missing_ok=True)
+
+
+def _publish_side_file(tmp: Path, target: Path) -> None:
+    import onnx
+
+    from ..outputs import output_kind
+
+    dest = side_file(target)
+    if dest.exists() and output_kind(target) != "onnx":
+        raise SlimkitError(f"{dest} already exists and slimkit did not write it (it would hold the weights of "
+                           f"{target.name}): move it away or choose another path")
+    proto = onnx.load(str(tmp), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = dest.name
+    onnx.save(proto, str(tmp))  # references only: the weights stay in the side file
+    os.replace(side_file(tmp), dest)
 
 
 def strip_debug_info(proto) -> None:
@@ -160,7 +217,7 @@ def export_onnx(
     model = model.eval()
     path = Path(path)
     check = verify_on if verify_on is not None else sample
-    with claim_output(path, "onnx", overwrite=overwrite), atomic_path(path) as tmp:
+    with claim_output(path, "onnx", overwrite=overwrite), atomic_onnx_path(path) as tmp:
         _export_graph(model, tmp, sample[:2] if len(sample) >= 2 else sample, opset)
         with torch.no_grad():
             expected = torch.cat([prediction(model(check[i : i + 256])) for i in range(0, len(check), 256)]).numpy()

@@ -21,9 +21,8 @@ import torch
 
 from ..errors import SlimkitError
 from ..models.outputs import prediction
-from ..io import atomic_path
 from ..outputs import claim_output
-from .onnx import DEFAULT_OPSET, _export_graph, shorten_names
+from .onnx import DEFAULT_OPSET, _export_graph, atomic_onnx_path, save_onnx, shorten_names
 
 
 def _constants(graph) -> dict[str, np.ndarray]:
@@ -358,6 +357,15 @@ def _topological_sort(graph) -> None:
 def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Tensor, opset: int = DEFAULT_OPSET) -> Path:
     """Export a fake-quantized model as a QDQ ONNX file with integer weights and int32 biases
     (opset 21 where weights are block-quantized)."""
+    path = Path(path)
+    with atomic_onnx_path(path) as tmp:
+        write_qdq(model, tmp, sample, opset)
+    return path
+
+
+def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: int = DEFAULT_OPSET) -> None:
+    """``export_qdq`` into a path the caller makes atomic (a temporary file: its side file's name is recorded
+    in the model, so the file is written where ONNX Runtime will load it)."""
     import onnx
 
     from ..quant.meta_kernels import ensure_fake_quant_meta_kernels
@@ -366,21 +374,18 @@ def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Te
     ensure_fake_quant_meta_kernels()
     grouped = isinstance(model, torch.fx.GraphModule) and any(
         node.target is torch.ops.slimkit.group_fake_quant.default for node in model.graph.nodes)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        _export_graph(model, tmp, sample[:2], max(opset, GROUP_OPSET) if grouped else opset, onnx_translations())
-        proto = onnx.load(str(tmp))
-        fold_constant_reshapes(proto)
-        blocked_gemms_to_matmuls(proto)
-        if fold_weight_quantizers(proto) == 0:
-            raise SlimkitError(f"{type(model).__name__} has no quantized weights to export as int8")
-        dynamic_gemms_to_integer(proto)
-        batched_linears_to_gemms(proto)
-        quantize_biases(proto)
-        shorten_names(proto)
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-    return path
+    _export_graph(model, path, sample[:2], max(opset, GROUP_OPSET) if grouped else opset, onnx_translations())
+    proto = onnx.load(str(path))
+    fold_constant_reshapes(proto)
+    blocked_gemms_to_matmuls(proto)
+    if fold_weight_quantizers(proto) == 0:
+        raise SlimkitError(f"{type(model).__name__} has no quantized weights to export as int8")
+    dynamic_gemms_to_integer(proto)
+    batched_linears_to_gemms(proto)
+    quantize_biases(proto)
+    shorten_names(proto)
+    save_onnx(proto, path)
+    onnx.checker.check_model(str(path))  # by path: a model with a side file is over protobuf's limit in memory
 
 
 MIN_AGREEMENT = 0.99  # the deployed file against the simulation: close enough to need no further judgement
@@ -475,8 +480,8 @@ def export_int8_verified(model: torch.nn.Module, path: str | os.PathLike, inputs
     float model; by default the simulation with float activations); a file that is worse than the simulation
     is not left behind. An existing ONNX file slimkit wrote is replaced; anything else needs ``overwrite``."""
     path = Path(path)
-    with claim_output(path, "onnx", overwrite=overwrite), atomic_path(path) as tmp:
-        export_qdq(model, tmp, inputs[:2])
+    with claim_output(path, "onnx", overwrite=overwrite), atomic_onnx_path(path) as tmp:
+        write_qdq(model, tmp, inputs[:2])
         check = compare_with_runtime(model, tmp, inputs, reference)
         if not deployed_is_faithful(check):
             sim, dep = check["simulation_vs_reference"], check["deployed_vs_reference"]

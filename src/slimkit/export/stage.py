@@ -12,7 +12,7 @@ from ..stages import Stage, StageContext, register_stage
 from ..errors import SlimkitError
 from ..models.outputs import prediction
 from ..io import atomic_path
-from .onnx import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx
+from .onnx import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, onnx_bytes
 from ..quant.ptq import is_quantized
 from .qdq import export_int8_verified
 
@@ -53,7 +53,7 @@ class ExportStage(Stage):
                         "allowed": result.allowed_diff, "samples": result.samples_checked}
         ctx.artifacts["onnx"] = filename
         ctx.notes["export"] = {"file": filename, "format": self.format, "runtime": "ONNX Runtime",
-                               "bytes": path.stat().st_size, "check": verified}
+                               "bytes": onnx_bytes(path), "check": verified}
         return model
 
     def _slim(self, model: nn.Module, ctx: StageContext) -> nn.Module:

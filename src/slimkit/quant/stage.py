@@ -34,6 +34,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
     learn_scale: bool = True  # LSQ step sizes during QAT
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
+        from ..export.onnx import onnx_bytes
         from ..export.qdq import export_int8_verified
 
         batches = ctx.task.train_batches(TrainConfig(seed=self.seed))
@@ -57,7 +58,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
         check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs, reference=model)
         ctx.artifacts["onnx"] = self.onnx
         ctx.notes["export"] = {"file": self.onnx, "format": "onnx-int8", "runtime": "ONNX Runtime",
-                               "bytes": (ctx.out_dir / self.onnx).stat().st_size,
+                               "bytes": onnx_bytes(ctx.out_dir / self.onnx),
                                "check": {"against": "slimkit's int8 simulation", **check}}
         ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]), "weight_bits": cfg.weight_bits,
                                  "qat_epochs": qat.epochs if qat else 0,
