@@ -117,6 +117,9 @@ def test_observers():
         make_observer("mse").range()
     with pytest.raises(SlimkitError, match="unknown observer"):
         make_observer("magic")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(SlimkitError, match="NaN or Inf activations"):
+            make_observer("minmax").update(torch.tensor([0.0, bad, 1.0]))
 
 
 def test_mse_observer_beats_minmax_on_its_objective():

@@ -36,9 +36,10 @@ class Observer:
         x = x.detach().float().reshape(-1)
         if x.numel() == 0:
             return
-        if not torch.isfinite(x).all():
+        lo, hi = (float(v) for v in torch.aminmax(x))  # one pass; a NaN anywhere makes both NaN
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise SlimkitError("calibration produced NaN or Inf activations")
-        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self._observe(x)
 
     def _observe(self, x: torch.Tensor) -> None:
