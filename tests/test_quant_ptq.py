@@ -274,3 +274,41 @@ def test_qat_runs_only_where_static_int8_loses_too_much(trained_run, tmp_path):
     decision = trained["qat_decision"]  # 2-bit weights lose far more than a point: QAT runs, as configured
     assert decision["method"] == "QAT" and decision["val_score_float"] - decision["val_score_ptq"] > 0.01
     assert trained["quantize"]["qat_epochs"] == 1 and len(trained["training"]["QAT"]["history"]) == 1
+
+
+class SiLUWithGate(nn.Module):
+    """EfficientNet's pattern in small: conv + SiLU, then a squeeze-and-excitation sigmoid gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.squeeze, self.head = nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = nn.functional.silu(self.conv1(x))
+        y = nn.functional.silu(self.conv2(x))
+        y = y * torch.sigmoid(self.squeeze(y.mean((2, 3), keepdim=True)))
+        return self.head(y.mean((2, 3)))
+
+
+def test_silu_and_sigmoid_gates_run_on_integers(tmp_path, digits):
+    """SiLU is split into x * sigmoid(x) with a quantizer between, so ONNX Runtime fuses both ops (and the gate's
+    product) into integer QLinearSigmoid / QLinearMul: no float Sigmoid or Mul is left in the optimized graph."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = SiLUWithGate().eval()
+    quantized, step = quantize_static(model, calibration_subset(digits, 64))
+    check = export_int8_verified(quantized, tmp_path / "q.onnx", digits.x_test[:128], reference=model)
+    assert check["top1_agreement"] >= 0.99 and check["deployed_vs_reference"]["sqnr_db"] >= 25
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearSigmoid") == 3 and ops.count("QLinearMul") == 3
+    assert "Sigmoid" not in ops and "Mul" not in ops
+    quantized.slimkit_meta = {"architecture": {"factory": f"{__name__}:SiLUWithGate"}, "input_shape": [1, 8, 8],
+                              "plan": [step]}
+    save(quantized, tmp_path / "int8")
+    again = load(tmp_path / "int8", trust_code=True)
+    assert torch.equal(again(digits.x_test), quantized(digits.x_test))  # the split replays identically

@@ -224,7 +224,26 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
                            f"{str(exc).strip().splitlines()[0]}") from None
     unlifted = program.module()
     # a plain GraphModule: the unlifted program refuses .eval()/.train(), which every loop calls
-    return fx.GraphModule(unlifted, unlifted.graph, class_name=f"Quantized{type(model).__name__}")
+    gm = fx.GraphModule(unlifted, unlifted.graph, class_name=f"Quantized{type(model).__name__}")
+    _split_silu(gm)
+    return gm
+
+
+SILU = {aten.silu.default, aten.silu_.default}
+
+
+def _split_silu(gm: fx.GraphModule) -> None:
+    """SiLU as ``x * sigmoid(x)``, the form ONNX has: a quantizer can then sit between the two, so ONNX Runtime
+    runs them as its integer QLinearSigmoid and QLinearMul instead of dequantizing around float ones."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in SILU:
+            with gm.graph.inserting_before(node):
+                gate = gm.graph.call_function(aten.sigmoid.default, (node.args[0],))
+                product = gm.graph.call_function(aten.mul.Tensor, (node.args[0], gate))
+            product.meta, gate.meta = dict(node.meta), dict(node.meta)
+            node.replace_all_uses_with(product)
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _weight_name(node: fx.Node) -> str | None:
@@ -257,7 +276,22 @@ def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.No
         if cfg.activations == "static":
             for value in (*inputs, *outputs):
                 values[value] = None
+    if cfg.activations == "static":
+        _add_gates(gm, values)
     return ops, list(values)
+
+
+def _add_gates(gm: fx.GraphModule, values: dict[fx.Node, None]) -> None:
+    """Quantize the outputs of sigmoid gates over quantized values and of their products (SiLU, squeeze-and-
+    excitation): ONNX Runtime then runs them on integers (QLinearSigmoid, QLinearMul); in float they cost
+    more than the convolutions around them (efficientnet_b0)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.sigmoid.default and node.args[0] in values:
+            values[node] = None
+        elif node.target is aten.mul.Tensor and all(isinstance(a, fx.Node) and a in values for a in node.args[:2]):
+            values[node] = None
 
 
 def weight_scales(weight: torch.Tensor, bits: int, cfg: StaticQuantConfig) -> torch.Tensor:
