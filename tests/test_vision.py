@@ -175,3 +175,29 @@ def test_swin_prunes_through_window_attention_roll_and_patch_merging(tv):
             assert torch.equal(apply_plan(build(v2), pruned.slimkit_meta["plan"][-1])(x), pruned(x))
         pruned.train()
         pruned(x).sum().backward()
+
+
+def test_maxvit_prunes_through_chunked_qkv_and_grid_partition(tv):
+    """MaxViT splits q/k/v with ``chunk``, reshapes heads with a stored ``head_dim`` and partitions its grid with
+    ``swapaxes``: heads keep their count and become narrower, and the stored width follows."""
+    from torchvision.models.maxvit import MaxVit
+
+    from slimkit.pruning.structured import apply_plan, prune_channels
+
+    def build():
+        torch.manual_seed(0)
+        return MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[32],
+                      block_layers=[1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+
+    x = torch.randn(4, 3, 32, 32)
+    model = build()
+    model.slimkit_meta = {"plan": []}
+    pruned, notes = prune_channels(model, x, 0.5)
+    assert notes["reached"]["params_kept"] <= 0.30 and notes["skipped"] == {}
+    assert set(notes["pinned"]) <= {"classifier.5"}
+    attn = pruned.blocks[0].layers[0].layers.window_attention.attn_layer[1]
+    assert (attn.to_qkv.in_features, attn.to_qkv.out_features, attn.n_heads, attn.head_dim) == (16, 48, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(apply_plan(build(), pruned.slimkit_meta["plan"][-1])(x), pruned(x))
+    pruned.train()
+    pruned(x).sum().backward()

@@ -128,9 +128,11 @@ def _packed_attention(model: nn.Module) -> tuple[dict[str, tuple[str, int]], dic
             projections = ("in_proj_weight", "out_proj.weight")
         elif type(module).__name__.startswith("ShiftedWindowAttention") and hasattr(module, "qkv"):
             projections = ("qkv.weight", "proj.weight")  # torchvision's Swin (V1 and V2)
+        elif type(module).__name__ == "RelativePositionalMultiHeadAttention" and hasattr(module, "to_qkv"):
+            projections = ("to_qkv.weight", "merge.weight")  # torchvision's MaxViT (q/k/v by chunk)
         else:
             continue
-        ins[prefix + projections[0]] = (name, module.num_heads)
+        ins[prefix + projections[0]] = (name, getattr(module, "num_heads", getattr(module, "n_heads", 0)))
         outs[prefix + projections[1]] = name
     return ins, outs
 
@@ -507,6 +509,9 @@ class _Analyzer:
         perm = list(range(n))
         perm[a], perm[b] = perm[b], perm[a]
         self.permute(node, x, perm)
+
+    op_swapaxes = op_transpose  # MaxViT's grid partition
+    op_swapdims = op_transpose
 
     def op_permute(self, node) -> None:
         x = node.args[0]

@@ -217,7 +217,7 @@ def apply_plan(model: nn.Module, step: dict[str, Any]) -> nn.Module:
         keep = torch.tensor([i for i in range(originals[(tensor, dim)]) if i not in drop], dtype=torch.long)
         _replace(model, tensor, current.detach().index_select(dim, keep).clone())
         touched.add(tensor.rpartition(".")[0])
-    for name in touched:
+    for name in touched | {name.rpartition(".")[0] for name in touched}:  # parents too: attentions store widths
         _resync(model.get_submodule(name))
     return model
 
@@ -278,6 +278,8 @@ def _resync(module: nn.Module) -> None:
     elif isinstance(module, nn.MultiheadAttention):  # heads keep their count and become narrower
         module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
         module.head_dim = module.embed_dim // module.num_heads
+    elif type(module).__name__ == "RelativePositionalMultiHeadAttention":  # MaxViT reshapes with head_dim
+        module.head_dim = module.to_qkv.weight.shape[0] // 3 // module.n_heads
     elif type(module).__name__ == "VisionTransformer" and hasattr(module, "conv_proj"):
         module.hidden_dim = module.conv_proj.weight.shape[0]  # torchvision's ViT reshapes patches with it
 
