@@ -312,3 +312,5 @@ def test_silu_and_sigmoid_gates_run_on_integers(tmp_path, digits):
     save(quantized, tmp_path / "int8")
     again = load(tmp_path / "int8", trust_code=True)
     assert torch.equal(again(digits.x_test), quantized(digits.x_test))  # the split replays identically
+    products = {n.name for n in quantized.graph.nodes if n.target is torch.ops.aten.mul.Tensor}
+    assert {"silu", "silu_1"} <= products  # plans saved before the split name the SiLU outputs so

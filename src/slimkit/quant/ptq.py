@@ -234,7 +234,8 @@ SILU = {aten.silu.default, aten.silu_.default}
 
 def _split_silu(gm: fx.GraphModule) -> None:
     """SiLU as ``x * sigmoid(x)``, the form ONNX has: a quantizer can then sit between the two, so ONNX Runtime
-    runs them as its integer QLinearSigmoid and QLinearMul instead of dequantizing around float ones."""
+    runs them as its integer QLinearSigmoid and QLinearMul instead of dequantizing around float ones. The
+    product keeps the SiLU's node name: plans saved before the split name it, and it is the same value."""
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in SILU:
             with gm.graph.inserting_before(node):
@@ -243,6 +244,7 @@ def _split_silu(gm: fx.GraphModule) -> None:
             product.meta, gate.meta = dict(node.meta), dict(node.meta)
             node.replace_all_uses_with(product)
             gm.graph.erase_node(node)
+            product.name = node.name  # unique: the erased node held it
     gm.recompile()
 
 
