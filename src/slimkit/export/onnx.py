@@ -107,8 +107,9 @@ def side_file(path: Path) -> Path:
 
 
 def save_onnx(proto, path: Path) -> None:
-    """Save ``proto`` at ``path``, its weights in ``side_file(path)`` when they pass ``EXTERNAL_DATA_BYTES``
-    (ONNX Runtime finds the side file by the name recorded in the model, relative to the model's folder)."""
+    """Save ``proto`` at ``path`` (a temporary path of ``atomic_onnx_path``: its old side file is replaced), its
+    weights in ``side_file(path)`` when they pass ``EXTERNAL_DATA_BYTES`` (ONNX Runtime finds the side file by
+    the name recorded in the model, relative to the model's folder)."""
     import onnx
 
     side_file(path).unlink(missing_ok=True)

@@ -125,15 +125,15 @@ def _packed_attention(model: nn.Module) -> tuple[dict[str, tuple[str, int]], dic
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
-            projections = ("in_proj_weight", "out_proj.weight")
+            packed, out, heads = "in_proj_weight", "out_proj.weight", module.num_heads
         elif type(module).__name__.startswith("ShiftedWindowAttention") and hasattr(module, "qkv"):
-            projections = ("qkv.weight", "proj.weight")  # torchvision's Swin (V1 and V2)
+            packed, out, heads = "qkv.weight", "proj.weight", module.num_heads  # torchvision's Swin (V1 and V2)
         elif type(module).__name__ == "RelativePositionalMultiHeadAttention" and hasattr(module, "to_qkv"):
-            projections = ("to_qkv.weight", "merge.weight")  # torchvision's MaxViT (q/k/v by chunk)
+            packed, out, heads = "to_qkv.weight", "merge.weight", module.n_heads  # MaxViT (q/k/v by chunk)
         else:
             continue
-        ins[prefix + projections[0]] = (name, getattr(module, "num_heads", getattr(module, "n_heads", 0)))
-        outs[prefix + projections[1]] = name
+        ins[prefix + packed] = (name, heads)
+        outs[prefix + out] = name
     return ins, outs
 
 
