@@ -29,9 +29,10 @@ def test_allocation_meets_the_budget(lenet5, digits, budget):
         assert set(bits.values()) == {8}
     if budget == 0.125:
         assert set(bits.values()) == {4}
-    quantized, step = quantize_static(lenet5, calib, StaticQuantConfig(layer_bits=bits))
-    for name, spec in step["weights"].items():
-        assert spec["bits"] == bits[name.rpartition(".")[0]]
+    cfg = StaticQuantConfig(layer_bits=bits)
+    quantized, step = quantize_static(lenet5, calib, cfg)
+    for name, spec in step["weights"].items():  # 8-bit codes are 7-bit where ONNX Runtime's kernels saturate
+        assert spec["bits"] == min(bits[name.rpartition(".")[0]], 7 if cfg.reduces_range() else 8)
 
 
 def test_bad_budgets_and_layers(lenet5, digits):

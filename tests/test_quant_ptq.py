@@ -314,3 +314,57 @@ def test_silu_and_sigmoid_gates_run_on_integers(tmp_path, digits):
     assert torch.equal(again(digits.x_test), quantized(digits.x_test))  # the split replays identically
     products = {n.name for n in quantized.graph.nodes if n.target is torch.ops.aten.mul.Tensor}
     assert {"silu", "silu_1"} <= products  # plans saved before the split name the SiLU outputs so
+
+
+def _mlp():
+    """Random weights and zero-centred inputs: uint8 activations near 255 meet weight codes near +/-127."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                         nn.Linear(100, 10)).eval(), torch.randn(64, 1, 8, 8)
+
+
+def test_reduce_range_gives_7_bit_codes_where_integer_kernels_saturate(tmp_path, monkeypatch):
+    """On an x86 CPU without VNNI ONNX Runtime sums pairs of uint8 x int8 products in 16 bits; 8-bit codes
+    saturate there and the file parts from the simulation, 7-bit codes match it code for code."""
+    from slimkit.analyze import machine
+    from slimkit.export.layer_diff import int8_layer_diff
+    from slimkit.export.qdq import write_qdq
+
+    model, x = _mlp()
+    for saturates in (True, False):
+        monkeypatch.setattr(machine, "int8_pairs_saturate", lambda: saturates)
+        for cfg, bits in ((StaticQuantConfig(), 7 if saturates else 8), (StaticQuantConfig(reduce_range=False), 8),
+                          (StaticQuantConfig(reduce_range=True), 7),
+                          (StaticQuantConfig(activations="none", reduce_range=True), 8),
+                          (StaticQuantConfig(weight_bits=4), 4)):
+            assert {s["bits"] for s in quantize_static(model, x, cfg)[1]["weights"].values()} == {bits}, cfg
+    monkeypatch.undo()
+    reduced, _ = quantize_static(model, x, StaticQuantConfig(reduce_range=True))
+    assert all(w.abs().max() <= 63 * s.max() * 1.0001 for w, s in
+               ((reduced.get_parameter(f"{i}.weight"), reduced.get_buffer(f"_slimkit_wscale_{j}"))
+                for j, i in enumerate((1, 3, 5))))
+    write_qdq(reduced, tmp_path / "reduced.onnx", x[:2])
+    assert [r["codes_differ"] for r in int8_layer_diff(reduced, tmp_path / "reduced.onnx", x)] == [0, 0, 0]
+    full, _ = quantize_static(model, x, StaticQuantConfig(reduce_range=False))
+    if machine.int8_pairs_saturate():  # this CPU: the check refuses the file and names the cause
+        with pytest.raises(SlimkitError, match="no VNNI.*reduce_range"):
+            export_int8_verified(full, tmp_path / "full.onnx", x, reference=model)
+    else:
+        export_int8_verified(full, tmp_path / "full.onnx", x, reference=model)
+
+
+def test_an_excluded_layer_between_quantized_ones_stays_float_in_onnx_runtime(tmp_path):
+    """ONNX Runtime quantizes the weight of a float Conv/Gemm that reads a per-tensor dequantizer itself
+    (WeightBiasQuantization); the export gives such a layer a per-channel dequantizer, so it stays float."""
+    import onnxruntime as ort
+
+    model, x = _mlp()
+    quantized, step = quantize_static(model, x, StaticQuantConfig(exclude=["3"], reduce_range=True))
+    assert set(step["weights"]) == {"1.weight", "5.weight"}
+    check = export_int8_verified(quantized, tmp_path / "q.onnx", x, reference=model)
+    assert check["sqnr_db"] >= 40
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QGemm") == 2 and ops.count("Gemm") == 1

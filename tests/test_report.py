@@ -27,7 +27,9 @@ def test_per_layer_decisions_are_read_off_the_models(quantized_run):
     out, report = quantized_run
     rows = {r["layer"]: r for r in report["layer_decisions"]}
     bits = report["stages"][2]["notes"]["mixed_precision"]["layer_bits"]
-    assert set(rows) == {"fc1", "fc2", "fc3"} and {k: rows[k]["bits"] for k in rows} == bits
+    widest = 7 if report["stages"][2]["notes"]["quantize"]["reduce_range"] else 8  # 7-bit codes on AVX2 CPUs
+    assert set(rows) == {"fc1", "fc2", "fc3"} and {k: rows[k]["bits"] for k in rows} == {
+        k: min(b, widest) for k, b in bits.items()}
     assert sorted(set(bits.values())) == [4, 8]
     assert rows["fc1"]["weight_before"] == [300, 64] and rows["fc1"]["weight_after"] == [[300, 64]]
     zeros = sum(r["sparsity"] * r["params_after"] for r in rows.values())  # (weights dominate the parameters)

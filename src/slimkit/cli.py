@@ -329,6 +329,10 @@ def quantize(
                                        help="weight bits, 2-8 (default 8; activations stay 8-bit: W4A8 with --bits 4)"),
     group_size: Optional[int] = typer.Option(None, "--group-size",
                                              help="weight-only schemes: one scale per this many inputs (int4-weight: 32)"),
+    reduce_range: Optional[bool] = typer.Option(
+        None, "--reduce-range/--full-range",
+        help="7-bit weight codes, so that ONNX Runtime's integer kernels cannot saturate on x86 CPUs without VNNI "
+             "(default: only on such a CPU)"),
     rounding: str = typer.Option("nearest", "--rounding", help="nearest, or gptq (error-compensating, for low bits)"),
     bias_correction: bool = typer.Option(False, "--bias-correction",
                                          help="remove the mean output shift caused by weight rounding"),
@@ -340,6 +344,11 @@ def quantize(
         None, "--qat-if-drop", help="run QAT only if static int8 loses more than this validation score (0.01: "
                                     "1 point); --qat-epochs sets its length (default 2)"),
     exclude: list[str] = typer.Option([], "--exclude", metavar="GLOB", help="layer name glob to keep in float (repeatable)"),
+    float_where_faster: bool = typer.Option(
+        False, "--float-where-faster", help="keep in float the layers whose int8 form makes ONNX Runtime slower, "
+                                            "measured at --deploy-batch and --deploy-threads"),
+    deploy_batch: int = typer.Option(1, "--deploy-batch", min=1, help="batch size the model will run at"),
+    deploy_threads: int = typer.Option(2, "--deploy-threads", min=1, help="ONNX Runtime threads it will run with"),
     data: Optional[str] = DataOpt,
     latency: bool = typer.Option(True, "--latency/--no-latency"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -354,9 +363,10 @@ def quantize(
 
     source = load(path, trust_code=trust_code)
     stage = {"type": "quantize", "scheme": scheme, "calib": calib, "observer": observer,
-             "per_channel": per_channel, "exclude": exclude, "rounding": rounding,
+             "per_channel": per_channel, "exclude": exclude, "rounding": rounding, "reduce_range": reduce_range,
              "size_budget": size_budget, "bias_correction": bias_correction,
-             "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None, "qat_if_drop": qat_if_drop}
+             "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None, "qat_if_drop": qat_if_drop,
+             "latency_placement": {"batch": deploy_batch, "threads": deploy_threads} if float_where_faster else None}
     stage.update({k: v for k, v in (("weight_bits", bits), ("group_size", group_size)) if v is not None})
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],

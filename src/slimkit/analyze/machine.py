@@ -33,6 +33,16 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def int8_pairs_saturate() -> bool:
+    """True on an x86 CPU without VNNI or AMX: there ONNX Runtime's uint8 x int8 kernels add pairs of
+    products in 16 bits (``vpmaddubsw``), which saturate once two products of a uint8 activation and an 8-bit
+    weight code pass 32767 (255 * 127 * 2 = 64770); 7-bit codes (+/-63) cannot. With VNNI or AMX the products
+    are summed in 32 bits. Unknown (no /proc/cpuinfo) reads as False."""
+    _, flags = _cpuinfo()
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return x86 and "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def machine_fingerprint(threads: int | None = None) -> dict[str, Any]:
     import torch
 

@@ -31,7 +31,7 @@ def _activation_quantizers(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.fake_quantize_per_tensor_affine]
 
 
-def _weight_owner(node: fx.Node) -> str | None:
+def weight_owner(node: fx.Node) -> str | None:
     weight = node.args[1] if len(node.args) > 1 else None
     while isinstance(weight, fx.Node) and weight.op == "call_function":  # the weight's own fake quantizer
         weight = weight.args[0]
@@ -47,13 +47,13 @@ def describe(node: fx.Node) -> str:
     for _ in range(3):  # through a fused activation or a reshape to the op that produced the value
         if not isinstance(source, fx.Node) or source.op != "call_function":
             break
-        owner = _weight_owner(source)
+        owner = weight_owner(source)
         if owner is not None:
             names.append(f"output of {owner}")
             break
         source = source.args[0] if source.args else None
     consumer = next((owner for user in node.users if user.args and user.args[0] is node
-                     for owner in [_weight_owner(user)] if owner is not None), None)
+                     for owner in [weight_owner(user)] if owner is not None), None)
     if consumer is not None:
         names.append(f"input of {consumer}")
     return ", ".join(names) or f"activation {node.name}"

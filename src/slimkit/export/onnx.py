@@ -81,7 +81,7 @@ def _quiet_exporter():
 
 
 def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int,
-                  translations: dict | None = None) -> None:
+                  translations: dict | None = None, strip: bool = True) -> None:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with _quiet_exporter():
         warnings.simplefilter("ignore")
@@ -96,7 +96,8 @@ def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int
         import onnx
 
         proto = program.model_proto
-        strip_debug_info(proto)
+        if strip:
+            strip_debug_info(proto)
         proto.producer_name = ONNX_PRODUCER  # marks slimkit's files (so only they are replaced without --overwrite)
         save_onnx(proto, path)
 

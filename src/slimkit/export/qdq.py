@@ -289,6 +289,47 @@ def batched_linears_to_gemms(model) -> int:
     return count
 
 
+def shield_float_layers(model) -> int:
+    """Keep float the Conv/Gemm layers that read a quantized activation but have float weights (layers
+    excluded from quantization): ONNX Runtime's WeightBiasQuantization would quantize such a layer's weight
+    per tensor itself, which is not the model slimkit measured. It acts only on a per-tensor dequantizer, so
+    the layer gets its own dequantizer with the same scale repeated per channel (axis 1); the values are the
+    same. Returns how many layers were shielded."""
+    from onnx import helper, numpy_helper
+
+    graph, consts, producers, _ = _index(model.graph)
+    inits = {init.name for init in graph.initializer}
+    count = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or node.input[1] not in inits:
+            continue
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        scale, zero = consts.get(dq.input[1]), consts.get(dq.input[2])
+        if scale is None or zero is None or scale.size != 1:
+            continue
+        weight = consts[node.input[1]]
+        if node.op_type == "Gemm":
+            channels = weight.shape[1] if _attr(node, "transB", 0) else weight.shape[0]
+        elif node.op_type == "Conv":
+            channels = weight.shape[1] * _attr(node, "group", 1)
+        else:  # ConvTranspose: weight [C_in, C_out / group, ...]
+            channels = weight.shape[0]
+        base = f"{node.output[0]}_float_input"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.full(channels, scale.reshape(()), scale.dtype), f"{base}_scale"),
+            numpy_helper.from_array(np.full(channels, zero.reshape(()), zero.dtype), f"{base}_zero"),
+        ])
+        graph.node.append(helper.make_node("DequantizeLinear", [dq.input[0], f"{base}_scale", f"{base}_zero"],
+                                           [base], axis=1, name=f"{base}_dequantize"))
+        node.input[0] = base
+        count += 1
+    _drop_unread(graph)
+    _topological_sort(graph)
+    return count
+
+
 def quantize_biases(model) -> int:
     """Conv/Gemm biases as int32 at scale s_x * s_w (what integer kernels add to their accumulators)."""
     from onnx import helper, numpy_helper
@@ -363,9 +404,11 @@ def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Te
     return path
 
 
-def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: int = DEFAULT_OPSET) -> None:
+def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: int = DEFAULT_OPSET,
+              keep_names: bool = False) -> None:
     """``export_qdq`` into a path the caller makes atomic (a temporary file: its side file's name is recorded
-    in the model, so the file is written where ONNX Runtime will load it)."""
+    in the model, so the file is written where ONNX Runtime will load it). ``keep_names`` keeps the exporter's
+    node names (``node_<graph node>``), which ONNX Runtime's profiler reports, for attributing time."""
     import onnx
 
     from ..quant.meta_kernels import ensure_fake_quant_meta_kernels
@@ -374,7 +417,8 @@ def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: i
     ensure_fake_quant_meta_kernels()
     grouped = isinstance(model, torch.fx.GraphModule) and any(
         node.target is torch.ops.slimkit.group_fake_quant.default for node in model.graph.nodes)
-    _export_graph(model, path, sample[:2], max(opset, GROUP_OPSET) if grouped else opset, onnx_translations())
+    _export_graph(model, path, sample[:2], max(opset, GROUP_OPSET) if grouped else opset, onnx_translations(),
+                  strip=not keep_names)
     proto = onnx.load(str(path))
     fold_constant_reshapes(proto)
     blocked_gemms_to_matmuls(proto)
@@ -383,7 +427,9 @@ def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: i
     dynamic_gemms_to_integer(proto)
     batched_linears_to_gemms(proto)
     quantize_biases(proto)
-    shorten_names(proto)
+    shield_float_layers(proto)
+    if not keep_names:
+        shorten_names(proto)
     save_onnx(proto, path)
     onnx.checker.check_model(str(path))  # by path: a model with a side file is over protobuf's limit in memory
 
@@ -419,7 +465,12 @@ def activations_in_float(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     file's activation rounding are both measured against."""
     from ..quant import ops  # noqa: F401  (registers torch.ops.slimkit)
 
-    quantizers = {torch.fake_quantize_per_tensor_affine, torch.ops.slimkit.dynamic_fake_quant.default}
+    return without_quantizers(gm, {torch.fake_quantize_per_tensor_affine, torch.ops.slimkit.dynamic_fake_quant.default})
+
+
+def without_quantizers(gm: torch.fx.GraphModule, quantizers: set) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with every call of one of ``quantizers`` removed (its input passed through); the other
+    nodes keep their names."""
     reference = copy.deepcopy(gm)
     for node in list(reference.graph.nodes):
         if node.op == "call_function" and node.target in quantizers:
@@ -490,8 +541,21 @@ def export_int8_verified(model: torch.nn.Module, path: str | os.PathLike, inputs
                 f"{check['reference']}, ONNX Runtime reaches SQNR {dep['sqnr_db']:.1f} dB and top-1 agreement "
                 f"{dep['top1_agreement']:.4f}, the simulation {sim['sqnr_db']:.1f} dB and {sim['top1_agreement']:.4f} "
                 f"(allowed: {SQNR_SLACK_DB:g} dB and {agreement_slack(check):.3f} less); against each other "
-                f"{check['sqnr_db']:.1f} dB and {check['top1_agreement']:.4f}; {_where_it_parts(model, tmp, inputs)}")
+                f"{check['sqnr_db']:.1f} dB and {check['top1_agreement']:.4f}; {_where_it_parts(model, tmp, inputs)}"
+                f"{_saturation_hint(model)}")
     return check
+
+
+def _saturation_hint(model: torch.nn.Module) -> str:
+    """Why a file with 8-bit weight codes can part from the simulation on this CPU, and the remedy."""
+    from ..analyze.machine import int8_pairs_saturate
+
+    steps = [s for s in getattr(model, "slimkit_meta", {}).get("plan", []) if s.get("op") == "quantize-static"]
+    full = not steps or any(w.get("bits", steps[-1].get("weight_bits", 8)) == 8 for w in steps[-1]["weights"].values())
+    if not (full and int8_pairs_saturate()):
+        return ""
+    return ("; this CPU has no VNNI, so ONNX Runtime's uint8 x int8 kernels add pairs of products in 16 bits, "
+            "which saturate with 8-bit weight codes: quantize with reduce_range (7-bit codes)")
 
 
 def _where_it_parts(model: torch.nn.Module, path: Path, inputs: torch.Tensor) -> str:

@@ -103,3 +103,7 @@ def _group_backward(ctx, grad: torch.Tensor):
 
 dynamic_fake_quant.register_autograd(_dynamic_backward)
 group_fake_quant.register_autograd(_group_backward, setup_context=_group_setup)
+
+# Every fake-quantization op a quantized graph can hold (activations and weights).
+QUANTIZERS = {torch.fake_quantize_per_tensor_affine, torch.fake_quantize_per_channel_affine,
+              dynamic_fake_quant._opoverload, group_fake_quant._opoverload}

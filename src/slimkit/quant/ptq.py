@@ -72,6 +72,10 @@ class StaticQuantConfig(Config):
     matmul: bool = True
     fold_bn: bool = True
     seed: int = 0
+    # 8-bit weights as 7-bit codes (+/-63), so that ONNX Runtime's integer kernels cannot saturate on x86 CPUs
+    # without VNNI (analyze.machine.int8_pairs_saturate); None: only on such a CPU (where the model is
+    # quantized and its export checked)
+    reduce_range: bool | None = None
 
     def model_post_init(self, __context: Any) -> None:
         if self.observer not in OBSERVERS:
@@ -89,7 +93,17 @@ class StaticQuantConfig(Config):
                              "int8) and round to nearest")
 
     def bits_of(self, weight: str) -> int:
-        return self.layer_bits.get(weight.rpartition(".")[0], self.weight_bits)
+        bits = self.layer_bits.get(weight.rpartition(".")[0], self.weight_bits)
+        return min(bits, 7) if self.reduces_range() else bits
+
+    def reduces_range(self) -> bool:
+        """Whether 8-bit weights become 7-bit codes: only where integer kernels multiply them with quantized
+        activations (not weight-only), and with linear levels (power-of-two codes reach 64 at most)."""
+        from ..analyze.machine import int8_pairs_saturate
+
+        if self.activations == "none" or self.weight_levels == "log":
+            return False
+        return int8_pairs_saturate() if self.reduce_range is None else self.reduce_range
 
 
 class QuantizedWeight(Config):

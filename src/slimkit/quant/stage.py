@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import SlimkitError
 from ..stages import Stage, StageContext, register_stage
 from ..train.loop import TrainConfig
+from .placement import LatencyPlacement, choose_float_layers
 from .ptq import StaticQuantConfig, calibration_batches, quantize_static
 
 QAT_FALLBACK = TrainConfig(epochs=2, lr=1e-4)  # from calibrated scales: a short, gentle fine-tune
@@ -32,6 +33,9 @@ class QuantizeStage(Stage, StaticQuantConfig):
     qat_if_drop: float | None = Field(None, ge=0, le=1)
     size_budget: float | None = Field(None, gt=0, le=0.25)  # mixed precision: weights' fraction of fp32 bytes
     learn_scale: bool = True  # LSQ step sizes during QAT
+    # keep in float the layers whose int8 form makes ONNX Runtime slower, measured at this batch and thread
+    # count (quant/placement.py)
+    latency_placement: LatencyPlacement | None = None
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         from ..export.onnx import onnx_bytes
@@ -46,6 +50,10 @@ class QuantizeStage(Stage, StaticQuantConfig):
             allocation = allocate_bits(model, ctx.task, calib, self.size_budget, cfg)
             cfg = cfg.model_copy(update={"layer_bits": allocation["layer_bits"]})
             ctx.notes["mixed_precision"] = allocation
+        if self.latency_placement is not None:
+            placement = choose_float_layers(model, calib, cfg, self.latency_placement)
+            cfg = cfg.model_copy(update={"exclude": [*cfg.exclude, *placement["exclude"]]})
+            ctx.notes["latency_placement"] = placement
         qat = self.qat if self.qat is not None and self.qat.epochs > 0 else None
         if qat is not None and self.qat_if_drop is None:
             quantized, step = self._train(model, calib, cfg, ctx, qat)
@@ -61,6 +69,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
                                "bytes": onnx_bytes(ctx.out_dir / self.onnx),
                                "check": {"against": "slimkit's int8 simulation", **check}}
         ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]), "weight_bits": cfg.weight_bits,
+                                 "reduce_range": cfg.reduces_range(),
                                  "qat_epochs": qat.epochs if qat else 0,
                                  "activations": cfg.activations, "group_size": cfg.group_size,
                                  "activations_uint8": len(step["activations"]),

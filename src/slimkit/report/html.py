@@ -173,6 +173,31 @@ def _mixed_precision_sections(stages: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
+def _placement_sections(stages: list[dict[str, Any]]) -> list[str]:
+    """Which layers a quantize stage kept in float because ONNX Runtime ran the model faster so."""
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    parts = []
+    for stage in stages:
+        placement = stage.get("notes", {}).get("latency_placement")
+        if not placement:
+            continue
+        floats = set(placement["exclude"])
+        rows = [[html.escape(r["layer"]), ms(r["int8_ms"]), ms(r["float_ms"]),
+                 "float" if r["layer"] in floats else "int8"] for r in placement["layers"]]
+        trials = [[html.escape(", ".join(t["float"])), f"{t['best_ms']:.3f}", f"{t['trial_ms']:.3f}",
+                   f"{t['ratio']:.3f}", "kept" if t["kept"] else "rejected"] for t in placement["trials"]]
+        parts += [f"<h3>Float or int8 by measured latency ({html.escape(stage['name'])}): "
+                  f"{len(floats)} layers kept in float</h3>",
+                  f'<p class="note">ONNX Runtime, {placement["threads"]} threads, batch {placement["batch"]}: each '
+                  "layer's kernel time in the int8 file and in the float graph (ms, profiler; - where no kernel "
+                  "carries the layer's name), then candidates timed end to end against the best model so far.</p>",
+                  _table(["layer", "int8 ms", "float ms", "chosen"], rows, text=(3,)),
+                  _table(["kept in float", "best ms", "trial ms", "median ratio", "decision"], trials, text=(4,))]
+    return parts
+
+
 def _sensitivity_sections(stages: list[dict[str, Any]]) -> list[str]:
     parts = []
     for stage in stages:
@@ -238,7 +263,7 @@ def render_html(report: dict[str, Any]) -> str:
                   _table(["layer", "type", "weight", "params", "sparsity", "bits", "shared values", "rank",
                           "bytes in file", "note"], _decision_rows(report["layer_decisions"], _layer_notes(stages)),
                           text=(1, 9))]
-    parts += [*_structured_sections(stages), *_mixed_precision_sections(stages)]
+    parts += [*_structured_sections(stages), *_mixed_precision_sections(stages), *_placement_sections(stages)]
     parts += ["<h2>Accuracy vs size</h2>", _img(plots.accuracy_vs_size(stages), "accuracy vs size"),
               "<h2>Parameters per layer</h2>",
               _img(plots.layer_params(report["layers"]["baseline"], report["layers"]["final"]), "parameters per layer")]
