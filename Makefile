@@ -31,5 +31,5 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/deep_compression.py
 	$(BIN)/python benchmarks/distill.py
 
-clean:
-	rm -rf runs benchmarks/results
+clean:  # what the commands made and git ignores (committed benchmark results stay)
+	git clean -fdX -- runs benchmarks/results

@@ -55,7 +55,7 @@ from quant import ort_dynamic, ort_static
 import slimkit
 from slimkit import Task, count_macs, count_params, load, load_data
 from slimkit.analyze.latency import ort_latency
-from slimkit.analyze.machine import machine_fingerprint
+from slimkit.analyze.machine import describe_machine, machine_fingerprint
 from slimkit.data import calibration_subset
 from slimkit.export import export_onnx, ort_session, run_ort
 from slimkit.export.qdq import export_int8_verified, export_qdq, sqnr_db
@@ -578,6 +578,8 @@ def sweep_one(name: str) -> dict[str, Any]:
         "params": params,
         "macs": macs,
         "exports": {},
+        "machine": describe_machine(machine_fingerprint()),  # rows of one file can come from several runs
+        "reduce_range": StaticQuantConfig().reduces_range(),  # 7-bit weight codes (a CPU without VNNI)
     }
 
     def slimkit_prune():
@@ -707,6 +709,12 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         for key, message in r.get("errors", {}).items():
             print(f"- {r['model']}, {key}: {message}")
+    machines: dict[str, list[str]] = {}
+    for r in rows:
+        label = r.get("machine", "not recorded") + (", 7-bit weight codes" if r.get("reduce_range") else "")
+        machines.setdefault(label, []).append(r["model"])
+    for label, names in machines.items():
+        print(f"\nMeasured on {label}: {len(names)} rows ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
 
 
 def main() -> None:

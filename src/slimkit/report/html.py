@@ -187,14 +187,16 @@ def _placement_sections(stages: list[dict[str, Any]]) -> list[str]:
         rows = [[html.escape(r["layer"]), ms(r["int8_ms"]), ms(r["float_ms"]),
                  "float" if r["layer"] in floats else "int8"] for r in placement["layers"]]
         trials = [[html.escape(", ".join(t["float"])), f"{t['best_ms']:.3f}", f"{t['trial_ms']:.3f}",
-                   f"{t['ratio']:.3f}", "kept" if t["kept"] else "rejected"] for t in placement["trials"]]
+                   f"{t['ratio']:.3f}", f"{t.get('worst_ratio', t['ratio']):.3f}", "kept" if t["kept"] else "rejected"]
+                  for t in placement["trials"]]
         parts += [f"<h3>Float or int8 by measured latency ({html.escape(stage['name'])}): "
                   f"{len(floats)} layers kept in float</h3>",
                   f'<p class="note">ONNX Runtime, {placement["threads"]} threads, batch {placement["batch"]}: each '
                   "layer's kernel time in the int8 file and in the float graph (ms, profiler; - where no kernel "
                   "carries the layer's name), then candidates timed end to end against the best model so far.</p>",
                   _table(["layer", "int8 ms", "float ms", "chosen"], rows, text=(3,)),
-                  _table(["kept in float", "best ms", "trial ms", "median ratio", "decision"], trials, text=(4,))]
+                  _table(["kept in float", "best ms", "trial ms", "median ratio", "worst round", "decision"], trials,
+                         text=(5,))]
     return parts
 
 
