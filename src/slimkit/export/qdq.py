@@ -269,7 +269,8 @@ def batched_linears_to_gemms(model) -> int:
         nodes = [
             helper.make_node("Reshape", [x_dq.input[0], f"{base}_rows"], [f"{base}_rows_q"]),
             helper.make_node("DequantizeLinear", [f"{base}_rows_q", *x_dq.input[1:]], [f"{base}_rows_x"]),
-            helper.make_node("Gemm", [f"{base}_rows_x", transpose.input[0], bias], [f"{base}_gemm"], transB=1),
+            helper.make_node("Gemm", [f"{base}_rows_x", transpose.input[0], bias], [f"{base}_gemm"], transB=1,
+                             name=matmul.name),
             # the shape of the quantized tensor: the dequantized one would be computed only to be measured
             helper.make_node("Shape", [x_dq.input[0]], [f"{base}_lead"], end=-1),
             helper.make_node("Concat", [f"{base}_lead", f"{base}_width"], [f"{base}_shape"], axis=0),
@@ -280,6 +281,7 @@ def batched_linears_to_gemms(model) -> int:
             graph.node.remove(q_out)
         else:
             nodes.append(helper.make_node("Reshape", [f"{base}_gemm", f"{base}_shape"], [add.output[0]]))
+        nodes[2].metadata_props.extend(matmul.metadata_props)  # the layer it came from (kept names only)
         _insert_in_place_of(graph, matmul, nodes)
         graph.node.remove(transpose)
         graph.node.remove(add)

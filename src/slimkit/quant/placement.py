@@ -56,24 +56,18 @@ def weighted_layers(gm: fx.GraphModule) -> dict[str, str]:
     return layers
 
 
-def _fx_names(path: Path) -> dict[str, str]:
-    """``{ONNX node name as ONNX Runtime reports it: graph node}``, from the exporter's per-node provenance
-    (its generated names, ``node_Conv_526``, do not say which graph node they came from)."""
-    import onnx
-
-    names = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        origin = next((m.value for m in node.metadata_props if m.key == "pkg.torch.onnx.fx_node"), "")
-        match = re.match(r"%(\S+) :", origin)
-        if match:
-            names[node.name.removeprefix("node_")] = match.group(1)
-    return names
+def _fx_name(node) -> str | None:
+    """The graph node an ONNX node was exported from, from the exporter's per-node provenance (its generated
+    names, ``node_Conv_526``, do not say)."""
+    origin = next((m.value for m in node.metadata_props if m.key == "pkg.torch.onnx.fx_node"), "")
+    match = re.match(r"%(\S+) :", origin)
+    return match.group(1) if match else None
 
 
 def _node_key(profiled: str) -> str:
     """The ONNX node an ONNX Runtime profiler entry belongs to: the optimizer's fusions and layout changes
-    append ``_token_7`` or ``_nchwc`` to the name of the node they replace."""
-    name = profiled.removesuffix("_kernel_time")
+    append ``_token_7`` or ``_nchwc`` to the name of the node they replace, or prefix ``fused``."""
+    name = profiled.removesuffix("_kernel_time").removeprefix("fused ")  # Gemm + ReLU: "fused node_linear"
     while True:
         shorter = re.sub(r"(_token_\d+|_nchwc)$", "", name)
         if shorter == name:
@@ -108,36 +102,40 @@ def profile_nodes(path: Path, x: torch.Tensor, threads: int, runs: int) -> dict[
     return {key: (ops[key], statistics.median(samples[-runs:])) for key, samples in times.items()}
 
 
-def _functional(name: str) -> str:
-    """A graph node's name as the exporter's re-capture spells it: in-place ops become functional there
-    (``hardtanh_`` -> ``hardtanh``, ``hardtanh__1`` -> ``hardtanh_1``)."""
-    return re.sub(r"_(?=(_\d+)?$)", "", name)
+def _per_layer(path: Path, layers: dict[str, str], x: torch.Tensor, threads: int, runs: int) -> dict[str, list]:
+    """``{graph node of a weighted layer: [ONNX Runtime ops, ms per run]}``. A fused kernel is named after the
+    node it absorbed last (conv + ReLU: the ReLU), or after its output value, so each profiled kernel is traced
+    back through the file's own graph, at most three producers up, to the conv or linear it belongs to (conv
+    and linear nodes keep their graph names through the exporter's re-capture; in-place ops do not)."""
+    import onnx
 
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    by_name = {node.name.removeprefix("node_"): node for node in nodes}
+    producer = {out: node for node in nodes for out in node.output}
+    origin = {id(node): _fx_name(node) for node in nodes}
 
-def _per_layer(path: Path, gm: fx.GraphModule, x: torch.Tensor, threads: int, runs: int) -> dict[str, list]:
-    """``{graph node of a weighted layer: [ONNX Runtime ops, ms per run]}``. A fused kernel is named after
-    the last node it absorbed (conv + ReLU: the ReLU), so time is attributed to the weighted node among the
-    graph node's inputs up to two steps back (conv -> add -> ReLU)."""
-    layers = weighted_layers(gm)
-    nodes = {_functional(node.name): node for node in gm.graph.nodes}
-    fx_names = _fx_names(path)
-
-    def owner(name: str) -> str | None:
-        frontier = [nodes[_functional(name)]] if _functional(name) in nodes else []
-        for _ in range(3):
+    def owner(key: str) -> str | None:
+        start = by_name.get(key) or producer.get(key)
+        frontier = [start] if start is not None else []
+        for _ in range(4):
             for node in frontier:
-                if node.name in layers:
-                    return node.name
-            frontier = [a for node in frontier for a in node.all_input_nodes]
+                if origin[id(node)] in layers:
+                    return origin[id(node)]
+            frontier = [producer[name] for node in frontier for name in node.input if name in producer]
         return None
 
     result: dict[str, list] = {}
     for key, (op, ms) in profile_nodes(path, x, threads, runs).items():
-        layer = owner(fx_names.get(key, key))  # layout-changed kernels are named after their output value
+        layer = owner(key)
         if layer is not None:
             ops, total = result.get(layer, [[], 0.0])
             result[layer] = [[*ops, op], total + ms]
     return result
+
+
+def _two(x: torch.Tensor) -> torch.Tensor:
+    """Two samples to export with: a batch of one makes the exporter fix the batch size at 1."""
+    return torch.cat([x, x])[:2] if len(x) < 2 else x[:2]
 
 
 def layer_times(quantized: fx.GraphModule, x: torch.Tensor, threads: int, runs: int) -> list[dict[str, Any]]:
@@ -150,12 +148,13 @@ def layer_times(quantized: fx.GraphModule, x: torch.Tensor, threads: int, runs: 
     reference = without_quantizers(quantized, QUANTIZERS)
     with tempfile.TemporaryDirectory() as tmp:
         int8_path, float_path = Path(tmp) / "int8.onnx", Path(tmp) / "float.onnx"
-        write_qdq(quantized, int8_path, x[:2], keep_names=True)
-        _export_graph(reference, float_path, x[:2], DEFAULT_OPSET, strip=False)
-        int8 = _per_layer(int8_path, quantized, x, threads, runs)
-        fp32 = _per_layer(float_path, reference, x, threads, runs)
+        write_qdq(quantized, int8_path, _two(x), keep_names=True)
+        _export_graph(reference, float_path, _two(x), DEFAULT_OPSET, strip=False)
+        layers = weighted_layers(quantized)  # the float graph's conv and linear nodes keep these names
+        int8 = _per_layer(int8_path, layers, x, threads, runs)
+        fp32 = _per_layer(float_path, layers, x, threads, runs)
     rows = []
-    for node, layer in weighted_layers(quantized).items():
+    for node, layer in layers.items():
         if node in int8 and node in fp32:
             rows.append({"layer": layer, "int8_ops": int8[node][0], "int8_ms": int8[node][1],
                          "float_ops": fp32[node][0], "float_ms": fp32[node][1]})
@@ -170,7 +169,7 @@ def _timer(quantized: nn.Module, x: torch.Tensor, threads: int, path: Path):
     from ..export.onnx import ort_session
     from ..export.qdq import write_qdq
 
-    write_qdq(quantized, path, x[:2])
+    write_qdq(quantized, path, _two(x))
     session = ort_session(path, threads)
     return lambda: ort_latency(session, x).median_ms
 
