@@ -76,9 +76,8 @@ def row(name: str, batches: list[int], threads: int, rounds: int) -> dict[str, A
         reference = run_ort(ort_session(tmp / "fp32.onnx", threads), test)
         for batch in batches:
             start = time.perf_counter()
-            placement = choose_float_layers(
-                model, calib, StaticQuantConfig(), LatencyPlacement(threads=threads, batch=batch)
-            )
+            settings = LatencyPlacement(threads=threads, batch=batch)
+            placement = choose_float_layers(model, calib, StaticQuantConfig(), settings)
             seconds = time.perf_counter() - start
             placed, _ = quantize_static(model, calib, StaticQuantConfig(exclude=placement["exclude"]))
             export_qdq(placed, tmp / f"placed-b{batch}.onnx", test[:2])
@@ -94,7 +93,11 @@ def row(name: str, batches: list[int], threads: int, rounds: int) -> dict[str, A
                 "latency": ratios(sessions, x, rounds),
                 "float_layers": placement["exclude"],
                 "candidates": len(
-                    [r for r in placement["layers"] if r["int8_ms"] is not None and r["int8_ms"] > 1.1 * r["float_ms"]]
+                    [
+                        r
+                        for r in placement["layers"]
+                        if r["int8_ms"] is not None and r["int8_ms"] > (1 + settings.margin) * r["float_ms"]
+                    ]
                 ),
                 "layers": len(placement["layers"]),
                 "trials": placement["trials"],

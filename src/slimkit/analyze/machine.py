@@ -6,6 +6,7 @@ on a CPU with VNNI or AMX, and barely faster without), so every report that time
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+@functools.cache
 def int8_pairs_saturate() -> bool:
     """True on an x86 CPU without VNNI or AMX: there ONNX Runtime's uint8 x int8 kernels add pairs of
     products in 16 bits (``vpmaddubsw``), which saturate once two products of a uint8 activation and an 8-bit
