@@ -555,6 +555,15 @@ SWEEP_SIZES = {
 }  # what their stems and patch sizes accept
 
 
+def randomize_zero_linears(model: torch.nn.Module) -> list[str]:
+    """torchvision initialises ViT's classifier to zeros: with random weights elsewhere every output would be 0
+    and every export check vacuous (identical zeros), so such layers get random weights too."""
+    zero = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not m.weight.any()]
+    for n in zero:
+        torch.nn.init.normal_(model.get_submodule(n).weight, std=0.02)
+    return zero
+
+
 def sweep_one(name: str) -> dict[str, Any]:
     """One architecture, random weights (BatchNorm statistics from a few batches): pruned at 0.5 by slimkit and
     by Torch-Pruning, and the dense and pruned models exported to fp32 and int8 ONNX, each verified."""
@@ -564,6 +573,7 @@ def sweep_one(name: str) -> dict[str, Any]:
     size = SWEEP_SIZES.get(name, SWEEP_SIZE)
     torch.manual_seed(0)
     model = build_torchvision(name, arch(name, size)["args"])
+    randomized = randomize_zero_linears(model)
     x = torch.randn(16, 3, size, size)
     model.train()
     with torch.no_grad():
@@ -580,6 +590,7 @@ def sweep_one(name: str) -> dict[str, Any]:
         "exports": {},
         "machine": describe_machine(machine_fingerprint()),  # rows of one file can come from several runs
         "reduce_range": StaticQuantConfig().reduces_range(),  # 7-bit weight codes (a CPU without VNNI)
+        "randomized": randomized,
     }
 
     def slimkit_prune():
