@@ -2,7 +2,9 @@
 
 For each model: test accuracy, params, MACs, file bytes, and latency in torch eager
 vs ONNX Runtime at batch 1 and 64 (median of repeats after warm-up, fixed threads),
-all in one process. Prints a Markdown table and writes benchmarks/results/zoo.json.
+all in one process. Prints a Markdown table and writes benchmarks/results/zoo.json; exits 1 when a model
+trained with its defaults misses its accuracy floor (the test suite checks lenet300's only: the others take
+minutes to train).
 
     python benchmarks/zoo.py [--models lenet5,vit] [--threads 1] [--retrain]
 """
@@ -22,6 +24,7 @@ from slimkit.io import write_json_atomic
 from slimkit.train import build_seeded, default_train_config, train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ACCURACY_FLOORS = {"lenet300": 0.95, "vit": 0.95, "lenet5": 0.97, "resnet8": 0.97, "mobilenetv2": 0.97}  # test split
 
 
 def trained(name: str, task: Task, retrain: bool) -> tuple[Path, float]:
@@ -67,6 +70,10 @@ def main() -> None:
         "slimkit_version": slimkit.__version__, "torch": torch.__version__, "machine": platform.machine(),
         "processor": platform.processor(), "threads": args.threads, "models": rows,
     })
+    missed = [f"{r['model']} {r['accuracy']:.4f} < {ACCURACY_FLOORS[r['model']]}" for r in rows
+              if r["accuracy"] < ACCURACY_FLOORS.get(r["model"], 0.0)]
+    if missed:
+        raise SystemExit("below the accuracy floor with default training: " + "; ".join(missed))
 
 
 if __name__ == "__main__":

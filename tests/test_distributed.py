@@ -23,29 +23,30 @@ def test_rank_shares_partition_every_global_batch():
             assert shares == [a.tolist() for a in np.array_split(np.arange(count), size)]
 
 
-def _two_processes_match_one(tmp_path, model):
-    args = ["train", "--model", model, "--epochs", "3", "--seed", "1", "--no-progress"]
-    single = subprocess.run([sys.executable, "-m", "slimkit", *args, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr
-    assert ddp.stdout.count("test accuracy") == 1  # rank 0 reports; rank 1 is silent
-    one = read_safetensors(tmp_path / "one" / "model" / "model.safetensors")
-    two = read_safetensors(tmp_path / "two" / "model" / "model.safetensors")
-    for name in one:  # same global batches, gradients averaged across the ranks: equal up to float rounding
-        np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
-    return [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+def _weights(folder):
+    return read_safetensors(folder / "model.safetensors")
 
 
-def test_two_processes_match_one(tmp_path):
-    metrics = _two_processes_match_one(tmp_path, "lenet300")
-    assert metrics[0]["best_epoch"] == metrics[1]["best_epoch"] and metrics[1]["test_accuracy"] > 0.8
+def _single(args, out):
+    proc = subprocess.run([sys.executable, "-m", "slimkit", *args, "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _assert_same_weights(one, two, what=""):
+    """Same global batches, gradients averaged across the ranks: equal up to float rounding."""
+    one, two = _weights(one), _weights(two)
+    for name in one:
+        np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=what + name)
 
 
 def test_two_processes_match_one_with_augmentation(tmp_path):
     """lenet5 trains with random shifts: each global batch's shifts are drawn once and shared by the ranks."""
-    metrics = _two_processes_match_one(tmp_path, "lenet5")
+    args = ["train", "--model", "lenet5", "--epochs", "3", "--seed", "1", "--no-progress"]
+    _single(args, tmp_path / "one")
+    ddp = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr
+    _assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
     assert metrics[0]["config"]["augment"] and metrics[0]["test_accuracy"] == metrics[1]["test_accuracy"]
 
 
@@ -53,10 +54,6 @@ def test_commands_that_are_not_data_parallel_refuse_torchrun(tmp_path):
     proc = subprocess.run([*TORCHRUN, "pack", "x", "--out", str(tmp_path / "x.slim")], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode != 0 and "does not train, so it does not run under torchrun" in proc.stderr
-
-
-def _weights(folder):
-    return read_safetensors(folder / "model.safetensors")
 
 
 def test_a_recipe_runs_data_parallel_and_resumes(trained_run, tmp_path):
@@ -71,20 +68,16 @@ def test_a_recipe_runs_data_parallel_and_resumes(trained_run, tmp_path):
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
     args = ["run", str(recipe), "--no-progress"]
-    single = subprocess.run([sys.executable, "-m", "slimkit", *args, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
+    _single(args, tmp_path / "one")
     ddp = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr
     assert ddp.stdout.count("report:") == 1 and not list(scratch.glob("slimkit-rank*"))  # rank 1 cleaned up
     for stage in ("stages/00-prune/model", "stages/01-distill/model", "model"):
-        one, two = _weights(tmp_path / "one" / stage), _weights(tmp_path / "two" / stage)
-        for name in one:
-            np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5,
-                                       err_msg=f"{stage}: {name}")
+        _assert_same_weights(tmp_path / "one" / stage, tmp_path / "two" / stage, f"{stage}: ")
     reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two")]
     assert [s["nonzero_params"] for s in reports[0]["stages"]] == [s["nonzero_params"] for s in reports[1]["stages"]]
     assert list(reports[1]["stages"][2]["notes"]["training"]) == ["distill"]
+    two = _weights(tmp_path / "two" / "model")
     again = subprocess.run([*TORCHRUN, *args, "--resume", "--out", str(tmp_path / "two")], capture_output=True,
                            text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr
@@ -93,17 +86,16 @@ def test_a_recipe_runs_data_parallel_and_resumes(trained_run, tmp_path):
     assert all(np.array_equal(resumed[k].numpy(), two[k].numpy()) for k in two)
 
 
-def test_data_parallel_training_resumes_after_kill_9(tmp_path):
-    """Rank 1 has no checkpoint of its own: it resumes from the one rank 0 reads and sends."""
+def test_two_processes_killed_and_resumed_match_one(tmp_path):
+    """Two ranks, killed (kill -9) mid-run and resumed, end where one process ends. Rank 1 has no checkpoint of
+    its own: it resumes from the one rank 0 reads and sends."""
     import signal
     import time
 
     import torch
 
     args = ["train", "--model", "lenet300", "--epochs", "8", "--batch-size", "16", "--seed", "2", "--no-progress"]
-    full = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "full")], capture_output=True, text=True,
-                          timeout=600)
-    assert full.returncode == 0, full.stderr
+    _single(args, tmp_path / "one")
     proc = subprocess.Popen([*TORCHRUN, *args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "killed" / "checkpoint" / "last.pt"
@@ -122,9 +114,10 @@ def test_data_parallel_training_resumes_after_kill_9(tmp_path):
     resumed = subprocess.run([*TORCHRUN, *args, "--resume", "--out", str(tmp_path / "killed")], capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    one, two = _weights(tmp_path / "full" / "model"), _weights(tmp_path / "killed" / "model")
-    for name in one:
-        np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert resumed.stdout.count("test accuracy") == 1  # rank 0 reports; rank 1 is silent
+    _assert_same_weights(tmp_path / "one" / "model", tmp_path / "killed" / "model")
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "killed")]
+    assert metrics[0]["best_epoch"] == metrics[1]["best_epoch"] and metrics[1]["test_accuracy"] > 0.8
 
 
 def _helpers_on_rank(rank: int, init_file: str, folder: str, results: str) -> None:

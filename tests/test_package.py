@@ -6,6 +6,7 @@ import torch
 
 from slimkit import StageContext, Task, build_model
 from slimkit.stages import stage_types
+from slimkit.train import TrainConfig
 
 HEAVY = ("onnx", "onnxruntime", "onnxscript", "matplotlib", "transformers")
 
@@ -21,6 +22,8 @@ def test_every_registered_stage_round_trips_and_applies(stage_type, tmp_path, di
     """Compliance: defaults are valid, config round-trips through dict, apply keeps the model usable."""
     cls = stage_types()[stage_type]
     extra = {"epochs": 1} if "epochs" in cls.model_fields else {}
+    extra |= {name: {"epochs": 1} for name, field in cls.model_fields.items()  # distill: train.epochs (30)
+              if isinstance(field.default, TrainConfig) and field.default.epochs}
     stage = cls.model_validate({"type": stage_type, **extra})
     assert cls.from_dict(stage.to_dict()) == stage
     model = build_model({"zoo": "lenet300"})

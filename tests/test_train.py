@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimkit import SlimkitError, Task, TrainConfig, ZOO, evaluate, fit, make_loader
+from slimkit import SlimkitError, Task, TrainConfig, evaluate, fit, make_loader
 from slimkit.train import build_seeded, default_train_config, train_model
 
 
@@ -121,12 +121,9 @@ def test_train_config_validation_names_field():
     assert TrainConfig.from_dict(TrainConfig(lr=0.5).to_dict()) == TrainConfig(lr=0.5)
 
 
-FLOORS = {"lenet300": 0.95, "vit": 0.95, "lenet5": 0.97, "resnet8": 0.97, "mobilenetv2": 0.97}
-
-
-@pytest.mark.parametrize("name", list(ZOO))
-def test_zoo_model_with_default_training_meets_its_accuracy_floor(digits, tmp_path, name):
+def test_default_training_meets_the_accuracy_floor(digits, tmp_path):
+    """lenet300 only: benchmarks/zoo.py checks every zoo model's floor (the others train for minutes)."""
     task = Task.classification(digits)
-    model = build_seeded(name, 0, task)
-    metrics = train_model(model, task, default_train_config(name, seed=0), tmp_path, progress=False)
-    assert metrics["test_accuracy"] >= FLOORS[name]
+    model = build_seeded("lenet300", 0, task)
+    metrics = train_model(model, task, default_train_config("lenet300", seed=0), tmp_path, progress=False)
+    assert metrics["test_accuracy"] >= 0.95
