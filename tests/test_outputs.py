@@ -139,7 +139,7 @@ def test_written_files_follow_the_umask(tmp_path, umask):
 
 def test_ctrl_c_names_what_stopped_and_resume_continues(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([*CLI, "train", "--model", "lenet300", "--epochs", "30", "--no-progress", "--out",
+    proc = subprocess.Popen([*CLI, "train", "--model", "lenet300", "--epochs", "150", "--no-progress", "--out",
                              str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -150,10 +150,10 @@ def test_ctrl_c_names_what_stopped_and_resume_continues(tmp_path):
     assert proc.returncode == 130
     assert err.strip() == (f"interrupted: slimkit train stopped; its finished stages and last checkpointed epoch are "
                            f"kept in {out}: run the same command with --resume to continue")
-    resumed = subprocess.run([*CLI, "train", "--model", "lenet300", "--epochs", "30", "--no-progress", "--out",
+    resumed = subprocess.run([*CLI, "train", "--model", "lenet300", "--epochs", "150", "--no-progress", "--out",
                               str(out), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 30
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 150
 
 
 def test_a_real_file_size_limit_is_a_named_error_with_no_partial_output(tmp_path):
