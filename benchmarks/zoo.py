@@ -3,8 +3,8 @@
 For each model: test accuracy, params, MACs, file bytes, and latency in torch eager
 vs ONNX Runtime at batch 1 and 64 (median of repeats after warm-up, fixed threads),
 all in one process. Prints a Markdown table and writes benchmarks/results/zoo.json; exits 1 when a model
-trained with its defaults misses its accuracy floor (the test suite checks lenet300's only: the others take
-minutes to train).
+trained with its defaults misses its accuracy floor (the test suite checks lenet300's only: the other four
+add about 70 s of training).
 
     python benchmarks/zoo.py [--models lenet5,vit] [--threads 1] [--retrain]
 """

@@ -122,7 +122,7 @@ def test_train_config_validation_names_field():
 
 
 def test_default_training_meets_the_accuracy_floor(digits, tmp_path):
-    """lenet300 only: benchmarks/zoo.py checks every zoo model's floor (the others train for minutes)."""
+    """lenet300 only: benchmarks/zoo.py checks every zoo model's floor (the other four add about 70 s of training)."""
     task = Task.classification(digits)
     model = build_seeded("lenet300", 0, task)
     metrics = train_model(model, task, default_train_config("lenet300", seed=0), tmp_path, progress=False)
