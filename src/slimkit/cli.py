@@ -53,17 +53,26 @@ def _root(
 
 
 def _load_for_data(path: Path, arch: Optional[str], trust_code: bool, data: Optional[str]):
-    """The model and its data (``--data``, or the data it records), checked to fit each other."""
-    from .data import load_data
+    """The model and the task of its data (``--data``, or the data it records), checked to fit each other."""
     from .modelfile import load
-    from .task import Task
+    from .task import task_from_spec
 
     model = load(path, arch=arch, trust_code=trust_code)
     spec = data or model.slimkit_meta.get("data")
-    splits = load_data(spec) if spec else None
-    if splits is not None:
-        Task.classification(splits).check_model(model)
-    return model, splits
+    task = task_from_spec(spec, model=model) if spec else None
+    if task is not None:
+        task.check_model(model)
+    return model, task
+
+
+def _check_inputs(model, task, samples: Optional[int] = None):
+    """Held-out inputs to check a model on: its data's test inputs, or (no data) synthetic inputs of the shape
+    it records."""
+    from .models.text import synthetic_inputs
+
+    if task is not None:
+        return task.example_inputs[:samples]
+    return synthetic_inputs(model, _input_shape(model, None), samples or 64)
 
 
 def _data_path(data: Optional[str]) -> Optional[str]:
@@ -90,9 +99,9 @@ def _torch_device(name: str):
         raise SlimkitError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
-def _input_shape(model, splits) -> tuple[int, ...]:
-    if splits is not None:
-        return splits.input_shape
+def _input_shape(model, task) -> tuple[int, ...]:
+    if task is not None:
+        return task.input_shape
     shape = model.slimkit_meta.get("input_shape")
     if not shape:
         raise SlimkitError("the model does not record its input shape; pass --data")
@@ -163,15 +172,14 @@ def analyze(
 ) -> None:
     """Profile a model: params, MACs, bytes on disk, test accuracy, latency (torch and ONNX Runtime)."""
     from .analyze import profile
-    from .data import make_loader
     from .limits import check_threads
     from .modelfile import resolve_model_dir
-    from .train import evaluate
 
     check_threads(threads)
-    model, splits = _load_for_data(path, arch, trust_code, data)
-    score = (lambda m: evaluate(m, make_loader(splits, "test", 256))["accuracy"]) if splits else None
-    result = profile(model, _input_shape(model, splits), model_path=resolve_model_dir(path), score_fn=score,
+    model, task = _load_for_data(path, arch, trust_code, data)
+    # (a text embedder is scored against its uncompressed model, which a model directory does not hold)
+    score = task.test_score if task is not None and task.metric == "accuracy" else None
+    result = profile(model, _input_shape(model, task), model_path=resolve_model_dir(path), score_fn=score,
                      latency=latency, threads=threads)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -207,8 +215,6 @@ def export(
     trust_code: bool = TrustOpt,
 ) -> None:
     """Export to a deployment format; the result is checked against torch on the test split."""
-    import torch
-
     from .export import export_onnx, onnx_bytes
     from .export.qdq import export_int8_verified
     from .outputs import check_disjoint
@@ -218,14 +224,11 @@ def export(
     if fmt not in ("onnx", "onnx-int8"):
         raise SlimkitError(f"--format {fmt!r}: supported formats: onnx, onnx-int8")
     check_disjoint(out, [resolve_model_dir(path), _data_path(data)])
-    model, splits = _load_for_data(path, arch, trust_code, data)
+    model, task = _load_for_data(path, arch, trust_code, data)
     if is_quantized(model) != (fmt == "onnx-int8"):
         raise SlimkitError(f"--format {fmt}: this is a {'quantized' if is_quantized(model) else 'float'} model; "
                            f"use --format {'onnx-int8' if is_quantized(model) else 'onnx'}")
-    if splits is not None:
-        check = splits.x_test
-    else:
-        check = torch.randn(64, *_input_shape(model, splits), generator=torch.Generator().manual_seed(0))
+    check = _check_inputs(model, task)
     if fmt == "onnx-int8":
         result = export_int8_verified(model, out, check, overwrite=overwrite)
         typer.echo(f"wrote {out} ({onnx_bytes(out):,} bytes); ONNX Runtime int8 vs slimkit's simulation on "
@@ -249,18 +252,13 @@ def diff_int8(
 ) -> None:
     """Where an int8 file parts from slimkit's simulation: every activation quantizer's int8 codes compared,
     in graph order, and the first layer whose codes jump away from rounding noise."""
-    import torch
-
     from .export.layer_diff import first_divergence, int8_layer_diff
     from .quant.ptq import is_quantized
 
-    model, splits = _load_for_data(path, arch, trust_code, data)
+    model, task = _load_for_data(path, arch, trust_code, data)
     if not is_quantized(model):
         raise SlimkitError(f"{path} is a float model; diff-int8 compares a quantized model with its int8 file")
-    if splits is not None:
-        inputs = splits.x_test[:samples]
-    else:
-        inputs = torch.randn(samples, *_input_shape(model, splits), generator=torch.Generator().manual_seed(0))
+    inputs = _check_inputs(model, task, samples)
     rows = int8_layer_diff(model, onnx_file, inputs)
     first = first_divergence(rows)
     if as_json:
@@ -393,19 +391,18 @@ def sensitivity_cmd(
     from .modelfile import resolve_model_dir
     from .pruning.sensitivity import sensitivity
     from .report.plots import sensitivity_curves
-    from .task import Task
 
     inputs = [resolve_model_dir(path), _data_path(data)]
     check_output(out, "sensitivity", inputs, overwrite)  # before the sweep, not after it
-    model, splits = _load_for_data(path, None, trust_code, data)
-    if splits is None:
+    model, task = _load_for_data(path, None, trust_code, data)
+    if task is None:
         raise SlimkitError("sensitivity needs data: pass --data")
     try:
         grid = tuple(float(s) for s in sparsities.split(","))
     except ValueError:
         raise SlimkitError(f"--sparsities: expected comma-separated numbers, got {echo(sparsities)}") from None
     with claim_output(out, "sensitivity", inputs=inputs, overwrite=overwrite):
-        result = sensitivity(model, Task.classification(splits), grid, method, structured, exclude=exclude,
+        result = sensitivity(model, task, grid, method, structured, exclude=exclude,
                              progress=lambda name: _log(f"sweeping {name}"))
         write_json_atomic(out / "sensitivity.json", result)
         write_bytes_atomic(out / "sensitivity.png", sensitivity_curves(result))

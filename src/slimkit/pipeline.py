@@ -25,7 +25,6 @@ from torch import nn
 from . import __version__
 from .analyze import count_macs, count_params, layer_stats, measure_latency
 from .analyze.machine import machine_fingerprint
-from .data import load_data
 from .io import dir_bytes, write_json_atomic
 from .outputs import claim_run
 from .limits import check_threads
@@ -37,7 +36,7 @@ from .report.summary import report_warnings
 from .quant.ptq import is_quantized
 from .recipe import Recipe
 from .stages import StageContext, apply_stage, copy_model
-from .task import Task
+from .task import Task, task_from_spec
 from .train import build_seeded, default_train_config, train_model
 from .train.distributed import check_same_model, is_main, mirror_from_main, rank_folder
 from .train.loop import on_device
@@ -85,9 +84,14 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
 
 
 def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | None, device, log) -> dict[str, Any]:
-    task = task or Task.classification(load_data(recipe.data, seed=recipe.seed))
+    section = recipe.model
+    given = load(section.path, trust_code=section.trust_code) if section.path is not None else None
+    task = task or task_from_spec(recipe.data, recipe.seed, given)
     main = is_main()
-    model, baseline_dir = _baseline(recipe, task, out, resume, progress, device, log)
+    if given is not None:  # an input: every node needs it, like the data
+        model, baseline_dir = given, resolve_model_dir(section.path)
+    else:
+        model, baseline_dir = _trained_baseline(recipe, task, out, resume, progress, device, log)
     task.check_model(model)
     entries = [_measure("baseline", model, baseline_dir, task, 0.0)] if main else []
     if main:
@@ -162,11 +166,9 @@ def _finish(recipe: Recipe, task: Task, entries, baseline_model, model, artifact
     return report
 
 
-def _baseline(recipe: Recipe, task: Task, out: Path, resume: bool, progress: bool, device,
-              log) -> tuple[nn.Module, Path]:
+def _trained_baseline(recipe: Recipe, task: Task, out: Path, resume: bool, progress: bool, device,
+                      log) -> tuple[nn.Module, Path]:
     section = recipe.model
-    if section.path is not None:  # an input: every node needs it, like the data
-        return load(section.path, trust_code=section.trust_code), resolve_model_dir(section.path)
     base = out / "baseline"
     if resume and mirror_from_main(base, (MODEL_SUBDIR, METRICS_FILE)) and (base / METRICS_FILE).is_file():
         log("baseline: already trained, loading it")
@@ -208,6 +210,7 @@ def _measure(name: str, model: nn.Module, model_dir: Path, task: Task, seconds: 
     return {
         "name": name, "accuracy": float(task.test_score(model)), "params": params, "nonzero_params": nonzero,
         "macs": macs, "file_bytes": dir_bytes(model_dir), "model_dir": str(model_dir), "seconds": seconds,
+        **({"scores": task.extra_scores(model)} if task.extra_scores is not None else {}),
     }
 
 

@@ -10,17 +10,21 @@ score a model: its scores are NaN and training on it is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from .data import Splits, make_loader
 from .errors import SlimkitError
 from .models.outputs import prediction
 from .limits import first_line
 from .train.loop import Batch, LossFn, ScoreFn, TrainConfig, evaluate
+
+if TYPE_CHECKING:
+    from .data.text import TextSplits
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Task:
     splits: Splits | None = None
     describe: dict[str, Any] = field(default_factory=dict)
     can_score: bool = True  # False for inputs without labels: nothing to train on or to score
+    extra_scores: Callable[[nn.Module], dict[str, float]] | None = None  # more test-split measures, per stage
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -102,6 +107,46 @@ class Task:
         )
 
     @classmethod
+    def text(cls, splits: "TextSplits", model: nn.Module) -> "Task":
+        """A task for a text model on text data, measured against ``model`` itself as it is now (the uncompressed
+        reference). A sentence embedder (or a base encoder) is scored by cosine similarity to the reference's
+        outputs and trained towards them; a classifier by accuracy on the data's labels, or without labels by
+        agreement with the reference's predictions."""
+        from .analyze.embedding import embed, embedding_scores, cosine_to_reference
+        from .data.datasets import Splits
+        from .models.text import text_spec, tokenize
+
+        spec = text_spec(model)
+        if spec is None:
+            raise SlimkitError(f"text data ({splits.name}) needs a text model (a Hugging Face directory); this "
+                               f"model is a {type(model).__name__}")
+        x = [tokenize(model, splits.split(which)) for which in ("train", "val", "test")]
+        reference = [embed(model, part) for part in x]
+        describe = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+                    "tokens": max(part.shape[-1] for part in x)}
+        if spec["task"] == "sequence-classification":
+            labels = splits.labels or tuple(r.argmax(dim=-1) for r in reference)
+            labelled = Splits(splits.name, x[0], torch.as_tensor(labels[0]), x[1], torch.as_tensor(labels[1]),
+                              x[2], torch.as_tensor(labels[2]))
+            task = cls.classification(labelled)
+            metric = "accuracy" if splits.labels else "agreement"
+            return replace(task, metric=metric, describe={**task.describe, **describe})
+        by_split = dict(zip(("val", "test"), zip(x[1:], reference[1:])))
+
+        def score(which: str) -> ScoreFn:
+            inputs, ref = by_split[which]
+            return lambda m: float(cosine_to_reference(embed(m, inputs), ref).mean())
+
+        def train_batches(cfg: TrainConfig):
+            generator = torch.Generator().manual_seed(cfg.seed)
+            return DataLoader(TensorDataset(x[0], reference[0]), batch_size=cfg.batch_size, shuffle=True,
+                              generator=generator)
+
+        return cls(name=splits.name, train_batches=train_batches, val_score=score("val"), test_score=score("test"),
+                   example_inputs=x[2], loss_fn=_cosine_distance, metric="cosine", describe=describe,
+                   extra_scores=lambda m: embedding_scores(embed(m, x[2]), reference[2]))
+
+    @classmethod
     def from_loaders(cls, train: Iterable, val: Iterable | None = None, test: Iterable | None = None, *,
                      transform_fn: Callable[[Any], Any] | None = None, loss_fn: LossFn | None = None,
                      name: str = "loaders") -> "Task":
@@ -129,8 +174,26 @@ class Task:
                    example_inputs=batches.example_inputs(), can_score=False, describe={"source": "inputs"})
 
 
+def _cosine_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (1 - nn.functional.cosine_similarity(output.flatten(1), target.flatten(1), dim=1)).mean()
+
+
 def _cannot_score(model: nn.Module) -> float:
     return float("nan")
+
+
+def task_from_spec(spec: str, seed: int = 0, model: nn.Module | None = None) -> Task:
+    """The task a ``--data`` spec names: image data is classification; text data (``docstrings``, ``.txt``,
+    ``.jsonl``) is measured against ``model``, the uncompressed text model."""
+    from .data import load_data
+    from .data.text import is_text_spec, load_text
+
+    if not is_text_spec(spec):
+        return Task.classification(load_data(spec, seed=seed))
+    if model is None:
+        raise SlimkitError(f"text data {spec!r} is measured against the model it compresses: name a model "
+                           "(a Hugging Face directory or a slimkit model directory), not a zoo model to train")
+    return Task.text(load_text(spec, seed=seed), model)
 
 
 def as_task(data: Any, transform_fn: Callable[[Any], Any] | None = None, model: nn.Module | None = None) -> Task:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..io import dir_bytes
+from ..models.text import synthetic_inputs
 from .machine import machine_fingerprint
 from .latency import Timing, ort_latency, torch_latency
 
@@ -80,7 +81,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dic
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
     try:
         with counter, _mha_fastpath(False):
-            model(torch.zeros(1, *input_shape))
+            model(synthetic_inputs(model, input_shape, 1))
     finally:
         model.train(was_training)
     root = type(model).__name__
@@ -127,7 +128,7 @@ def measure_latency(
 
     check_threads(threads, "threads")
     gen = torch.Generator().manual_seed(0)
-    inputs = {b: torch.randn(b, *input_shape, generator=gen) for b in batches}
+    inputs = {b: synthetic_inputs(model, input_shape, b, gen) for b in batches}
     with tempfile.TemporaryDirectory() as tmp:
         if onnx_path is None:
             onnx_path, check = Path(tmp) / "model.onnx", inputs[max(batches)]

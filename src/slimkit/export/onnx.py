@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import SlimkitError
 from ..models.outputs import prediction
+from ..models.text import dynamic_dims
 from ..io import atomic_path
 from ..outputs import ONNX_PRODUCER, claim_output
 
@@ -80,19 +81,27 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
+def exporter_cause(exc: BaseException) -> str:
+    """The root of an exporter failure in one line: torch.onnx wraps torch.export's error in a page of advice
+    whose first line says only which step failed."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"[:500]
+
+
 def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int,
                   translations: dict | None = None, strip: bool = True) -> None:
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
                 model, (sample,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False,
+                output_names=[OUTPUT_NAME], dynamic_shapes=(dynamic_dims(model, sample),), verbose=False,
                 custom_translation_table=translations,
             )
-        except Exception as exc:  # the exporter raises many internal types; say which model failed
-            raise SlimkitError(f"ONNX export failed for {type(model).__name__}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # the exporter raises many internal types; say which model failed, and why
+            raise SlimkitError(f"ONNX export failed for {type(model).__name__}: {exporter_cause(exc)}") from None
         import onnx
 
         proto = program.model_proto

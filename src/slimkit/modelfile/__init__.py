@@ -30,6 +30,8 @@ from ..codec.state import check_streams
 from ..errors import SlimkitError
 from ..outputs import claim_output
 from ..models.arch import build_model
+from ..models.text import (PACKED_ROWS, TOKENIZER_DIR, TOKENIZER_META, build_text_model, directory_spec,
+                           is_huggingface_dir, read_tokenizer_files)
 from ..plan import replay_plan
 from .schema import FORMAT_NAME, FORMAT_VERSION, META_FILE, WEIGHTS_FILE
 from .store import (
@@ -66,6 +68,8 @@ def load(path: str | os.PathLike, arch: dict[str, Any] | str | None = None, trus
     (for a file you edited on purpose); by default it follows ``digest_checks`` (on)."""
     path = resolve_model_dir(path)
     source = str(path)
+    if arch is None and not (path / META_FILE).is_file() and is_huggingface_dir(path):
+        return _huggingface_dir(path)
     if path.is_dir() or is_container(path) or (path.is_file() and path.suffix == SLIM_SUFFIX):
         if arch is not None:
             raise SlimkitError(f"{path}: a model directory or .slim file names its own architecture; do not pass one")
@@ -82,8 +86,20 @@ def load(path: str | os.PathLike, arch: dict[str, Any] | str | None = None, trus
     else:
         raise SlimkitError(f"{path}: no such model directory or file")
     load_state_into(model, state, source)
+    if path.is_dir() and "huggingface" in meta.get("architecture", {}):
+        meta = {**meta, TOKENIZER_META: read_tokenizer_files(path / TOKENIZER_DIR)}
     model.eval()
     model.slimkit_meta = meta
+    return model
+
+
+def _huggingface_dir(path: Path) -> nn.Module:
+    """A local Hugging Face directory (config, weights, tokenizer) as a slimkit text model, its pretrained
+    weights loaded by ``transformers`` offline."""
+    model = build_text_model(directory_spec(path))
+    model.eval()
+    model.slimkit_meta = {"architecture": model.spec(), "plan": [], "input_shape": [PACKED_ROWS, model.max_length],
+                          TOKENIZER_META: read_tokenizer_files(path)}
     return model
 
 
@@ -127,10 +143,13 @@ def save(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any] | No
     meta.setdefault("plan", [])
     for derived in ("format", "version", "tensors", "files"):
         meta.pop(derived, None)
+    tokenizer = meta.pop(TOKENIZER_META, None) or {}
     scales = _int8_scales(model, meta["plan"])
     kind = "slim" if Path(out_dir).suffix == SLIM_SUFFIX else "model"
     with claim_output(out_dir, kind, overwrite=overwrite):
-        return save_model(model, out_dir, meta, scales, derived=_derived_buffers(model, meta["plan"]))
+        return save_model(model, out_dir, meta, scales, derived=_derived_buffers(model, meta["plan"]),
+                          companions={f"{TOKENIZER_DIR}/{name}": text.encode("utf-8")
+                                      for name, text in tokenizer.items()})
 
 
 def _quantized_weights(plan: list[dict[str, Any]]) -> list[tuple[int, str, dict[str, Any]]]:
@@ -184,7 +203,12 @@ def _quantizer_buffers(plan: list[dict[str, Any]], stored: dict[str, torch.Tenso
 def new_model(arch: dict[str, Any] | str, trust_code: bool = False, **meta: Any) -> nn.Module:
     """Build a fresh model and attach the metadata that lets it be saved and reloaded."""
     spec = _arch_spec(arch)
+    if isinstance(spec.get("huggingface"), str):  # a directory: its own task, pooling and length unless given
+        spec = {**directory_spec(spec["huggingface"]), **spec}
     model = build_model(spec, trust_code=trust_code)
+    if isinstance(spec.get("huggingface"), str):  # the config itself, not the directory: a saved model stands alone
+        meta = {TOKENIZER_META: read_tokenizer_files(Path(spec["huggingface"])), **meta}
+        spec = model.spec()
     model.slimkit_meta = {"architecture": spec, "plan": [], **meta}
     return model
 

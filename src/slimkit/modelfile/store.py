@@ -182,9 +182,10 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(model: nn.Module, out: str | os.PathLike, meta: dict[str, Any],
                int8_scales: dict[str, tuple[torch.Tensor, int | None]] | None = None,
-               derived: set[str] = frozenset()) -> Path:
+               derived: set[str] = frozenset(), companions: dict[str, bytes] | None = None) -> Path:
     """Write ``model`` and its metadata as a model directory (or a ``.slim`` file), atomically, each tensor
-    in its smallest lossless encoding; the ``derived`` tensors, which loading rebuilds, are left out."""
+    in its smallest lossless encoding; the ``derived`` tensors, which loading rebuilds, are left out.
+    ``companions`` (relative path -> bytes: a text model's tokenizer) go into the directory beside them."""
     state = {k: v for k, v in state_dict_for_saving(model).items() if k not in derived}
     check_finite(state, f"model being saved to {out}")
     tensors, encodings = encode_state(state, int8_scales)
@@ -192,13 +193,14 @@ def save_model(model: nn.Module, out: str | os.PathLike, meta: dict[str, Any],
     if Path(out).suffix == SLIM_SUFFIX:
         write_container(out, *reencode(full_meta, tensors, str(out)))
     else:
-        write_model_dir(out, full_meta, tensors)
+        write_model_dir(out, full_meta, tensors, companions)
     return Path(out)
 
 
-def write_model_dir(out_dir: str | os.PathLike, full_meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """A model directory (safetensors + slimkit.json with the weights' digest) holding already-encoded tensors,
-    written atomically."""
+def write_model_dir(out_dir: str | os.PathLike, full_meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    companions: dict[str, bytes] | None = None) -> None:
+    """A model directory (safetensors + slimkit.json with the weights' digest, and any companion files) holding
+    already-encoded tensors, written atomically."""
     from safetensors.torch import save
 
     data = save(tensors)
@@ -207,3 +209,6 @@ def write_model_dir(out_dir: str | os.PathLike, full_meta: dict[str, Any], tenso
         (tmp / WEIGHTS_FILE).write_bytes(data)
         # compact: a pruning plan lists channel indices, and every byte of the model counts
         (tmp / META_FILE).write_text(json.dumps(meta, separators=(",", ":")) + "\n", encoding="utf-8")
+        for name, data in (companions or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)

