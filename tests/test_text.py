@@ -208,12 +208,16 @@ def test_the_command_line_quantizes_and_exports_a_hugging_face_directory(cli, te
     assert proc.returncode == 0, proc.stderr
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
-    model = slimkit.load(text_dir)
-    x = tokenize(model, TEXTS)
-    with torch.no_grad():
-        assert torch.allclose(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
-                              model(x), atol=1e-5)
+    model, quantized = slimkit.load(text_dir), slimkit.load(tmp_path / "q" / "model")
+    named = transformers.AutoTokenizer.from_pretrained(str(text_dir))(TEXTS, padding=True, return_tensors="np")
+    x = tokenize(model, TEXTS)  # 3 texts of another length than the export's: batch and tokens are dynamic
+    for path, torch_model, tolerance in [(tmp_path / "m.onnx", model, 1e-5),
+                                         (tmp_path / "q" / report["artifacts"]["onnx"], quantized, 1e-4)]:
+        session = onnxruntime.InferenceSession(str(path))
+        assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+        with torch.no_grad():
+            expected = torch_model(x)
+        assert torch.allclose(torch.from_numpy(session.run(None, dict(named))[0]), expected, atol=tolerance)
     assert digest(text_dir) == before
 
 

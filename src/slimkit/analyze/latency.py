@@ -56,5 +56,7 @@ def torch_latency(model: nn.Module, x: torch.Tensor, threads: int, **kw) -> Timi
 
 
 def ort_latency(session, x: torch.Tensor, **kw) -> Timing:
-    feed = {session.get_inputs()[0].name: x.numpy()}
+    from ..export.onnx import ort_feed
+
+    feed = ort_feed(session, x)
     return time_call(lambda: session.run(None, feed), **kw)

@@ -85,7 +85,7 @@ def _deployed_codes(proto, names: list[str], inputs: torch.Tensor) -> list[np.nd
     """The file's QuantizeLinear outputs, made graph outputs, as ONNX Runtime computes them."""
     import onnx
 
-    from .onnx import ort_session
+    from .onnx import ort_feed, ort_session
 
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     outputs = {o.name for o in proto.graph.output}
@@ -97,7 +97,7 @@ def _deployed_codes(proto, names: list[str], inputs: torch.Tensor) -> list[np.nd
     try:
         onnx.save(proto, tmp)
         session = ort_session(tmp)
-        return session.run(names, {session.get_inputs()[0].name: inputs.numpy()})
+        return session.run(names, ort_feed(session, inputs))
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import SlimkitError
 from ..models.outputs import prediction
-from ..models.text import dynamic_dims
+from ..models.text import TEXT_INPUTS, NamedInputs, dynamic_dims, text_spec
 from ..io import atomic_path
 from ..outputs import ONNX_PRODUCER, claim_output
 
@@ -59,12 +59,28 @@ def ort_session(path: str | os.PathLike, threads: int = 1):
         raise SlimkitError(f"{path}: ONNX Runtime cannot load this model ({exc})") from None
 
 
+def ort_feed(session, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The session's inputs from one batch: a text model's packed batch as its named inputs, else ``x``."""
+    names = [i.name for i in session.get_inputs()]
+    if len(names) > 1 and x.dim() == 3 and x.shape[1] == len(names):
+        return {name: part.contiguous().numpy() for name, part in zip(names, x.unbind(1))}
+    return {names[0]: x.numpy()}
+
+
 def run_ort(session, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    outs = [
-        session.run(None, {session.get_inputs()[0].name: x[i : i + batch_size].numpy()})[0]
-        for i in range(0, len(x), batch_size)
-    ]
+    outs = [session.run(None, ort_feed(session, x[i : i + batch_size]))[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs)
+
+
+def export_signature(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, tuple, list[str], tuple]:
+    """(module, args, input names, dynamic shapes) to export ``model`` with: a text model's packed sample as
+    its named inputs (``input_ids``, ``attention_mask``, ``token_type_ids``), dynamic in batch and tokens; any
+    other model as it is, dynamic in the batch."""
+    dims = dynamic_dims(model, sample)
+    if text_spec(model) is None or sample.dim() != 3:
+        return model, (sample,), [INPUT_NAME], (dims,)
+    axes = {0: dims[0], 1: dims[2]}
+    return NamedInputs(model), tuple(sample.unbind(1)), list(TEXT_INPUTS), (axes,) * len(TEXT_INPUTS)
 
 
 @contextlib.contextmanager
@@ -94,16 +110,14 @@ def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int
                   translations: dict | None = None, strip: bool = True) -> None:
     with _quiet_exporter():
         warnings.simplefilter("ignore")
+        module, args, names, dynamic = export_signature(model, sample)
         try:
             program = torch.onnx.export(
-                model, (sample,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=(dynamic_dims(model, sample),), verbose=False,
-                custom_translation_table=translations,
+                module, args, dynamo=True, opset_version=opset, input_names=names, output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic, verbose=False, custom_translation_table=translations,
             )
         except Exception as exc:  # the exporter raises many internal types; say which model failed, and why
             raise SlimkitError(f"ONNX export failed for {type(model).__name__}: {exporter_cause(exc)}") from None
-        import onnx
-
         proto = program.model_proto
         if strip:
             strip_debug_info(proto)

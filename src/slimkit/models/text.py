@@ -32,7 +32,8 @@ TASKS = ("sentence-embedding", "sequence-classification", "base")
 POOLINGS = ("mean", "cls")
 TOKENIZER_DIR = "tokenizer"  # beside the weights in a model directory
 TOKENIZER_META = "tokenizer"  # slimkit_meta key holding its files while the model is in memory
-PACKED_ROWS = 3  # input_ids, attention_mask, token_type_ids
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the packed batch's rows, in order
+PACKED_ROWS = len(TEXT_INPUTS)
 
 
 class TextModel(nn.Module):
@@ -69,6 +70,19 @@ class TextModel(nn.Module):
         """The architecture spec that rebuilds this model (its current config: a pruned model's sizes)."""
         return {"huggingface": self.encoder.config.to_dict(), "task": self.task, "pooling": self.pooling,
                 "normalize": self.normalize, "max_length": self.max_length}
+
+
+class NamedInputs(nn.Module):
+    """A text model taking its three inputs by name, as an exported graph should (the packed batch is
+    slimkit's internal form only)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.stack([input_ids, attention_mask, token_type_ids], dim=1))
 
 
 def text_spec(model: nn.Module) -> dict[str, Any] | None:

@@ -77,6 +77,7 @@ def _node_key(profiled: str) -> str:
 
 def profile_nodes(path: Path, x: torch.Tensor, threads: int, runs: int) -> dict[str, tuple[str, float]]:
     """``{ONNX node: (ONNX Runtime op, median ms per run)}`` from ONNX Runtime's profiler."""
+    from ..export.onnx import ort_feed
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -87,7 +88,7 @@ def profile_nodes(path: Path, x: torch.Tensor, threads: int, runs: int) -> dict[
     opts.enable_profiling = True
     opts.profile_file_prefix = str(path.with_suffix(""))
     session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
+    feed = ort_feed(session, x)
     warmup = 3
     for _ in range(warmup + runs):
         session.run(None, feed)
