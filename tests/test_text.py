@@ -230,3 +230,22 @@ def test_all_minilm_l6_v2_embeds_as_sentence_transformers_does():
     theirs = torch.from_numpy(st.SentenceTransformer(str(minilm.get_model_path()), device="cpu").encode(TEXTS)).double()
     assert ours.shape == (3, 384)
     assert cosine_to_reference(ours, theirs).min() > 1 - 1e-6 and (ours - theirs).abs().max() < 1e-5
+
+
+def test_a_quantized_graph_of_a_text_model_keeps_its_named_dynamic_inputs(text_dir, tmp_path):
+    import onnxruntime
+
+    from slimkit.export.qdq import export_int8_verified
+    from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+
+    model = slimkit.load(text_dir)
+    calib = tokenize(model, docstring_corpus()[:32])
+    quantized, _ = quantize_static(model, calib, StaticQuantConfig(activations="dynamic"))
+    export_int8_verified(quantized, tmp_path / "q.onnx", calib)
+    session = onnxruntime.InferenceSession(str(tmp_path / "q.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    x = tokenize(model, TEXTS)  # shorter than the calibration batch
+    with torch.no_grad():
+        expected = quantized(x)
+    feed = {i.name: part.contiguous().numpy() for i, part in zip(session.get_inputs(), x.unbind(1))}
+    assert torch.allclose(torch.from_numpy(session.run(None, feed)[0]), expected, atol=1e-4)

