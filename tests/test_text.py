@@ -249,3 +249,45 @@ def test_a_quantized_graph_of_a_text_model_keeps_its_named_dynamic_inputs(text_d
         expected = quantized(x)
     feed = {i.name: part.contiguous().numpy() for i, part in zip(session.get_inputs(), x.unbind(1))}
     assert torch.allclose(torch.from_numpy(session.run(None, feed)[0]), expected, atol=1e-4)
+
+
+def test_embedding_tables_become_int8_rows(text_dir, tmp_path):
+    """Word, position and token-type embeddings: int8 codes with one scale per row, in the saved model and in
+    the ONNX file (int8 initializer -> DequantizeLinear -> Gather); embeddings=False keeps them float."""
+    import onnx
+    from onnx import TensorProto
+
+    from slimkit.export.qdq import export_int8_verified
+    from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+
+    model = slimkit.load(text_dir)
+    calib = tokenize(model, docstring_corpus()[:32])
+    table = "encoder.embeddings.word_embeddings.weight"
+    sizes, models = {}, {}
+    for embeddings in (True, False):
+        quantized, step = quantize_static(model, calib, StaticQuantConfig(activations="dynamic", embeddings=embeddings))
+        assert (table in step["weights"]) is embeddings
+        quantized.slimkit_meta = {**model.slimkit_meta, "plan": [step]}
+        models[embeddings] = quantized
+        slimkit.save(quantized, tmp_path / f"m{embeddings}")
+        sizes[embeddings] = (tmp_path / f"m{embeddings}" / "model.safetensors").stat().st_size
+        export_int8_verified(quantized, tmp_path / f"m{embeddings}.onnx", calib)
+        graph = onnx.load(str(tmp_path / f"m{embeddings}.onnx")).graph
+        producers = {out: node for node in graph.node for out in node.output}
+        inits = {init.name: init for init in graph.initializer}
+        sources = [producers.get(node.input[0]) for node in graph.node if node.op_type == "Gather"
+                   and (node.input[0] in producers or node.input[0] in inits)]
+        dequantized = [n for n in sources if n is not None and n.op_type == "DequantizeLinear"
+                       and inits[n.input[0]].data_type == TensorProto.INT8]
+        assert len(dequantized) == (3 if embeddings else 0)
+    rows = models[True].get_parameter(table)
+    steps = rows / models[True].get_buffer(f"_slimkit_wscale_{list(step_weights(models[True])).index(table)}")[:, None]
+    assert (steps - steps.round()).abs().max() < 1e-3 and steps.abs().amax(1).round().max() == 127  # int8 codes
+    assert sizes[False] - sizes[True] >= 3 * rows.numel()  # 4 bytes -> 1 byte per value of the word table
+    again = slimkit.load(tmp_path / "mTrue")
+    with torch.no_grad():
+        assert torch.equal(again(calib), models[True](calib))
+
+
+def step_weights(quantized) -> dict:
+    return quantized.slimkit_meta["plan"][-1]["weights"]

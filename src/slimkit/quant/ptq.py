@@ -46,6 +46,7 @@ ACT_SCHEME = QScheme(bits=8, symmetric=False, signed=False)  # uint8, as ONNX Ru
 aten = torch.ops.aten
 CONVS = {aten.conv2d.default, aten.conv1d.default}
 WEIGHTED = {*CONVS, aten.linear.default}
+EMBEDDINGS = {aten.embedding.default}  # lookup tables: int8 rows, one scale per row, weight-only
 MATMULS = {aten.matmul.default, aten.bmm.default}
 PLAN_OP = "quantize-static"
 FUSED_ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
@@ -78,6 +79,9 @@ class StaticQuantConfig(Config):
     # without VNNI (analyze.machine.int8_pairs_saturate); None: only on such a CPU (where the model is
     # quantized and its export checked)
     reduce_range: bool | None = None
+    # embedding tables (a transformer's word and position embeddings) as int8 rows with one scale per row: no
+    # integer kernel multiplies them, so they are weight-only whatever ``activations`` says
+    embeddings: bool = True
 
     def model_post_init(self, __context: Any) -> None:
         if self.observer not in OBSERVERS:
@@ -94,9 +98,10 @@ class StaticQuantConfig(Config):
             raise ValueError("log weight levels take at most 4 bits (their codes 0, +/-1 ... +/-64 must fit "
                              "int8) and round to nearest")
 
-    def bits_of(self, weight: str) -> int:
+    def bits_of(self, weight: str, integer_kernel: bool = True) -> int:
+        """A weight's bits; 7 at most where ``reduces_range`` says integer kernels could saturate on them."""
         bits = self.layer_bits.get(weight.rpartition(".")[0], self.weight_bits)
-        return min(bits, 7) if self.reduces_range() else bits
+        return min(bits, 7) if integer_kernel and self.reduces_range() else bits
 
     def reduces_range(self) -> bool:
         """Whether 8-bit weights become 7-bit codes: only where integer kernels multiply them with quantized
@@ -266,8 +271,13 @@ def _split_silu(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _weight_arg(node: fx.Node) -> int:
+    """Where an op takes its weight: ``embedding(weight, indices)``, ``linear/conv(input, weight, ...)``."""
+    return 0 if node.target in EMBEDDINGS else 1
+
+
 def _weight_name(node: fx.Node) -> str | None:
-    weight = node.args[1] if len(node.args) > 1 else None
+    weight = node.args[_weight_arg(node)] if len(node.args) > _weight_arg(node) else None
     return weight.target if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
 
 
@@ -275,6 +285,7 @@ def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.No
     """(weighted ops to quantize, activation values to calibrate), in graph order."""
     ops, values = [], {}
     weighted = {aten.linear.default} if cfg.activations == "dynamic" else WEIGHTED
+    weighted = weighted | EMBEDDINGS if cfg.embeddings else weighted
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -283,6 +294,8 @@ def quant_points(gm: fx.GraphModule, cfg: StaticQuantConfig) -> tuple[list[fx.No
             if name is None or any(fnmatchcase(name.rpartition(".")[0], p) for p in cfg.exclude):
                 continue
             ops.append(node)
+            if node.target in EMBEDDINGS:
+                continue  # integer indices in, a float row out: nothing to calibrate
             inputs = [node.args[0]]
         elif node.target in MATMULS and cfg.matmul:
             inputs = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
@@ -346,7 +359,7 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
     gm = capture(folded, calib)
     ops, values = quant_points(gm, cfg)
     if not ops:
-        raise SlimkitError("nothing to quantize: no conv or linear layers were selected")
+        raise SlimkitError("nothing to quantize: no conv, linear or embedding layers were selected")
     observers = _insert_observers(gm, values, cfg)
     for i in range(0, len(calib), batch_size):
         gm(calib[i : i + batch_size])
@@ -357,16 +370,17 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
         raise SlimkitError(f"layer_bits names layers that are not quantized: {sorted(unknown)}")
     weights, scales = {}, {}
     for op in ops:
-        name = _weight_name(op)
-        weights[name] = {"input": op.args[0].name, "bits": cfg.bits_of(name)}
+        name, table = _weight_name(op), op.target in EMBEDDINGS
+        bits = cfg.bits_of(name, integer_kernel=not table)
+        weights[name] = {"input": op.args[1 if table else 0].name, "bits": bits}
         if cfg.group_size is not None:
             weights[name]["group_size"] = cfg.group_size
-        if cfg.activations == "dynamic":
+        if cfg.activations == "dynamic" and not table:
             weights[name]["activation"] = "dynamic"
         if cfg.weight_levels == "log":
-            scales[name] = log_levels(gm.get_parameter(name).detach(), cfg.bits_of(name))[1]
+            scales[name] = log_levels(gm.get_parameter(name).detach(), bits)[1]
         else:
-            scales[name] = weight_scales(gm.get_parameter(name), cfg.bits_of(name), cfg)
+            scales[name] = weight_scales(gm.get_parameter(name), bits, cfg)
     _round_weights(gm, ops, cfg, scales, calib, batch_size)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
             **({} if calib.dtype == torch.float32 else {"input_dtype": str(calib.dtype).removeprefix("torch.")}),
@@ -385,11 +399,15 @@ def replay_static(model: nn.Module, step: dict[str, Any]) -> fx.GraphModule:
             parent, _, child = bn_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
     meta = getattr(model, "slimkit_meta", None)
-    example = torch.zeros(2, *step["input_shape"], dtype=getattr(torch, step.get("input_dtype", "float32")))
-    gm = _convert(capture(model, example), step)
+    gm = _convert(capture(model, plan_example(step)), step)
     if meta is not None:
         gm.slimkit_meta = meta
     return gm
+
+
+def plan_example(step: dict[str, Any]) -> torch.Tensor:
+    """Inputs of the shape and dtype a plan step was calibrated on (token ids are integers), to capture with."""
+    return torch.zeros(2, *step["input_shape"], dtype=getattr(torch, step.get("input_dtype", "float32")))
 
 
 def weight_scale_buffer(index: int) -> str:
@@ -413,10 +431,12 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
         raise SlimkitError(f"quantization plan does not fit this model's graph (no nodes {missing[:3]}); "
                            "was it saved by another PyTorch version?")
     for i, (name, spec) in enumerate(step["weights"].items()):
-        op = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHTED
+        op = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target in WEIGHTED | EMBEDDINGS
                    and _weight_name(n) == name), None)
         if op is None:
-            raise SlimkitError(f"quantization plan names a weight no conv or linear layer of this graph uses: {name}")
+            raise SlimkitError(f"quantization plan names a weight no conv, linear or embedding layer of this graph "
+                               f"uses: {name}")
+        stored = op.args[_weight_arg(op)]
         weight = gm.get_parameter(name)
         group = spec.get("group_size")
         scale = scales[name] if scales is not None else torch.ones(
@@ -426,12 +446,12 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
             s = gm.graph.get_attr(weight_scale_buffer(i))
             if group:
                 fq = gm.graph.call_function(torch.ops.slimkit.group_fake_quant.default,
-                                            (op.args[1], s, group, _weight_limit(step, spec)))
+                                            (stored, s, group, _weight_limit(step, spec)))
             else:
                 gm.register_buffer(weight_zero_buffer(i), torch.zeros_like(scale, dtype=torch.int32))
                 z = gm.graph.get_attr(weight_zero_buffer(i))
-                fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (op.args[1], s, z, 0, -128, 127))
-            op.replace_input_with(op.args[1], fq)
+                fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (stored, s, z, 0, -128, 127))
+            op.replace_input_with(stored, fq)
             if spec.get("activation") == "dynamic":
                 dq = gm.graph.call_function(torch.ops.slimkit.dynamic_fake_quant.default, (op.args[0],))
                 op.replace_input_with(op.args[0], dq)
@@ -491,12 +511,13 @@ def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfi
     from .gptq import gptq_quantize, record_hessians
 
     needs_stats = cfg.rounding == "gptq" or cfg.bias_correction
-    moments = record_hessians(gm, ops, _weight_name, calib, batch_size) if needs_stats else {}
+    layers = [op for op in ops if op.target in WEIGHTED]  # (a lookup table has no input statistics)
+    moments = record_hessians(gm, layers, _weight_name, calib, batch_size) if needs_stats else {}
     biases = {_weight_name(op): op.args[2] for op in ops if len(op.args) > 2 and isinstance(op.args[2], fx.Node)}
     for op in ops:
         name = _weight_name(op)
         weight = gm.get_parameter(name)
-        qmax = weight_scheme(cfg.bits_of(name)).qmax
+        qmax = weight_scheme(cfg.bits_of(name, integer_kernel=op.target not in EMBEDDINGS)).qmax
         original = weight.detach().clone()
         s = (expand_group_scale(scales[name], weight.shape, cfg.group_size) if cfg.group_size
              else scales[name].reshape(-1, *([1] * (weight.dim() - 1))))

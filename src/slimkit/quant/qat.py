@@ -21,8 +21,8 @@ from torch import fx, nn
 from ..errors import SlimkitError
 from ..pruning.mask import remove_masks, set_mask
 from .ops import expand_group_scale
-from .ptq import (ACT_SCHEME, StaticQuantConfig, _convert, _weight_name, capture, quantize_static, weight_scales,
-                  weight_scheme)
+from .ptq import (ACT_SCHEME, StaticQuantConfig, _convert, _weight_arg, _weight_name, capture, plan_example,
+                  quantize_static, weight_scales, weight_scheme)
 
 
 class LearnedFakeQuant(nn.Module):
@@ -82,9 +82,10 @@ def prepare_qat(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | 
         scale = weight_scales(weight, spec["bits"], cfg)
         module = LearnedFakeQuant(scale, torch.zeros_like(scale), -qmax_w, qmax_w, learn_scale, cfg.group_size)
         gm.add_submodule(f"_slimkit_wq_{i}", module)
+        stored = op.args[_weight_arg(op)]
         with gm.graph.inserting_before(op):
-            fq = gm.graph.call_module(f"_slimkit_wq_{i}", (op.args[1],))
-        op.replace_input_with(op.args[1], fq)
+            fq = gm.graph.call_module(f"_slimkit_wq_{i}", (stored,))
+        op.replace_input_with(stored, fq)
         if bool((weight == 0).any()):  # a pruned model: its zeros stay zeros
             owner, _, attr = name.rpartition(".")
             set_mask(gm.get_submodule(owner), (weight != 0).float(), attr)
@@ -119,5 +120,5 @@ def convert_qat(gm: fx.GraphModule, ctx: QATContext) -> tuple[fx.GraphModule, di
     folded = ctx.folded
     trained = {k: v for k, v in gm.state_dict().items() if not k.startswith("_slimkit_")}
     folded.load_state_dict(trained, strict=True)
-    final = _convert(capture(folded, torch.zeros(2, *step["input_shape"])), step, scales)
+    final = _convert(capture(folded, plan_example(step)), step, scales)
     return final, step
