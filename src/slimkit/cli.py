@@ -342,6 +342,8 @@ def quantize(
         None, "--qat-if-drop", help="run QAT only if static int8 loses more than this validation score (0.01: "
                                     "1 point); --qat-epochs sets its length (default 2)"),
     exclude: list[str] = typer.Option([], "--exclude", metavar="GLOB", help="layer name glob to keep in float (repeatable)"),
+    embeddings: bool = typer.Option(True, "--int8-embeddings/--float-embeddings",
+                                    help="embedding tables as int8 rows, one scale per row"),
     float_where_faster: bool = typer.Option(
         False, "--float-where-faster", help="keep in float the layers whose int8 form makes ONNX Runtime slower, "
                                             "measured at --deploy-batch and --deploy-threads"),
@@ -361,7 +363,8 @@ def quantize(
 
     source = load(path, trust_code=trust_code)
     stage = {"type": "quantize", "scheme": scheme, "calib": calib, "observer": observer,
-             "per_channel": per_channel, "exclude": exclude, "rounding": rounding, "reduce_range": reduce_range,
+             "per_channel": per_channel, "exclude": exclude, "embeddings": embeddings, "rounding": rounding,
+             "reduce_range": reduce_range,
              "size_budget": size_budget, "bias_correction": bias_correction,
              "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None, "qat_if_drop": qat_if_drop,
              "latency_placement": {"batch": deploy_batch, "threads": deploy_threads} if float_where_faster else None}
