@@ -291,3 +291,18 @@ def test_embedding_tables_become_int8_rows(text_dir, tmp_path):
 
 def step_weights(quantized) -> dict:
     return quantized.slimkit_meta["plan"][-1]["weights"]
+
+
+def test_a_zero_point_the_exporter_leaves_as_a_cast_is_still_a_constant():
+    """MiniLM's 30522-row word table: the exporter's optimizer leaves its int32 zero points behind a Cast
+    (small tables it folds), and the weight folding must still read them."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimkit.export.qdq import _constants
+
+    zeros = numpy_helper.from_array(np.zeros(30522, np.int32), "zero32")
+    graph = helper.make_graph([helper.make_node("Cast", ["zero32"], ["zero8"], to=TensorProto.INT8)], "g", [], [],
+                              initializer=[zeros])
+    value = _constants(graph)["zero8"]
+    assert value.dtype == np.int8 and value.shape == (30522,) and not value.any()

@@ -34,6 +34,10 @@ def _constants(graph) -> dict[str, np.ndarray]:
             for attr in node.attribute:
                 if attr.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Cast" and node.input[0] in values:  # a large constant the optimizer left unfolded
+            from onnx import helper
+
+            values[node.output[0]] = values[node.input[0]].astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to", 1)))
     return values
 
 
