@@ -1,3 +1,5 @@
+import subprocess
+
 import pytest
 import torch
 
@@ -51,3 +53,16 @@ def small_model_dir(tmp_path):
     torch.manual_seed(0)
     model = new_model("lenet300", input_shape=[1, 8, 8], num_classes=10, data="digits")
     return save(model, tmp_path / "model")
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: slimkit's command line, in process, with stdout and stderr captured (neither a terminal)."""
+    from slimkit.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return run

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 
 from slimkit import new_model, save
-from slimkit.cli import main
 from slimkit.console import plain_table
 from slimkit.report.summary import summary_rows
-
-
-@pytest.fixture
-def cli(capsys):
-    """``cli(*args)``: slimkit's command line, in process, with stdout and stderr captured (neither a terminal)."""
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-    return run
 
 
 def test_tables_off_a_terminal_are_plain_and_never_cut(cli, trained_run, tmp_path):

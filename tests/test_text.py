@@ -7,7 +7,6 @@ import collections
 import hashlib
 import json
 import re
-import subprocess
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ import torch
 import slimkit
 from slimkit import SlimkitError, Task
 from slimkit.analyze.embedding import cosine_to_reference, embedding_scores, retrieval_agreement
-from slimkit.cli import main
 from slimkit.data.text import docstring_corpus, is_text_spec, load_text
 from slimkit.models.text import synthetic_inputs, tokenize
 from slimkit.task import task_from_spec
@@ -183,16 +181,6 @@ def test_a_text_task_scores_against_the_uncompressed_model(text_dir, tmp_path):
     assert labelled.metric == "accuracy" and labelled.test_score(classifier) == float((predicted == truth).double().mean())
     with pytest.raises(SlimkitError, match="needs a text model"):
         Task.text(load_text("docstrings:limit=20"), slimkit.new_model("lenet300"))
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-    return run
 
 
 def test_the_command_line_quantizes_and_exports_a_hugging_face_directory(cli, text_dir, tmp_path):
