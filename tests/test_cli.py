@@ -32,14 +32,14 @@ def test_version_and_help():
         assert command in proc.stdout
 
 
-def test_unknown_option_is_a_usage_error():
-    proc = slimkit_cli("analyze", "x", "--bogus")
+def test_unknown_option_is_a_usage_error(cli):
+    proc = cli("analyze", "x", "--bogus")
     assert proc.returncode == 2 and "No such option" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_train_writes_run_directory(tmp_path):
-    proc = slimkit_cli("train", "--model", "lenet300", "--epochs", "2", "--seed", "3", "--out", tmp_path / "r",
-                       "--no-progress")
+def test_train_writes_run_directory(cli, tmp_path):
+    proc = cli("train", "--model", "lenet300", "--epochs", "2", "--seed", "3", "--out", tmp_path / "r",
+               "--no-progress")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert {"train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "val_loss", "test_loss"} <= set(metrics)
@@ -48,8 +48,8 @@ def test_train_writes_run_directory(tmp_path):
     assert (tmp_path / "r" / "checkpoint" / "last.pt").is_file()
 
 
-def test_analyze_json(trained_run):
-    proc = slimkit_cli("analyze", trained_run, "--data", "digits", "--json")
+def test_analyze_json(cli, trained_run):
+    proc = cli("analyze", trained_run, "--data", "digits", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["file_bytes"] == sum(p.stat().st_size for p in (trained_run / "model").iterdir())
@@ -61,29 +61,29 @@ def test_analyze_json(trained_run):
     assert result["accuracy"] > 0.9
 
 
-def test_analyze_table(trained_run):
-    proc = slimkit_cli("analyze", trained_run, "--no-latency")
+def test_analyze_table(cli, trained_run):
+    proc = cli("analyze", trained_run, "--no-latency")
     assert proc.returncode == 0, proc.stderr
     assert "MACs per sample" in proc.stdout and "50,200" in proc.stdout
 
 
-def test_export_onnx(trained_run, tmp_path):
-    proc = slimkit_cli("export", trained_run, "--format", "onnx", "--out", tmp_path / "m.onnx")
+def test_export_onnx(cli, trained_run, tmp_path):
+    proc = cli("export", trained_run, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert proc.returncode == 0, proc.stderr
     assert "max abs diff" in proc.stdout and (tmp_path / "m.onnx").stat().st_size > 4 * 50_000
-    assert_user_error(slimkit_cli("export", trained_run, "--format", "tflite", "--out", tmp_path / "m.tfl"),
+    assert_user_error(cli("export", trained_run, "--format", "tflite", "--out", tmp_path / "m.tfl"),
                       "supported formats")
 
 
-def test_misspelled_recipe_key(tmp_path):
+def test_misspelled_recipe_key(cli, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {zoo: lenet300}\nstages:\n  - {type: finetune, epohcs: 1}\n")
-    proc = slimkit_cli("run", recipe, "--out", tmp_path / "out")
+    proc = cli("run", recipe, "--out", tmp_path / "out")
     assert_user_error(proc, "stages[0].epohcs: unknown key (did you mean 'epochs'?)")
     assert not (tmp_path / "out").exists()
 
 
-def test_truncated_safetensors(trained_run, tmp_path):
+def test_truncated_safetensors(cli, trained_run, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
@@ -91,8 +91,8 @@ def test_truncated_safetensors(trained_run, tmp_path):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     before = weights.read_bytes()
-    assert_user_error(slimkit_cli("analyze", broken), "model.safetensors is damaged")
-    assert_user_error(slimkit_cli("--no-verify", "analyze", broken), "model.safetensors: not a readable safetensors file")
+    assert_user_error(cli("analyze", broken), "model.safetensors is damaged")
+    assert_user_error(cli("--no-verify", "analyze", broken), "model.safetensors: not a readable safetensors file")
     assert weights.read_bytes() == before
 
 
@@ -104,19 +104,19 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_pickle_with_code_payload(tmp_path):
+def test_pickle_with_code_payload(cli, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"fc1.weight": Payload(marker)}))
-    assert_user_error(slimkit_cli("analyze", evil, "--arch", "lenet300", "--no-latency"), "evil.pth: refused")
+    assert_user_error(cli("analyze", evil, "--arch", "lenet300", "--no-latency"), "evil.pth: refused")
     assert not marker.exists()
 
 
-def test_npz_missing_y_test(tmp_path):
+def test_npz_missing_y_test(cli, tmp_path):
     arrays = {k: np.zeros((6, 8, 8)) if k[0] == "x" else np.arange(6) % 2
               for k in ("x_train", "y_train", "x_val", "y_val", "x_test")}
     np.savez(tmp_path / "d.npz", **arrays)
-    proc = slimkit_cli("train", "--model", "lenet300", "--data", tmp_path / "d.npz", "--out", tmp_path / "o")
+    proc = cli("train", "--model", "lenet300", "--data", tmp_path / "d.npz", "--out", tmp_path / "o")
     assert_user_error(proc, "d.npz: missing y_test")
     assert not (tmp_path / "o").exists()
 

@@ -1,7 +1,5 @@
 """The .slim container: entropy coders, lossless packing, damage detection, accounting."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -110,19 +108,18 @@ def damaged(source, tmp_path, how):
 @pytest.mark.parametrize("how, message", [("payload", "is corrupt"), ("header", "header is truncated or corrupt"),
                                           ("truncated", "truncated"), ("trailing", "trailing data"),
                                           ("signature", "not a .slim file")])
-def test_damaged_files_are_clear_errors(deep_compressed, tmp_path, how, message):
+def test_damaged_files_are_clear_errors(cli, deep_compressed, tmp_path, how, message):
     save(deep_compressed, tmp_path / "m.slim")
     path = damaged(tmp_path / "m.slim", tmp_path, how)
     before = path.read_bytes()
     with pytest.raises(SlimkitError, match=message):
         load(path)
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "unpack", str(path), "--out", str(tmp_path / "u")],
-                          capture_output=True, text=True)
+    proc = cli("unpack", str(path), "--out", str(tmp_path / "u"))
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and not (tmp_path / "u").exists()
     assert path.read_bytes() == before
 
 
-def test_pack_cli_and_slim_export_stage(trained_run, tmp_path):
+def test_pack_cli_and_slim_export_stage(cli, trained_run, tmp_path):
     recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False},
                            "stages": [{"type": "prune", "sparsity": 0.9, "scope": "global"},
                                       {"type": "cluster", "bits": 4, "biases": True},
@@ -131,13 +128,13 @@ def test_pack_cli_and_slim_export_stage(trained_run, tmp_path):
     notes = report["stages"][3]["notes"]["slim"]
     assert notes["file_bytes"] == (tmp_path / "r" / "model.slim").stat().st_size
     assert notes["ratio_vs_fp32"] > 25
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "pack", str(tmp_path / "r"), "--out",
-                           str(tmp_path / "again.slim")], capture_output=True, text=True)
+    proc = cli("pack", str(tmp_path / "r"), "--out",
+               str(tmp_path / "again.slim"))
     assert proc.returncode == 0, proc.stderr
     assert "smaller than fp32" in proc.stdout and "fc1" in proc.stdout
     assert (tmp_path / "again.slim").read_bytes() == (tmp_path / "r" / "model.slim").read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "analyze", str(tmp_path / "again.slim"), "--json",
-                           "--no-latency"], capture_output=True, text=True)
+    proc = cli("analyze", str(tmp_path / "again.slim"), "--json",
+               "--no-latency")
     assert proc.returncode == 0, proc.stderr
     with pytest.raises(SlimkitError, match="must end in .slim"):
         parse_recipe({"model": {"path": str(trained_run)}, "stages": [{"type": "export", "format": "slim",

@@ -1,8 +1,6 @@
 """Knowledge distillation: losses against float64 references, frozen teachers, projections, stage, CLI."""
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -95,7 +93,7 @@ def test_mutual_distillation_trains_both_peers(digits, briefly_trained):
     assert trained.fc1.out_features == 32
 
 
-def test_distill_stage_recovers_a_pruned_model_and_trains_new_students(trained_run, tmp_path):
+def test_distill_stage_recovers_a_pruned_model_and_trains_new_students(cli, trained_run, tmp_path):
     recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False},
                            "stages": [{"type": "prune", "sparsity": 0.95, "scope": "global"},
                                       {"type": "finetune", "epochs": 2, "lr": 1e-3},
@@ -110,19 +108,17 @@ def test_distill_stage_recovers_a_pruned_model_and_trains_new_students(trained_r
     assert (tmp_path / "r" / "report.html").read_text().count("Training curves") == 1
     with pytest.raises(SlimkitError, match="cannot teach itself"):
         parse_recipe({"model": {"path": str(trained_run)}, "stages": [{"type": "distill", "teacher": "input"}]})
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "distill", "--teacher", str(trained_run), "--student",
-                           "lenet300:hidden=[64,32]", "--epochs", "3", "--feature", "fc2=fc2", "--no-latency",
-                           "--no-progress", "--out", str(tmp_path / "c")], capture_output=True, text=True)
+    proc = cli("distill", "--teacher", str(trained_run), "--student",
+               "lenet300:hidden=[64,32]", "--epochs", "3", "--feature", "fc2=fc2", "--no-latency",
+               "--no-progress", "--out", str(tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
     student = load(tmp_path / "c")
     assert student.fc1.out_features == 64 and student.fc2.out_features == 32
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "distill", "--teacher", str(trained_run), "--student",
-                           "lenet300:hidden=[64,32]", "--feature", "fc2", "--out", str(tmp_path / "e")],
-                          capture_output=True, text=True)
+    proc = cli("distill", "--teacher", str(trained_run), "--student",
+               "lenet300:hidden=[64,32]", "--feature", "fc2", "--out", str(tmp_path / "e"))
     assert proc.returncode == 2 and "STUDENT_LAYER=TEACHER_LAYER" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "distill", "--teacher", str(trained_run), "--student",
-                           "lenet300", "--attention", "fc1=fc1", "--out", str(tmp_path / "a")],
-                          capture_output=True, text=True)
+    proc = cli("distill", "--teacher", str(trained_run), "--student",
+               "lenet300", "--attention", "fc1=fc1", "--out", str(tmp_path / "a"))
     assert proc.returncode == 2 and "holds 0 nn.Softmax modules" in proc.stderr  # an MLP has no attention maps
 
 

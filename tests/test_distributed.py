@@ -27,8 +27,8 @@ def _weights(folder):
     return read_safetensors(folder / "model.safetensors")
 
 
-def _single(args, out):
-    proc = subprocess.run([sys.executable, "-m", "slimkit", *args, "--out", str(out)], capture_output=True, text=True)
+def _single(cli, args, out):
+    proc = cli(*args, "--out", out)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -39,10 +39,10 @@ def _assert_same_weights(one, two, what=""):
         np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=what + name)
 
 
-def test_two_processes_match_one_with_augmentation(tmp_path):
+def test_two_processes_match_one_with_augmentation(cli, tmp_path):
     """lenet5 trains with random shifts: each global batch's shifts are drawn once and shared by the ranks."""
     args = ["train", "--model", "lenet5", "--epochs", "3", "--seed", "1", "--no-progress"]
-    _single(args, tmp_path / "one")
+    _single(cli, args, tmp_path / "one")
     ddp = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr
     _assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
@@ -56,7 +56,7 @@ def test_commands_that_are_not_data_parallel_refuse_torchrun(tmp_path):
     assert proc.returncode != 0 and "does not train, so it does not run under torchrun" in proc.stderr
 
 
-def test_a_recipe_runs_data_parallel_and_resumes(trained_run, tmp_path):
+def test_a_recipe_runs_data_parallel_and_resumes(cli, trained_run, tmp_path):
     """Pruning with a schedule, then distillation into the pruned model: 2 ranks equal 1; rank 0 alone writes."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -68,7 +68,7 @@ def test_a_recipe_runs_data_parallel_and_resumes(trained_run, tmp_path):
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
     args = ["run", str(recipe), "--no-progress"]
-    _single(args, tmp_path / "one")
+    _single(cli, args, tmp_path / "one")
     ddp = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert ddp.returncode == 0, ddp.stderr
     assert ddp.stdout.count("report:") == 1 and not list(scratch.glob("slimkit-rank*"))  # rank 1 cleaned up
@@ -86,7 +86,7 @@ def test_a_recipe_runs_data_parallel_and_resumes(trained_run, tmp_path):
     assert all(np.array_equal(resumed[k].numpy(), two[k].numpy()) for k in two)
 
 
-def test_two_processes_killed_and_resumed_match_one(tmp_path):
+def test_two_processes_killed_and_resumed_match_one(cli, tmp_path):
     """Two ranks, killed (kill -9) mid-run and resumed, end where one process ends. Rank 1 has no checkpoint of
     its own: it resumes from the one rank 0 reads and sends."""
     import signal
@@ -95,7 +95,7 @@ def test_two_processes_killed_and_resumed_match_one(tmp_path):
     import torch
 
     args = ["train", "--model", "lenet300", "--epochs", "8", "--batch-size", "16", "--seed", "2", "--no-progress"]
-    _single(args, tmp_path / "one")
+    _single(cli, args, tmp_path / "one")
     proc = subprocess.Popen([*TORCHRUN, *args, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "killed" / "checkpoint" / "last.pt"

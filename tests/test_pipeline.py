@@ -103,10 +103,8 @@ def test_an_export_before_a_model_changing_stage_is_not_timed_as_the_final_model
     assert "onnx" not in report["artifacts"]
 
 
-def test_every_training_stage_records_its_history_and_runs_on_the_chosen_device(trained_run, tmp_path):
-    import subprocess
-    import sys
-
+def test_every_training_stage_records_its_history_and_runs_on_the_chosen_device(cli, trained_run, tmp_path):
+        
     import torch
 
     recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False}, "stages": [
@@ -125,6 +123,6 @@ def test_every_training_stage_records_its_history_and_runs_on_the_chosen_device(
     html = (tmp_path / "r" / "report.html").read_text()
     assert html.count("Training curves") == 1
     if not torch.cuda.is_available():
-        proc = subprocess.run([sys.executable, "-m", "slimkit", "prune", str(trained_run), "--sparsity", "0.5",
-                               "--device", "cuda", "--out", str(tmp_path / "c")], capture_output=True, text=True)
+        proc = cli("prune", str(trained_run), "--sparsity", "0.5",
+                   "--device", "cuda", "--out", str(tmp_path / "c"))
         assert proc.returncode == 2 and "no CUDA device is available" in proc.stderr

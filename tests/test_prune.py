@@ -1,6 +1,4 @@
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -143,11 +141,10 @@ def test_schedules_reach_the_target_and_recover(schedule, digits, trained_run, t
         PruneStage(schedule="agp")
 
 
-def test_prune_recipe_and_cli(trained_run, tmp_path):
+def test_prune_recipe_and_cli(cli, trained_run, tmp_path):
     before = {p.name: p.read_bytes() for p in (trained_run / "model").iterdir()}
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "prune", str(trained_run), "--sparsity", "0.9", "--global",
-                           "--finetune-epochs", "3", "--out", str(tmp_path / "p"), "--no-progress"],
-                          capture_output=True, text=True)
+    proc = cli("prune", str(trained_run), "--sparsity", "0.9", "--global",
+               "--finetune-epochs", "3", "--out", str(tmp_path / "p"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert {p.name: p.read_bytes() for p in (trained_run / "model").iterdir()} == before
     assert dir_bytes(trained_run / "model") / dir_bytes(tmp_path / "p" / "model") > 5

@@ -1,8 +1,6 @@
 """Dynamic int8 quantization (ranges per batch) and per-group weight-only quantization (int4-weight)."""
 
 import json
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -144,7 +142,7 @@ def test_linear_int4_weights_run_as_matmul_nbits(digits, tmp_path, briefly_train
     assert optimized_ops(tmp_path / "g.onnx", tmp_path)["MatMulNBits"] >= 1
 
 
-def test_schemes_in_recipes_and_cli(trained_run, tmp_path):
+def test_schemes_in_recipes_and_cli(cli, trained_run, tmp_path):
     for scheme, ratio in (("int8-dynamic", 3.3), ("int4-weight", 4.5)):
         recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False},
                                "stages": [{"type": "quantize", "scheme": scheme}]})
@@ -158,12 +156,12 @@ def test_schemes_in_recipes_and_cli(trained_run, tmp_path):
                            ({"scheme": "int8-dynamic", "activations": "static"}, "leave it out")):
         with pytest.raises(SlimkitError, match=message):
             parse_recipe({"model": {"path": str(trained_run)}, "stages": [{"type": "quantize", **stage}]})
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "quantize", str(trained_run), "--scheme", "int4-weight",
-                           "--group-size", "16", "--calib", "32", "--no-latency", "--no-progress",
-                           "--out", str(tmp_path / "c")], capture_output=True, text=True)
+    proc = cli("quantize", str(trained_run), "--scheme", "int4-weight",
+               "--group-size", "16", "--calib", "32", "--no-latency", "--no-progress",
+               "--out", str(tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
     step = load(tmp_path / "c").slimkit_meta["plan"][-1]
     assert {s["group_size"] for s in step["weights"].values()} == {16}
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "quantize", str(trained_run), "--scheme", "int4-weight",
-                           "--bits", "3", "--out", str(tmp_path / "e")], capture_output=True, text=True)
+    proc = cli("quantize", str(trained_run), "--scheme", "int4-weight",
+               "--bits", "3", "--out", str(tmp_path / "e"))
     assert proc.returncode == 2 and "4-bit weights" in proc.stderr

@@ -1,7 +1,4 @@
 import json
-import json
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -105,7 +102,7 @@ def test_runtime_comparison_detects_a_wrong_model(tmp_path, digits, briefly_trai
     assert check["sqnr_db"] < 30
 
 
-def test_quantize_recipe_and_cli(trained_run, tmp_path):
+def test_quantize_recipe_and_cli(cli, trained_run, tmp_path):
     recipe = parse_recipe({"model": {"path": str(trained_run)}, "evaluate": {"latency": False},
                            "stages": [{"type": "quantize", "calib": 128},
                                       {"type": "export", "format": "onnx-int8", "filename": "again.onnx"}]})
@@ -115,21 +112,21 @@ def test_quantize_recipe_and_cli(trained_run, tmp_path):
     assert report["summary"]["compression_ratio"] > 3.3
     assert abs(report["summary"]["accuracy_delta"]) <= 0.01
     assert (tmp_path / "r" / "model-int8.onnx").is_file() and (tmp_path / "r" / "again.onnx").is_file()
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "export", str(tmp_path / "r"), "--format", "onnx",
-                           "--out", str(tmp_path / "x.onnx")], capture_output=True, text=True)
+    proc = cli("export", str(tmp_path / "r"), "--format", "onnx",
+               "--out", str(tmp_path / "x.onnx"))
     assert proc.returncode == 2 and "use --format onnx-int8" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "diff-int8", str(tmp_path / "r"),
-                           str(tmp_path / "r" / "model-int8.onnx"), "--json"], capture_output=True, text=True)
+    proc = cli("diff-int8", str(tmp_path / "r"),
+               str(tmp_path / "r" / "model-int8.onnx"), "--json")
     assert proc.returncode == 0, proc.stderr
     diff = json.loads(proc.stdout)
     assert diff["first_divergence"] is None and [r["quantizer"] for r in diff["layers"]][0] == "input of fc1"
     # fc1..fc3 inputs: the logits leave the last linear in float (its integer kernel writes float)
     assert len(diff["layers"]) == 3 and all(r["max_steps"] <= 1 for r in diff["layers"])
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "diff-int8", str(tmp_path / "r"),
-                           str(tmp_path / "r" / "report.json")], capture_output=True, text=True)
+    proc = cli("diff-int8", str(tmp_path / "r"),
+               str(tmp_path / "r" / "report.json"))
     assert proc.returncode == 2 and "is not a readable ONNX file" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "quantize", str(trained_run), "--calib", "64",
-                           "--no-latency", "--no-progress", "--out", str(tmp_path / "c")], capture_output=True, text=True)
+    proc = cli("quantize", str(trained_run), "--calib", "64",
+               "--no-latency", "--no-progress", "--out", str(tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
     assert load(tmp_path / "c")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     from slimkit.analyze import measure_latency

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -53,13 +51,13 @@ def test_stage_allocates_from_sensitivity_and_reports_it(trained_run, tmp_path):
     assert "Per-layer sensitivity" in (tmp_path / "report.html").read_text()
 
 
-def test_cli(trained_run, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "slimkit", "sensitivity", str(trained_run), "--sparsities",
-                           "0.5,0.9", "--out", str(tmp_path / "s")], capture_output=True, text=True)
+def test_cli(cli, trained_run, tmp_path):
+    proc = cli("sensitivity", str(trained_run), "--sparsities",
+               "0.5,0.9", "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     assert result["sparsities"] == [0.5, 0.9] and set(result["layers"]) == {"fc1", "fc2", "fc3"}
     assert (tmp_path / "s" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
-    bad = subprocess.run([sys.executable, "-m", "slimkit", "sensitivity", str(trained_run), "--sparsities", "a,b",
-                          "--out", str(tmp_path / "t")], capture_output=True, text=True)
+    bad = cli("sensitivity", str(trained_run), "--sparsities", "a,b",
+              "--out", str(tmp_path / "t"))
     assert bad.returncode == 2 and "--sparsities" in bad.stderr

@@ -45,6 +45,10 @@ def _attr(node, name: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
+def _ints(node, name: str) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == name), [])
+
+
 def _axis(node) -> int:
     return _attr(node, "axis", 1)
 
@@ -163,34 +167,58 @@ def fold_constant_reshapes(model) -> int:
     return folded
 
 
-def blocked_gemms_to_matmuls(model) -> int:
-    """Rewrite Gemm over a block-quantized weight as MatMul (+ Add), before the quantizer is folded.
+def _blocked_weight_pair(producers, consts, uses, name: str):
+    """The QuantizeLinear -> DequantizeLinear pair over a constant block-quantized weight that
+    produces ``name`` for one reader and nothing else, or None."""
+    dq = producers.get(name) if uses.get(name) == 1 else None
+    q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    if (q is None or q.op_type != "QuantizeLinear" or not _attr(q, "block_size", 0)
+            or q.input[0] not in consts or uses.get(q.input[0]) != 1 or uses.get(dq.input[0]) != 1):
+        return None
+    return q, dq
 
-    ONNX Runtime fuses 4-bit blocked weights -> MatMul into MatMulNBits, but not the
-    same pattern around Gemm. The weight ``[out, in]`` is transposed to MatMul's
-    ``[in, out]`` with its block scales.
+
+def _transpose_blocked_pair(graph, consts, q, dq) -> None:
+    """Store a 2-D block-quantized weight transposed, with its block scales (and the quantizers' axis) to match."""
+    for name in {q.input[0], *q.input[1:], *dq.input[1:]} - {""}:
+        if consts[name].ndim == 2:  # the weight, and block scales [out, groups] -> [groups, out]
+            _replace_initializer(graph, name, consts[name].T)
+    for node in (q, dq):
+        _set_axis(node, 1 - _axis(node) % 2)
+
+
+def blocked_gemms_to_matmuls(model) -> int:
+    """Rewrite Gemm (and Transpose -> MatMul) over a block-quantized weight as MatMul (+ Add) over the
+    transposed weight, before the quantizer is folded.
+
+    ONNX Runtime fuses 4-bit blocked weights -> MatMul into MatMulNBits (blocks along the
+    reduction axis), but not the same pattern around Gemm, nor with a Transpose between: the
+    exporter writes a linear layer over 3-D inputs (a transformer's) as ``x @ W^T``.
     """
     from onnx import helper
 
     graph, consts, producers, uses = _index(model.graph)
     count = 0
     for gemm in _plain_gemms(graph):
-        dq = producers.get(gemm.input[1])
-        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if (q is None or q.op_type != "QuantizeLinear" or not _attr(q, "block_size", 0)
-                or q.input[0] not in consts or uses.get(q.input[0]) != 1 or uses.get(dq.input[0]) != 1):
+        pair = _blocked_weight_pair(producers, consts, uses, gemm.input[1])
+        if pair is None:
             continue
-        for name in {q.input[0], *q.input[1:], *dq.input[1:]} - {""}:
-            if consts[name].ndim == 2:  # the weight, and block scales [out, groups] -> [groups, out]
-                _replace_initializer(graph, name, consts[name].T)
-        for node in (q, dq):
-            _set_axis(node, 1 - _axis(node) % 2)
+        _transpose_blocked_pair(graph, consts, *pair)
         out, has_bias = gemm.output[0], len(gemm.input) > 2 and bool(gemm.input[2])
         nodes = [helper.make_node("MatMul", gemm.input[:2], [out + "_matmul" if has_bias else out],
                                   name=gemm.name + "_matmul")]
         if has_bias:
             nodes.append(helper.make_node("Add", [nodes[0].output[0], gemm.input[2]], [out], name=gemm.name + "_bias"))
         _insert_in_place_of(graph, gemm, nodes)
+        count += 1
+    for transpose in [n for n in graph.node if n.op_type == "Transpose"]:
+        pair = _blocked_weight_pair(producers, consts, uses, transpose.input[0])
+        if pair is None or list(_ints(transpose, "perm")) != [1, 0] or consts[pair[0].input[0]].ndim != 2:
+            continue
+        _transpose_blocked_pair(graph, consts, *pair)
+        for node in graph.node:
+            node.input[:] = [transpose.input[0] if i == transpose.output[0] else i for i in node.input]
+        graph.node.remove(transpose)
         count += 1
     return count
 
