@@ -66,3 +66,20 @@ def cli(capsys):
         captured = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, captured.out, captured.err)
     return run
+
+
+@pytest.fixture
+def ort_ops(tmp_path):
+    """``ort_ops(path)``: the op types of the graph ONNX Runtime actually runs for an ONNX file (after its fusions)."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    def ops(path) -> Counter:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    return ops

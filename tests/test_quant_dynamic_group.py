@@ -1,7 +1,6 @@
 """Dynamic int8 quantization (ranges per batch) and per-group weight-only quantization (int4-weight)."""
 
 import json
-from collections import Counter
 
 import numpy as np
 import onnx
@@ -14,17 +13,6 @@ from slimkit.export.qdq import export_int8_verified
 from slimkit.quant.gptq import gptq_quantize
 from slimkit.quant.ops import dynamic_fake_quant, expand_group_scale, group_fake_quant
 from slimkit.quant.ptq import StaticQuantConfig, quantize_static
-
-
-def optimized_ops(path, tmp_path) -> Counter:
-    """Op types in the graph ONNX Runtime actually runs (after its fusions)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
 
 
 def with_plan(quantized, model, step):
@@ -88,7 +76,7 @@ def test_gptq_with_group_scales_beats_round_to_nearest():
     assert output_error(gptq) < 0.7 * output_error(rtn)
 
 
-def test_dynamic_quantization_runs_as_dynamic_quantize_matmul(digits, tmp_path, briefly_trained):
+def test_dynamic_quantization_runs_as_dynamic_quantize_matmul(ort_ops, digits, tmp_path, briefly_trained):
     task = Task.classification(digits)
     model = briefly_trained("lenet300")
     quantized, step = quantize_static(model, calibration_subset(digits, 64), StaticQuantConfig(activations="dynamic"))
@@ -96,7 +84,7 @@ def test_dynamic_quantization_runs_as_dynamic_quantize_matmul(digits, tmp_path, 
     assert abs(task.test_score(quantized) - task.test_score(model)) <= 0.005
     check = export_int8_verified(quantized, tmp_path / "d.onnx", digits.x_test)
     assert check["top1_agreement"] == 1.0 and check["sqnr_db"] >= 60  # the same arithmetic, not an approximation
-    ops = optimized_ops(tmp_path / "d.onnx", tmp_path)
+    ops = ort_ops(tmp_path / "d.onnx")
     assert ops["DynamicQuantizeMatMul"] == 3 and ops["Gemm"] + ops["FusedGemm"] + ops["MatMul"] == 0
     graph = onnx.load(str(tmp_path / "d.onnx")).graph
     assert sum(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer) == 3
@@ -133,13 +121,13 @@ def test_int4_group_weights_are_stored_as_4_bit_codes(name, digits, tmp_path, br
     assert torch.equal(load(tmp_path / "m")(digits.x_test), quantized(digits.x_test))
 
 
-def test_linear_int4_weights_run_as_matmul_nbits(digits, tmp_path, briefly_trained):
+def test_linear_int4_weights_run_as_matmul_nbits(ort_ops, digits, tmp_path, briefly_trained):
     """The last layer's MatMul is fused into ONNX Runtime's 4-bit kernel (earlier ones become float Gemm first)."""
     model = briefly_trained("lenet300")
     cfg = StaticQuantConfig(activations="none", weight_bits=4, group_size=32)
     quantized, _ = quantize_static(model, calibration_subset(digits, 64), cfg)
     export_int8_verified(quantized, tmp_path / "g.onnx", digits.x_test)
-    assert optimized_ops(tmp_path / "g.onnx", tmp_path)["MatMulNBits"] >= 1
+    assert ort_ops(tmp_path / "g.onnx")["MatMulNBits"] >= 1
 
 
 def test_schemes_in_recipes_and_cli(cli, trained_run, tmp_path):

@@ -153,6 +153,19 @@ def test_embedding_scores_are_exact():
     assert retrieval_agreement(moved, points, k=1) == 0.0  # every nearest neighbour changed
 
 
+def test_an_embedders_int8_check_counts_nearest_neighbours_not_argmax_dimensions():
+    """Rotating every embedding the same way keeps all cosines (the same model for retrieval) but moves the
+    largest dimension: the check's agreement for an embedder is nearest-neighbour agreement."""
+    from slimkit.export.qdq import agreement
+
+    torch.manual_seed(0)
+    reference = torch.randn(64, 16, dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))[0]
+    rotated = (reference @ rotation).numpy()
+    assert agreement(reference.numpy(), rotated, neighbours=True) == 1.0
+    assert agreement(reference.numpy(), rotated) < 0.3
+
+
 def test_a_text_task_scores_against_the_uncompressed_model(text_dir, tmp_path):
     model = slimkit.load(text_dir)
     task = task_from_spec("docstrings:limit=60", model=model)
@@ -241,7 +254,8 @@ def test_a_quantized_graph_of_a_text_model_keeps_its_named_dynamic_inputs(text_d
 
 def test_embedding_tables_become_int8_rows(text_dir, tmp_path):
     """Word, position and token-type embeddings: int8 codes with one scale per row, in the saved model and in
-    the ONNX file (int8 initializer -> DequantizeLinear -> Gather); embeddings=False keeps them float."""
+    the ONNX file, where the int8 rows a batch reads are gathered before they are dequantized (Gather ->
+    Cast -> Mul by the gathered scales); embeddings=False keeps them float."""
     import onnx
     from onnx import TensorProto
 
@@ -261,13 +275,16 @@ def test_embedding_tables_become_int8_rows(text_dir, tmp_path):
         sizes[embeddings] = (tmp_path / f"m{embeddings}" / "model.safetensors").stat().st_size
         export_int8_verified(quantized, tmp_path / f"m{embeddings}.onnx", calib)
         graph = onnx.load(str(tmp_path / f"m{embeddings}.onnx")).graph
-        producers = {out: node for node in graph.node for out in node.output}
         inits = {init.name: init for init in graph.initializer}
-        sources = [producers.get(node.input[0]) for node in graph.node if node.op_type == "Gather"
-                   and (node.input[0] in producers or node.input[0] in inits)]
-        dequantized = [n for n in sources if n is not None and n.op_type == "DequantizeLinear"
-                       and inits[n.input[0]].data_type == TensorProto.INT8]
-        assert len(dequantized) == (3 if embeddings else 0)
+        readers = {name: [n.op_type for n in graph.node if name in n.input] for node in graph.node for name in node.output}
+        int8_rows = [node for node in graph.node if node.op_type == "Gather" and node.input[0] in inits
+                     and inits[node.input[0]].data_type == TensorProto.INT8]
+        assert len(int8_rows) == (3 if embeddings else 0)
+        assert all(readers[node.output[0]] == ["Cast"] for node in int8_rows)
+        config = model.spec()["huggingface"]
+        word_table = [name for name, init in inits.items() if list(init.dims) == [config["vocab_size"], config["hidden_size"]]]
+        assert len(word_table) == 1  # and it is never dequantized whole:
+        assert [n.op_type for n in graph.node if word_table[0] in n.input] == ["Gather"]
     rows = models[True].get_parameter(table)
     steps = rows / models[True].get_buffer(f"_slimkit_wscale_{list(step_weights(models[True])).index(table)}")[:, None]
     assert (steps - steps.round()).abs().max() < 1e-3 and steps.abs().amax(1).round().max() == 127  # int8 codes
@@ -275,6 +292,29 @@ def test_embedding_tables_become_int8_rows(text_dir, tmp_path):
     again = slimkit.load(tmp_path / "mTrue")
     with torch.no_grad():
         assert torch.equal(again(calib), models[True](calib))
+
+
+def test_int4_linears_run_as_matmul_nbits_while_tables_stay_int8_rows(ort_ops, text_dir, tmp_path):
+    """A transformer's linear layers export as x @ W^T (a Transpose after the 4-bit weight's dequantizer): the
+    Transpose is folded into the stored weight, so ONNX Runtime runs every one as MatMulNBits."""
+    import onnx
+
+    from slimkit.export.qdq import export_int8_verified
+    from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+
+    model = slimkit.load(text_dir)
+    calib = tokenize(model, docstring_corpus()[:32])
+    quantized, step = quantize_static(model, calib, StaticQuantConfig(activations="none", weight_bits=4, group_size=32))
+    tables = {name: spec for name, spec in step["weights"].items() if spec.get("table")}
+    assert len(tables) == 3 and all(spec["bits"] == 8 and spec.get("group_size") is None for spec in tables.values())
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+               and ".layer." in name]  # (the pooler's output is not used: ONNX Runtime drops it)
+    assert len(linears) == 12 and all(step["weights"][f"{name}.weight"]["group_size"] == 32 for name in linears)
+    export_int8_verified(quantized, tmp_path / "g.onnx", calib, reference=model)
+    graph = onnx.load(str(tmp_path / "g.onnx")).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    assert not [n for n in graph.node if n.op_type == "Transpose" and producers.get(n.input[0]) == "DequantizeLinear"]
+    assert ort_ops(tmp_path / "g.onnx")["MatMulNBits"] == len(linears)
 
 
 def step_weights(quantized) -> dict:

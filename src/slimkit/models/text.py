@@ -94,6 +94,13 @@ def text_spec(model: nn.Module) -> dict[str, Any] | None:
     return model.spec() if isinstance(model, TextModel) else None
 
 
+def is_embedder(model: nn.Module) -> bool:
+    """Whether ``model`` is a text model whose outputs are vectors (an embedding or hidden states), not class
+    scores."""
+    spec = text_spec(model)
+    return spec is not None and spec.get("task", "sentence-embedding") != "sequence-classification"
+
+
 def tokenize(model: nn.Module, texts: list[str], max_length: int | None = None) -> torch.Tensor:
     """``texts`` as one packed batch for ``model``, padded to its longest text (at most ``max_length`` tokens,
     by default the model's)."""

@@ -103,6 +103,14 @@ class StaticQuantConfig(Config):
         bits = self.layer_bits.get(weight.rpartition(".")[0], self.weight_bits)
         return min(bits, 7) if integer_kernel and self.reduces_range() else bits
 
+    def layout_of(self, weight: str, table: bool) -> dict[str, Any]:
+        """How a weight is stored: its bits and, if grouped, group size. A lookup table keeps int8 rows with
+        one scale per row whatever ``weight_bits`` and ``group_size`` say (unless ``layer_bits`` names it):
+        a runtime gathers the integer rows it needs and dequantizes those only, and ONNX has no 4-bit Gather."""
+        if table:
+            return {"bits": self.layer_bits.get(weight.rpartition(".")[0], 8), "table": True}
+        return {"bits": self.bits_of(weight), **({} if self.group_size is None else {"group_size": self.group_size})}
+
     def reduces_range(self) -> bool:
         """Whether 8-bit weights become 7-bit codes: only where integer kernels multiply them with quantized
         activations (not weight-only), and with linear levels (power-of-two codes reach 64 at most)."""
@@ -118,6 +126,7 @@ class QuantizedWeight(Config):
     bits: int = Field(8, ge=2, le=8)
     group_size: int | None = Field(None, ge=1)
     activation: Literal["dynamic"] | None = None
+    table: bool = False  # an embedding table: one scale per row
 
 
 ActivationQParams = tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], Annotated[int, Field(ge=0, le=255)]]
@@ -327,17 +336,18 @@ def _add_gates(gm: fx.GraphModule, values: dict[fx.Node, None]) -> None:
             values[node] = None
 
 
-def weight_scales(weight: torch.Tensor, bits: int, cfg: StaticQuantConfig) -> torch.Tensor:
-    """Symmetric scales: one per output channel ``[out]``, per group of inputs ``[out, groups]``, or per tensor."""
+def weight_scales(weight: torch.Tensor, spec: dict[str, Any], cfg: StaticQuantConfig) -> torch.Tensor:
+    """Symmetric scales for a weight of the plan (``spec``: its bits, and group size if grouped): one per output
+    channel ``[out]``, per group of inputs ``[out, groups]``, or per tensor."""
     from .ops import group_count
 
-    scheme = weight_scheme(bits)
+    scheme, group_size = weight_scheme(spec["bits"]), spec.get("group_size")
     rows = weight.detach().reshape(weight.shape[0], -1)
-    if cfg.group_size is not None:
-        groups = group_count(rows.shape[1], cfg.group_size)
-        padded = torch.nn.functional.pad(rows, (0, groups * cfg.group_size - rows.shape[1]))
-        top = padded.reshape(rows.shape[0], groups, cfg.group_size).abs().amax(2)
-    elif cfg.per_channel:
+    if group_size is not None:
+        groups = group_count(rows.shape[1], group_size)
+        padded = torch.nn.functional.pad(rows, (0, groups * group_size - rows.shape[1]))
+        top = padded.reshape(rows.shape[0], groups, group_size).abs().amax(2)
+    elif cfg.per_channel or spec.get("table"):
         top = rows.abs().amax(1)
     else:
         top = rows.abs().amax().reshape(1).expand(rows.shape[0]).clone()
@@ -371,17 +381,14 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
     weights, scales = {}, {}
     for op in ops:
         name, table = _weight_name(op), op.target in EMBEDDINGS
-        bits = cfg.bits_of(name, integer_kernel=not table)
-        weights[name] = {"input": op.args[1 if table else 0].name, "bits": bits}
-        if cfg.group_size is not None:
-            weights[name]["group_size"] = cfg.group_size
+        weights[name] = spec = {"input": op.args[1 if table else 0].name, **cfg.layout_of(name, table)}
         if cfg.activations == "dynamic" and not table:
-            weights[name]["activation"] = "dynamic"
+            spec["activation"] = "dynamic"
         if cfg.weight_levels == "log":
-            scales[name] = log_levels(gm.get_parameter(name).detach(), bits)[1]
+            scales[name] = log_levels(gm.get_parameter(name).detach(), spec["bits"])[1]
         else:
-            scales[name] = weight_scales(gm.get_parameter(name), bits, cfg)
-    _round_weights(gm, ops, cfg, scales, calib, batch_size)
+            scales[name] = weight_scales(gm.get_parameter(name), spec, cfg)
+    _round_weights(gm, ops, cfg, weights, scales, calib, batch_size)
     step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
             **({} if calib.dtype == torch.float32 else {"input_dtype": str(calib.dtype).removeprefix("torch.")}),
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
@@ -499,8 +506,8 @@ def round_onto_grids(gm: fx.GraphModule, step: dict[str, Any]) -> None:
             bias.copy_((torch.round(bias.double() / unit) * unit).float())
 
 
-def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfig, scales: dict[str, torch.Tensor],
-                   calib: torch.Tensor, batch_size: int) -> None:
+def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfig, weights: dict[str, dict[str, Any]],
+                   scales: dict[str, torch.Tensor], calib: torch.Tensor, batch_size: int) -> None:
     """Put every weight on its grid (nearest, GPTQ or power-of-two levels), then correct biases if asked.
 
     GPTQ and bias correction use the statistics of each layer's calibration inputs (grouped
@@ -517,12 +524,13 @@ def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfi
     for op in ops:
         name = _weight_name(op)
         weight = gm.get_parameter(name)
-        qmax = weight_scheme(cfg.bits_of(name, integer_kernel=op.target not in EMBEDDINGS)).qmax
+        bits, group_size = weights[name]["bits"], weights[name].get("group_size")
+        qmax = weight_scheme(bits).qmax
         original = weight.detach().clone()
-        s = (expand_group_scale(scales[name], weight.shape, cfg.group_size) if cfg.group_size
+        s = (expand_group_scale(scales[name], weight.shape, group_size) if group_size
              else scales[name].reshape(-1, *([1] * (weight.dim() - 1))))
         if cfg.weight_levels == "log":
-            rounded = log_levels(original, cfg.bits_of(name))[0]
+            rounded = log_levels(original, bits)[0]
         elif cfg.rounding == "gptq" and name in moments:
             rounded = gptq_quantize(weight, moments[name][0], s.expand_as(weight), qmax)
         else:

@@ -79,8 +79,8 @@ def prepare_qat(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | 
         qmax_w = weight_scheme(spec["bits"]).qmax
         op = next(n for n in gm.graph.nodes if n.op == "call_function" and _weight_name(n) == name)
         weight = gm.get_parameter(name).detach()
-        scale = weight_scales(weight, spec["bits"], cfg)
-        module = LearnedFakeQuant(scale, torch.zeros_like(scale), -qmax_w, qmax_w, learn_scale, cfg.group_size)
+        scale = weight_scales(weight, spec, cfg)
+        module = LearnedFakeQuant(scale, torch.zeros_like(scale), -qmax_w, qmax_w, learn_scale, spec.get("group_size"))
         gm.add_submodule(f"_slimkit_wq_{i}", module)
         stored = op.args[_weight_arg(op)]
         with gm.graph.inserting_before(op):

@@ -24,7 +24,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
     # int8-static: int8 weights, uint8 activations calibrated once; int8-dynamic: linear layers with int8
     # weights and uint8 activation ranges taken per batch at run time; int8-weight: weights only
     # (activations stay float); int4-weight: 4-bit weights, one scale per group of group_size inputs
-    # (32 unless set); log: power-of-two weights, uint8 activations. Fewer weight bits with weight_bits.
+    # (32 unless set), rounded by GPTQ unless `rounding` says otherwise; log: power-of-two weights, uint8 activations. Fewer weight bits with weight_bits.
     scheme: Literal["int8-static", "int8-dynamic", "int8-weight", "int4-weight", "log"] = "int8-static"
     onnx: str = Field("model-int8.onnx", min_length=1, pattern=r"^[^/\\]+\.onnx$")
     qat: TrainConfig | None = None  # quantization-aware training after calibration (epochs, lr, ...)
@@ -82,10 +82,11 @@ class QuantizeStage(Stage, StaticQuantConfig):
         settings = self.model_dump(include=set(StaticQuantConfig.model_fields))
         scheme = {"int8-static": {}, "log": {"weight_levels": "log"}, "int8-dynamic": {"activations": "dynamic"},
                   "int8-weight": {"activations": "none"},
-                  "int4-weight": {"activations": "none", "weight_bits": 4, "group_size": self.group_size or 32}}
+                  "int4-weight": {"activations": "none", "weight_bits": 4, "group_size": self.group_size or 32,
+                                  "rounding": self.rounding if "rounding" in self.model_fields_set else "gptq"}}
         if self.scheme == "int4-weight" and "weight_bits" in self.model_fields_set and self.weight_bits != 4:
             raise ValueError(f"scheme int4-weight has 4-bit weights, not weight_bits {self.weight_bits}")
-        clash = {k for k in scheme[self.scheme] if k in self.model_fields_set and k not in ("weight_bits", "group_size")}
+        clash = {k for k in scheme[self.scheme] if k in self.model_fields_set and k not in ("weight_bits", "group_size", "rounding")}
         if clash:
             raise ValueError(f"scheme {self.scheme} sets {', '.join(sorted(clash))} itself; leave it out")
         return StaticQuantConfig(**{**settings, **scheme[self.scheme]})
