@@ -24,12 +24,13 @@ TEXTS = ["Return the number of items in a container.", "Open a file and return a
          "Raised when an operation runs out of memory."]
 
 
-def tiny_text_dir(folder, task: str = "sentence-embedding", words: int = 300):
-    """A 2-layer BERT (random weights) with a word-piece tokenizer of the corpus's most common words."""
+def tiny_text_dir(folder, task: str = "sentence-embedding", words: int = 300, layers: int = 2):
+    """A small BERT (random weights; 2 layers unless ``layers``) with a word-piece tokenizer of the corpus's most
+    common words."""
     folder.mkdir(parents=True)
     counts = collections.Counter(w for t in docstring_corpus() for w in re.findall(r"[a-z]+", t.lower()))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in counts.most_common(words)]
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers,
                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
                                      num_labels=3, initializer_range=0.2)
     torch.manual_seed(0)

@@ -205,7 +205,8 @@ def analyze(
 def export(
     path: Path = typer.Argument(..., help="model directory or run directory"),
     out: Path = typer.Option(..., "--out", help="file to write"),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch) or onnx-int8 (a quantized model)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch), onnx-int8 (a quantized model) or "
+                                                      "huggingface (a float text model: a directory transformers loads)"),
     rtol: float = typer.Option(1e-4, "--rtol", min=0, help="fp32: allowed difference from torch, relative to the "
                                                             "largest output (plus --atol)"),
     atol: float = typer.Option(1e-5, "--atol", min=0),
@@ -221,9 +222,17 @@ def export(
     from .modelfile import resolve_model_dir
     from .quant.ptq import is_quantized
 
-    if fmt not in ("onnx", "onnx-int8"):
-        raise SlimkitError(f"--format {fmt!r}: supported formats: onnx, onnx-int8")
+    if fmt not in ("onnx", "onnx-int8", "huggingface"):
+        raise SlimkitError(f"--format {fmt!r}: supported formats: onnx, onnx-int8, huggingface")
     check_disjoint(out, [resolve_model_dir(path), _data_path(data)])
+    if fmt == "huggingface":
+        from .export.huggingface import export_huggingface
+        from .modelfile import load
+
+        result = export_huggingface(load(path, arch=arch, trust_code=trust_code), out, overwrite=overwrite)
+        typer.echo(f"wrote {out}: {result['layers']} layers, FFN width {result['intermediate_size']}; transformers "
+                   f"loads it with outputs within {result['max_abs_diff']:.1e} of slimkit's")
+        return
     model, task = _load_for_data(path, arch, trust_code, data)
     if is_quantized(model) != (fmt == "onnx-int8"):
         raise SlimkitError(f"--format {fmt}: this is a {'quantized' if is_quantized(model) else 'float'} model; "

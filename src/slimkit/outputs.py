@@ -31,9 +31,9 @@ from .io import TEMP_TAG, host_tag, named_path, os_errors, pid_alive, write_json
 OUTPUT_MARKER = ".slimkit-output"  # in folders slimkit creates that are not model directories
 MODEL_META = "slimkit.json"  # a model directory's own marker
 RUN_KINDS = ("train", "recipe")
-DIR_KINDS = ("model", "sensitivity", *RUN_KINDS)
+DIR_KINDS = ("model", "sensitivity", "huggingface", *RUN_KINDS)
 KIND_NAMES = {"model": "model directory", "slim": ".slim file", "onnx": "ONNX file", "sensitivity": "sensitivity folder",
-              "train": "training run", "recipe": "recipe run"}
+              "huggingface": "Hugging Face directory", "train": "training run", "recipe": "recipe run"}
 # what an earlier run leaves in its folder; --overwrite clears these (of any run kind) before a new run starts
 RUN_LAYOUT = {"train": ("model", "checkpoint", "metrics.json"),
               "recipe": ("baseline", "stages", "model", "report.json", "report.html", "model.onnx", "model.slim")}

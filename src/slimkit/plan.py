@@ -52,6 +52,7 @@ def register_plan_op(schema: type[StepSchema]) -> Callable[[Replayer], Replayer]
 def plan_ops() -> dict[str, tuple[type[StepSchema], Replayer]]:
     """Every registered plan op (importing the built-in ones on first use)."""
     from .lowrank import svd as _svd  # noqa: F401  (register their plan ops)
+    from .pruning import layers as _layers  # noqa: F401
     from .pruning import structured as _structured  # noqa: F401
     from .quant import ptq as _ptq  # noqa: F401
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
 from ..train.loop import RecoveryConfig, TrainConfig
+from .layers import drop_layers
 from .mask import remove_masks
 from .sensitivity import allocate_sparsity, sensitivity
 from .structured import prune_channels
@@ -103,4 +104,24 @@ class PruneStage(Stage, PruneConfig):
             notes.append(step_notes)
             recover(f"step{k}", model=model)
         ctx.notes["prune"] = notes[-1] if steps == 1 else notes
+        return model
+
+
+@register_stage
+class DropLayersStage(Stage):
+    """Remove whole blocks of a layer stack (a transformer's encoder layers), then recover."""
+
+    type: Literal["drop-layers"] = "drop-layers"
+    needs_float_model: ClassVar[bool] = True
+    keep: int | list[int]  # how many blocks to keep (evenly spaced, the last one kept) or which
+    container: str | None = None  # the nn.ModuleList of blocks; default: the longest stack of one block type
+    finetune: RecoveryConfig = RecoveryConfig()
+
+    def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
+        model, step = drop_layers(model, self.keep, self.container)
+        ctx.notes["drop_layers"] = {"container": step["container"], "kept": step["keep"], "of": step["original"]}
+        if ctx.task.can_score:
+            ctx.notes["drop_layers"]["score_before_finetune"] = ctx.task.val_score(model)
+        if self.finetune.epochs:
+            ctx.fit(model, TrainConfig(**self.finetune.model_dump()), "drop-layers finetune")
         return model
