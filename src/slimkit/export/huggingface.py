@@ -88,7 +88,8 @@ def _write(model: TextModel, config: dict[str, Any], tokenizer: dict[str, str], 
             raise SlimkitError(f"{name} has shape {list(value.shape)} where a {config.get('model_type')} config can "
                                f"only state {list(expected[name].shape)}: exclude that layer from pruning")
     rebuilt.load_state_dict(encoder.state_dict())
-    rebuilt.save_pretrained(folder)
+    with quiet(transformers):
+        rebuilt.save_pretrained(folder)
     for name, text in tokenizer.items():
         if Path(name).name != name or name.startswith("."):
             raise SlimkitError(f"tokenizer file name {name!r} is not a plain file name")
