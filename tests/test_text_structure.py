@@ -99,3 +99,16 @@ def test_what_a_config_cannot_state_is_refused(four_layers, tmp_path):
     with pytest.raises(SlimkitError, match="ONNX file"):
         export_huggingface(quantized, tmp_path / "c")
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_a_stack_whose_blocks_change_shape_is_refused_by_the_stage(digits, tmp_path):
+    """mobilenetv2's blocks are one type but change width and stride: dropping some breaks the forward pass."""
+    from slimkit.models import build_model
+    from slimkit.pruning.stage import DropLayersStage
+    from slimkit.stages import StageContext
+
+    model = build_model({"zoo": "mobilenetv2"})
+    ctx = StageContext(slimkit.Task.classification(digits), tmp_path, tmp_path / "s", progress=False,
+                       baseline=build_model({"zoo": "mobilenetv2"}))
+    with pytest.raises(SlimkitError, match="no longer runs"):
+        DropLayersStage(keep=2).apply(model, ctx)

@@ -27,13 +27,17 @@ class DropLayersStep(StepSchema):
     keep: list[int] = Field(min_length=1)  # the blocks kept, in order
 
 
+STACKS = (nn.ModuleList, nn.Sequential)
+
+
 def layer_stack(model: nn.Module) -> str:
-    """The name of ``model``'s longest ``nn.ModuleList`` of blocks of one type (a transformer's layers)."""
+    """The name of ``model``'s longest ``nn.ModuleList`` or ``nn.Sequential`` of blocks of one type (a
+    transformer's layers)."""
     stacks = [(len(module), name) for name, module in model.named_modules()
-              if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1]
+              if isinstance(module, STACKS) and len(module) > 1 and len({type(m) for m in module}) == 1]
     if not stacks:
-        raise SlimkitError(f"{type(model).__name__} has no stack of repeated blocks (an nn.ModuleList of one "
-                           "block type) to drop layers from")
+        raise SlimkitError(f"{type(model).__name__} has no stack of repeated blocks (an nn.ModuleList or "
+                           "nn.Sequential of one block type) to drop layers from")
     return max(stacks, key=lambda s: s[0])[1]
 
 
@@ -45,12 +49,14 @@ def spaced_layers(total: int, count: int) -> list[int]:
     return [round((i + 1) * total / count) - 1 for i in range(count)]
 
 
-def drop_layers(model: nn.Module, keep: int | list[int], container: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def drop_layers(model: nn.Module, keep: int | list[int] | None = None,
+                container: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``model`` keeping ``keep`` blocks of its layer stack (a count: evenly spaced, see
-    ``spaced_layers``; or the indices), and the plan step that replays it. ``container`` names the
-    ``nn.ModuleList`` (default: the longest stack of one block type)."""
+    ``spaced_layers``; the indices; or None: half, rounded up, as DistilBERT halves BERT), and the plan
+    step that replays it. ``container`` names the stack (default: the longest stack of one block type)."""
     name = container or layer_stack(model)
     stack = _stack(model, name)
+    keep = (len(stack) + 1) // 2 if keep is None else keep
     indices = spaced_layers(len(stack), keep) if isinstance(keep, int) else list(keep)
     step = {"op": PLAN_OP, "container": name, "original": len(stack), "keep": indices}
     dropped = apply_drop(copy.deepcopy(model), step)
@@ -70,7 +76,8 @@ def apply_drop(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     if sorted(set(keep)) != keep or not all(0 <= i < len(stack) for i in keep) or len(keep) == len(stack):
         raise SlimkitError(f"layers to keep must be increasing indices below {len(stack)}, fewer than all of them; "
                            f"got {keep}")
-    kept = nn.ModuleList(stack[i] for i in keep)
+    kept = type(stack)(*[stack[i] for i in keep]) if isinstance(stack, nn.Sequential) else \
+        nn.ModuleList(stack[i] for i in keep)
     parent, _, attr = step["container"].rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, kept)
     for position, block in enumerate(kept):
@@ -89,6 +96,6 @@ def _stack(model: nn.Module, name: str) -> nn.ModuleList:
         stack = model.get_submodule(name)
     except AttributeError:
         raise SlimkitError(f"{type(model).__name__} has no module {name!r} to drop layers from") from None
-    if not isinstance(stack, nn.ModuleList) or len(stack) < 2:
-        raise SlimkitError(f"{name} is not a stack of blocks (an nn.ModuleList of at least 2)")
+    if not isinstance(stack, STACKS) or len(stack) < 2:
+        raise SlimkitError(f"{name} is not a stack of blocks (an nn.ModuleList or nn.Sequential of at least 2)")
     return stack

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..errors import SlimkitError
 from ..stages import Stage, StageContext, register_stage
 from ..train.loop import RecoveryConfig, TrainConfig
 from .layers import drop_layers
@@ -113,12 +115,19 @@ class DropLayersStage(Stage):
 
     type: Literal["drop-layers"] = "drop-layers"
     needs_float_model: ClassVar[bool] = True
-    keep: int | list[int]  # how many blocks to keep (evenly spaced, the last one kept) or which
-    container: str | None = None  # the nn.ModuleList of blocks; default: the longest stack of one block type
+    keep: int | list[int] | None = None  # how many blocks to keep (evenly spaced, the last one kept), which, or half
+    container: str | None = None  # the stack of blocks; default: the longest stack of one block type
     finetune: RecoveryConfig = RecoveryConfig()
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         model, step = drop_layers(model, self.keep, self.container)
+        try:
+            with torch.no_grad():
+                model.eval()(ctx.task.example_inputs[:2])
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise SlimkitError(f"without blocks {sorted(set(range(step['original'])) - set(step['keep']))} of "
+                               f"{step['container']} the model no longer runs (its blocks change the shape they "
+                               f"pass on): {str(exc).splitlines()[0]}") from None
         ctx.notes["drop_layers"] = {"container": step["container"], "kept": step["keep"], "of": step["original"]}
         if ctx.task.can_score:
             ctx.notes["drop_layers"]["score_before_finetune"] = ctx.task.val_score(model)
