@@ -112,3 +112,26 @@ def test_a_stack_whose_blocks_change_shape_is_refused_by_the_stage(digits, tmp_p
                        baseline=build_model({"zoo": "mobilenetv2"}))
     with pytest.raises(SlimkitError, match="no longer runs"):
         DropLayersStage(keep=2).apply(model, ctx)
+
+
+def test_attention_heads_prune_whole_under_sdpa_attention(four_layers):
+    """transformers' SDPA path writes a reshape to the shape a tensor already has; it no longer stops the
+    analysis: whole heads are removed, and the result equals the original with those heads' outputs cut
+    off (their columns of the attention's output projection zeroed)."""
+    import copy
+
+    model = slimkit.load(four_layers)
+    assert model.encoder.config._attn_implementation == "sdpa"
+    x = tokenize(model, docstring_corpus()[:8])
+    pruned, notes = prune_channels(model, x, 0.5, method="l1", include=["*attention.self.*"])
+    groups = pruned.slimkit_meta["plan"][-1]["groups"]
+    assert len(groups) == 4 and all(g["block"] == 8 and len(g["keep"]) == 16 for g in groups)
+    reference = copy.deepcopy(model)
+    for layer, group in zip(reference.encoder.encoder.layer, groups):
+        heads = {c // 8 for c in group["keep"]}
+        assert len(heads) == 2 and sorted(group["keep"]) == [h * 8 + i for h in sorted(heads) for i in range(8)]
+        cut = [c for c in range(32) if c not in set(group["keep"])]
+        layer.attention.output.dense.weight.data[:, cut] = 0
+    assert pruned.encoder.encoder.layer[0].attention.self.query.out_features == 16
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference(x), rtol=1e-5, atol=1e-6)

@@ -468,6 +468,9 @@ class _Analyzer:
         x = node.args[0]
         src, dst = self.shape(x), self.shape(node)
         ann = self.annotation(x)
+        if list(src) == list(dst):  # a reshape to the shape it has (transformers' SDPA path writes one)
+            self.ann[node] = dict(ann)
+            return
         dst_prefix = [math.prod(dst[:i]) for i in range(len(dst))]
         out: dict[int, _Ann] = {}
         for dim, a in ann.items():
