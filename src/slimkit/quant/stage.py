@@ -77,22 +77,32 @@ class QuantizeStage(Stage, StaticQuantConfig):
                                  "calibration_samples": len(calib)}
         return quantized
 
+    def scheme_settings(self) -> dict:
+        """The quantization settings the stage's scheme fixes."""
+        return {"int8-static": {}, "log": {"weight_levels": "log"}, "int8-dynamic": {"activations": "dynamic"},
+                "int8-weight": {"activations": "none"},
+                "int4-weight": {"activations": "none", "weight_bits": 4, "group_size": self.group_size or 32,
+                                "rounding": self.rounding if "rounding" in self.model_fields_set else "gptq"}
+                }[self.scheme]
+
     def quant_config(self) -> StaticQuantConfig:
         """The stage's scheme spelled out as quantization settings."""
         settings = self.model_dump(include=set(StaticQuantConfig.model_fields))
-        scheme = {"int8-static": {}, "log": {"weight_levels": "log"}, "int8-dynamic": {"activations": "dynamic"},
-                  "int8-weight": {"activations": "none"},
-                  "int4-weight": {"activations": "none", "weight_bits": 4, "group_size": self.group_size or 32,
-                                  "rounding": self.rounding if "rounding" in self.model_fields_set else "gptq"}}
+        scheme = self.scheme_settings()
         if self.scheme == "int4-weight" and "weight_bits" in self.model_fields_set and self.weight_bits != 4:
             raise ValueError(f"scheme int4-weight has 4-bit weights, not weight_bits {self.weight_bits}")
-        clash = {k for k in scheme[self.scheme] if k in self.model_fields_set and k not in ("weight_bits", "group_size", "rounding")}
+        clash = {k for k, v in scheme.items() if k in self.model_fields_set and getattr(self, k) != v
+                 and k not in ("weight_bits", "group_size", "rounding")}
         if clash:
             raise ValueError(f"scheme {self.scheme} sets {', '.join(sorted(clash))} itself; leave it out")
-        return StaticQuantConfig(**{**settings, **scheme[self.scheme]})
+        return StaticQuantConfig(**{**settings, **scheme})
 
-    def model_post_init(self, __context) -> None:  # the scheme's settings are what must be consistent
+    def model_post_init(self, __context) -> None:
+        """The scheme's settings must be consistent; the fields it fixes then hold its values, so the stage
+        written out (a run's recorded recipe) reads back as the same stage."""
         self.quant_config()
+        for name, value in self.scheme_settings().items():
+            object.__setattr__(self, name, value)  # not marked as set by the user
 
     def _qat_if_needed(self, model: nn.Module, calib, cfg: StaticQuantConfig, ctx: StageContext, ptq,
                        qat: TrainConfig | None):
