@@ -45,8 +45,7 @@ def huggingface_config(model: TextModel) -> dict[str, Any]:
                            "config has one intermediate_size; prune each layer by the same ratio (scope: local)")
     if widths:
         config["intermediate_size"] = widths.pop()
-    config["num_hidden_layers"] = sum(1 for name, _ in model.encoder.named_modules() if _is_layer(name))
-    return config
+    return config  # (num_hidden_layers already counts the layers: dropping them updates it)
 
 
 def export_huggingface(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -> dict[str, Any]:
@@ -72,22 +71,17 @@ def export_huggingface(model: nn.Module, out: str | os.PathLike, *, overwrite: b
             "max_abs_diff": difference}
 
 
-def _is_layer(name: str) -> bool:
-    parent, _, index = name.rpartition(".")
-    return parent.endswith("encoder.layer") and index.isdigit()
-
-
 def _write(model: TextModel, config: dict[str, Any], tokenizer: dict[str, str], folder: Path) -> None:
     transformers = import_transformers()
     encoder = model.encoder
     hf_config = transformers.AutoConfig.for_model(**config)
     rebuilt = type(encoder)(hf_config)
-    expected = rebuilt.state_dict()
-    for name, value in encoder.state_dict().items():
+    expected, state = rebuilt.state_dict(), encoder.state_dict()
+    for name, value in state.items():
         if name in expected and expected[name].shape != value.shape:
             raise SlimkitError(f"{name} has shape {list(value.shape)} where a {config.get('model_type')} config can "
                                f"only state {list(expected[name].shape)}: exclude that layer from pruning")
-    rebuilt.load_state_dict(encoder.state_dict())
+    rebuilt.load_state_dict(state)
     with quiet(transformers):
         rebuilt.save_pretrained(folder)
     for name, text in tokenizer.items():

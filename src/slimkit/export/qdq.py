@@ -214,7 +214,7 @@ def blocked_gemms_to_matmuls(model) -> int:
         count += 1
     for transpose in [n for n in graph.node if n.op_type == "Transpose"]:
         pair = _blocked_weight_pair(producers, consts, uses, transpose.input[0])
-        if pair is None or list(_ints(transpose, "perm")) != [1, 0] or consts[pair[0].input[0]].ndim != 2:
+        if pair is None or _ints(transpose, "perm") != [1, 0] or consts[pair[0].input[0]].ndim != 2:
             continue
         _transpose_blocked_pair(graph, consts, *pair)
         for node in graph.node:

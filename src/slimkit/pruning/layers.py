@@ -22,7 +22,7 @@ PLAN_OP = "drop-layers"
 
 class DropLayersStep(StepSchema):
     op: Literal["drop-layers"] = PLAN_OP
-    container: str = Field(min_length=1)  # the nn.ModuleList of blocks
+    container: str = Field(min_length=1)  # the stack of blocks (an nn.ModuleList or nn.Sequential)
     original: int = Field(ge=2)  # how many blocks it held
     keep: list[int] = Field(min_length=1)  # the blocks kept, in order
 
@@ -91,7 +91,7 @@ def apply_drop(model: nn.Module, step: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _stack(model: nn.Module, name: str) -> nn.ModuleList:
+def _stack(model: nn.Module, name: str) -> nn.ModuleList | nn.Sequential:
     try:
         stack = model.get_submodule(name)
     except AttributeError:
