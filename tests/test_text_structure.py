@@ -135,3 +135,39 @@ def test_attention_heads_prune_whole_under_sdpa_attention(four_layers):
     assert pruned.encoder.encoder.layer[0].attention.self.query.out_features == 16
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_maps_of_hugging_face_layers_are_distilled_under_sdpa(four_layers):
+    """Naming a BERT layer (no softmax module: SDPA never materialises the maps) distils the attention
+    probabilities transformers' eager attention computes, padding masked, with gradients to the student."""
+    import copy
+
+    from slimkit.distillation.distiller import DistillConfig, Distiller
+    from slimkit.distillation.losses import attention_loss
+
+    transformers = import_transformers()
+    teacher = slimkit.load(four_layers)
+    texts = [*docstring_corpus()[:3], "A short one."]  # padded rows
+    x = tokenize(teacher, texts)
+    eager = transformers.AutoModel.from_pretrained(str(four_layers), attn_implementation="eager")
+    named = transformers.AutoTokenizer.from_pretrained(str(four_layers))(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = eager(**named, output_attentions=True).attentions
+    pairs = {"encoder.encoder.layer.0": "encoder.encoder.layer.1",  # a layer, an attention or a self-attention
+             "encoder.encoder.layer.1.attention": "encoder.encoder.layer.2.attention.self"}
+    distiller = Distiller(copy.deepcopy(teacher), teacher, DistillConfig(attention=pairs), x)
+    distiller.train().student.eval()  # the teacher runs (training), the student without dropout
+    distiller(x)
+    maps = distiller._captured
+    assert torch.allclose(maps["teacher"]["attention:encoder.encoder.layer.1"], expected[1], atol=1e-6)
+    assert torch.allclose(maps["teacher"]["attention:encoder.encoder.layer.2.attention.self"], expected[2], atol=1e-6)
+    assert torch.allclose(maps["student"]["attention:encoder.encoder.layer.0"], expected[0], atol=1e-6)
+    assert maps["student"]["attention:encoder.encoder.layer.0"][3, :, :, -1].max() == 0  # padding gets no weight
+    loss = attention_loss(maps["student"]["attention:encoder.encoder.layer.1.attention"],
+                          maps["teacher"]["attention:encoder.encoder.layer.2.attention.self"])
+    assert loss > 1e-3 and attention_loss(expected[2], expected[2]) < 1e-6
+    loss.backward()
+    assert distiller.student.encoder.encoder.layer[1].attention.self.query.weight.grad.abs().sum() > 0
+    student, _ = drop_layers(teacher, 2)
+    with pytest.raises(SlimkitError, match="0 nn.Softmax modules and 4 self-attention modules"):
+        Distiller(student, teacher, DistillConfig(attention={"encoder.encoder.layer.0": "encoder"}), x)

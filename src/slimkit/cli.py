@@ -326,7 +326,7 @@ def quantize(
     out: Path = typer.Option(..., "--out", help="run directory for the quantized model, its int8 ONNX and report"),
     scheme: str = typer.Option("int8-static", "--scheme",
                                help="int8-static (int8 weights, calibrated uint8 activations), int8-dynamic "
-                                    "(linear layers, activation ranges per batch), int8-weight (weights only), "
+                                    "(linear layers, activation ranges at run time), int8-weight (weights only), "
                                     "int4-weight (4-bit weights per group of inputs) or log (power-of-two "
                                     "weights, with --bits 4 or fewer)"),
     calib: int = typer.Option(256, "--calib", help="calibration samples from the training split"),
@@ -340,6 +340,9 @@ def quantize(
         None, "--reduce-range/--full-range",
         help="7-bit weight codes, so that ONNX Runtime's integer kernels cannot saturate on x86 CPUs without VNNI "
              "(default: only on such a CPU)"),
+    dynamic_scales: Optional[str] = typer.Option(
+        None, "--dynamic-scales", help="int8-dynamic: activation ranges per token or per tensor (default: per token "
+                                       "for text models, per tensor otherwise)"),
     rounding: str = typer.Option("nearest", "--rounding", help="nearest, or gptq (error-compensating, for low bits)"),
     bias_correction: bool = typer.Option(False, "--bias-correction",
                                          help="remove the mean output shift caused by weight rounding"),
@@ -377,7 +380,8 @@ def quantize(
              "size_budget": size_budget, "bias_correction": bias_correction,
              "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None, "qat_if_drop": qat_if_drop,
              "latency_placement": {"batch": deploy_batch, "threads": deploy_threads} if float_where_faster else None}
-    stage.update({k: v for k, v in (("weight_bits", bits), ("group_size", group_size)) if v is not None})
+    stage.update({k: v for k, v in (("weight_bits", bits), ("group_size", group_size),
+                                    ("dynamic_scales", dynamic_scales)) if v is not None})
     recipe = {"name": f"quantize {path}", "data": data or source.slimkit_meta.get("data", "digits"),
               "model": {"path": str(path), "trust_code": trust_code}, "stages": [stage],
               "evaluate": {"latency": latency}}

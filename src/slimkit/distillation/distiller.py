@@ -11,9 +11,12 @@ Feature distillation (FitNets) maps student layers to teacher layers by name; wh
 their widths differ a learned projection (a 1x1 convolution for feature maps, a linear
 map for vectors and token sequences) carries the student's feature to the teacher's
 width. Mapping transformer blocks (``blocks.1`` -> ``blocks.3``) distils hidden states;
-``attention`` maps distil attention probabilities (TinyBERT/MiniLM): name the modules that
-output them, an ``nn.Softmax``, or an attention module holding exactly one (the zoo ViT's
-``blocks.N.attn``).
+``attention`` maps distil attention probabilities (TinyBERT/MiniLM): name a module that outputs
+them (an ``nn.Softmax``), or one holding exactly one such softmax (the zoo ViT's
+``blocks.N.attn``) or exactly one Hugging Face-style self-attention (``query`` and ``key``
+projections, ``attention_head_size``: BERT's ``encoder.layer.N``), whose maps are computed
+from its projections and mask, so they exist whether the model runs eager attention or
+``scaled_dot_product_attention`` (which never materialises them).
 """
 
 from __future__ import annotations
@@ -63,10 +66,9 @@ class Distiller(nn.Module):
         self._hooks = [self._capture(name, "student", _layer(student, name, "student")) for name in cfg.features]
         self._hooks += [self._capture(name, "teacher", _layer(teacher, name, "teacher"))
                         for name in cfg.features.values()]
-        self._hooks += [self._capture("attention:" + name, "student", _softmax_of(student, name, "student"))
-                        for name in cfg.attention]
-        self._hooks += [self._capture("attention:" + name, "teacher", _softmax_of(teacher, name, "teacher"))
-                        for name in cfg.attention.values()]
+        for side, model, names in (("student", student, cfg.attention), ("teacher", teacher, cfg.attention.values())):
+            for name in names:
+                self._hooks += self._capture_attention(name, side, _attention_of(model, name, side))
         self.projections = nn.ModuleDict()
         self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         if cfg.features or cfg.attention:
@@ -75,6 +77,23 @@ class Distiller(nn.Module):
     def _capture(self, key: str, side: str, module: nn.Module):
         return module.register_forward_hook(
             lambda _m, _i, output: self._captured[side].__setitem__(key, _first_tensor(output)))
+
+    def _capture_attention(self, name: str, side: str, module: nn.Module) -> list:
+        key = "attention:" + name
+        if isinstance(module, nn.Softmax):
+            return [self._capture(key, side, module)]
+        projected: dict[str, torch.Tensor] = {}
+
+        def keep(which: str):
+            return lambda _m, _i, output: projected.__setitem__(which, output)
+
+        def maps(_m, args, kwargs, _output):
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            self._captured[side][key] = attention_probabilities(module, projected.pop("query"), projected.pop("key"),
+                                                                mask)
+
+        return [module.query.register_forward_hook(keep("query")), module.key.register_forward_hook(keep("key")),
+                module.register_forward_hook(maps, with_kwargs=True)]
 
     @torch.no_grad()
     def _probe(self, example: torch.Tensor) -> None:
@@ -165,16 +184,40 @@ def _layer(model: nn.Module, name: str, side: str) -> nn.Module:
         raise SlimkitError(f"distillation: the {side} has no layer {name!r}") from None
 
 
-def _softmax_of(model: nn.Module, name: str, side: str) -> nn.Module:
-    """The module whose output is the attention probabilities: ``name`` itself, or its one ``nn.Softmax``."""
+def _is_projected_attention(module: nn.Module) -> bool:
+    """A Hugging Face-style self-attention: query and key projections, heads of ``attention_head_size``."""
+    return (isinstance(getattr(module, "query", None), nn.Linear) and isinstance(getattr(module, "key", None), nn.Linear)
+            and isinstance(getattr(module, "attention_head_size", None), int))
+
+
+def _attention_of(model: nn.Module, name: str, side: str) -> nn.Module:
+    """Where ``name``'s attention probabilities come from: ``name`` itself or its one ``nn.Softmax`` (which outputs
+    them), else its one Hugging Face-style self-attention (whose projections and mask give them)."""
     module = _layer(model, name, side)
-    if isinstance(module, nn.Softmax):
+    if isinstance(module, nn.Softmax) or _is_projected_attention(module):
         return module
-    found = [m for m in module.modules() if isinstance(m, nn.Softmax)]
-    if len(found) != 1:
-        raise SlimkitError(f"distillation attention: the {side}'s {name!r} holds {len(found)} nn.Softmax modules; "
-                           "name the module that outputs the attention probabilities")
-    return found[0]
+    softmaxes = [m for m in module.modules() if isinstance(m, nn.Softmax)]
+    projected = [m for m in module.modules() if _is_projected_attention(m)]
+    if len(softmaxes) == 1:
+        return softmaxes[0]
+    if not softmaxes and len(projected) == 1:
+        return projected[0]
+    raise SlimkitError(f"distillation attention: the {side}'s {name!r} holds {len(softmaxes)} nn.Softmax modules and "
+                       f"{len(projected)} self-attention modules with query/key projections; name the module that "
+                       "outputs the attention probabilities, or one self-attention")
+
+
+def attention_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) per head, ``(batch, heads, queries, keys)``, from a self-attention's
+    projections ``(batch, tokens, heads * head size)``; ``mask``: boolean (True attends) or additive, or None."""
+    size = module.attention_head_size
+    q = query.unflatten(-1, (-1, size)).transpose(1, 2)
+    k = key.unflatten(-1, (-1, size)).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) * getattr(module, "scaling", size ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1)
 
 
 def _key(layer: str) -> str:

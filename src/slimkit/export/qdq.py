@@ -492,18 +492,19 @@ def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: i
     import onnx
 
     from ..quant.meta_kernels import ensure_fake_quant_meta_kernels
-    from ..quant.ops import GROUP_OPSET, onnx_translations
+    from ..quant.ops import OPSET_NEEDED, onnx_translations
+    from .token_quant import token_linears_to_integer
 
     ensure_fake_quant_meta_kernels()
-    grouped = isinstance(model, torch.fx.GraphModule) and any(
-        node.target is torch.ops.slimkit.group_fake_quant.default for node in model.graph.nodes)
-    _export_graph(model, path, sample[:2], max(opset, GROUP_OPSET) if grouped else opset, onnx_translations(),
-                  strip=not keep_names)
+    if isinstance(model, torch.fx.GraphModule):
+        opset = max([opset, *(OPSET_NEEDED.get(node.target, opset) for node in model.graph.nodes)])
+    _export_graph(model, path, sample[:2], opset, onnx_translations(), strip=not keep_names)
     proto = onnx.load(str(path))
     fold_constant_reshapes(proto)
     blocked_gemms_to_matmuls(proto)
     if fold_weight_quantizers(proto) == 0:
         raise SlimkitError(f"{type(model).__name__} has no quantized weights to export as int8")
+    token_linears_to_integer(proto)
     dynamic_gemms_to_integer(proto)
     gather_rows_before_dequantizing(proto)
     batched_linears_to_gemms(proto)
@@ -551,9 +552,9 @@ def activations_in_float(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of a quantized graph whose activation quantizers are removed (weights stay on their grids): the
     reference for a quantized model whose float original is not at hand, which the simulation's and the deployed
     file's activation rounding are both measured against."""
-    from ..quant import ops  # noqa: F401  (registers torch.ops.slimkit)
+    from ..quant.ops import RUNTIME_ACTIVATION_QUANTIZERS
 
-    return without_quantizers(gm, {torch.fake_quantize_per_tensor_affine, torch.ops.slimkit.dynamic_fake_quant.default})
+    return without_quantizers(gm, {torch.fake_quantize_per_tensor_affine, *RUNTIME_ACTIVATION_QUANTIZERS})
 
 
 def without_quantizers(gm: torch.fx.GraphModule, quantizers: set) -> torch.fx.GraphModule:

@@ -16,8 +16,9 @@
    it with integer kernels.
 
 Variants: ``activations="dynamic"`` quantizes the inputs of linear layers with
-ranges taken from each batch at run time (``ops.dynamic_fake_quant``), nothing
-calibrated; ``activations="none"`` is weight-only, where ``group_size`` gives
+ranges taken at run time, nothing calibrated: one range per token
+(``ops.token_fake_quant``; the default for text models) or per batch
+(``ops.dynamic_fake_quant``); ``activations="none"`` is weight-only, where ``group_size`` gives
 one scale per group of inputs (``ops.group_fake_quant``) instead of per channel.
 """
 
@@ -71,6 +72,10 @@ class StaticQuantConfig(Config):
     # layers only (convolutions stay float: ONNX Runtime's ConvInteger is slower than its float Conv);
     # none: weight-only (activations stay float)
     activations: Literal["static", "dynamic", "none"] = "static"
+    # dynamic ranges per token (row) or per tensor; None: per token for text models, whose LayerNorm outputs
+    # differ from token to token (MiniLM: cosine to fp32 0.9975 vs 0.9917), per tensor otherwise (cheaper: the
+    # vision results were measured so)
+    dynamic_scales: Literal["token", "tensor"] | None = None
     group_size: int | None = Field(None, ge=1)  # one weight scale per group of inputs instead of per channel
     matmul: bool = True
     fold_bn: bool = True
@@ -93,6 +98,8 @@ class StaticQuantConfig(Config):
                                             or self.activations != "none"):
             raise ValueError("group_size is for weight-only quantization (activations 'none') with linear "
                              "levels: integer kernels take one weight scale per output channel")
+        if self.dynamic_scales is not None and self.activations != "dynamic":
+            raise ValueError("dynamic_scales is for activations 'dynamic'")
         if self.weight_levels == "log" and (max([self.weight_bits, *self.layer_bits.values()]) > 4
                                             or self.rounding != "nearest"):
             raise ValueError("log weight levels take at most 4 bits (their codes 0, +/-1 ... +/-64 must fit "
@@ -111,6 +118,11 @@ class StaticQuantConfig(Config):
             return {"bits": self.layer_bits.get(weight.rpartition(".")[0], 8), "table": True}
         return {"bits": self.bits_of(weight), **({} if self.group_size is None else {"group_size": self.group_size})}
 
+    def dynamic_kind(self, model: nn.Module) -> str:
+        """The plan's activation quantizer of a dynamically quantized linear layer of ``model``."""
+        token = self.dynamic_scales == "token" or (self.dynamic_scales is None and text_spec(model) is not None)
+        return "dynamic-token" if token else "dynamic"
+
     def reduces_range(self) -> bool:
         """Whether 8-bit weights become 7-bit codes: only where integer kernels multiply them with quantized
         activations (not weight-only), and with linear levels (power-of-two codes reach 64 at most)."""
@@ -125,7 +137,7 @@ class QuantizedWeight(Config):
     input: str  # the graph node feeding the layer (its activation quantizer, when static)
     bits: int = Field(8, ge=2, le=8)
     group_size: int | None = Field(None, ge=1)
-    activation: Literal["dynamic"] | None = None
+    activation: Literal["dynamic", "dynamic-token"] | None = None  # ranges at run time: per tensor, per token
     table: bool = False  # an embedding table: one scale per row
 
 
@@ -383,7 +395,7 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
         name, table = _weight_name(op), op.target in EMBEDDINGS
         weights[name] = spec = {"input": op.args[1 if table else 0].name, **cfg.layout_of(name, table)}
         if cfg.activations == "dynamic" and not table:
-            spec["activation"] = "dynamic"
+            spec["activation"] = cfg.dynamic_kind(model)
         if cfg.weight_levels == "log":
             scales[name] = log_levels(gm.get_parameter(name).detach(), spec["bits"])[1]
         else:
@@ -433,6 +445,7 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
     safetensors; on replay (``scales=None``) placeholders are made and the load fills them in.
     """
     nodes = {node.name: node for node in gm.graph.nodes}
+    runtime_quantized: dict[tuple[fx.Node, str], fx.Node] = {}  # one quantizer per value, however many layers read it
     missing = sorted(set(step["activations"]) - set(nodes))
     if missing:
         raise SlimkitError(f"quantization plan does not fit this model's graph (no nodes {missing[:3]}); "
@@ -459,9 +472,8 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
                 z = gm.graph.get_attr(weight_zero_buffer(i))
                 fq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (stored, s, z, 0, -128, 127))
             op.replace_input_with(stored, fq)
-            if spec.get("activation") == "dynamic":
-                dq = gm.graph.call_function(torch.ops.slimkit.dynamic_fake_quant.default, (op.args[0],))
-                op.replace_input_with(op.args[0], dq)
+        if spec.get("activation"):
+            op.replace_input_with(op.args[0], _runtime_quantizer(gm, op.args[0], spec["activation"], runtime_quantized))
     round_onto_grids(gm, step)
     for name, (scale, zero) in step["activations"].items():
         value = nodes[name]
@@ -473,6 +485,19 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
     gm.recompile()
     gm.requires_grad_(False)  # an inference artifact; also keeps fake-quant ops exportable (no autograd variant)
     return gm
+
+
+def _runtime_quantizer(gm: fx.GraphModule, value: fx.Node, kind: str,
+                       made: dict[tuple[fx.Node, str], fx.Node]) -> fx.Node:
+    """The run-time activation quantizer of ``value`` (``kind``: a plan's ``activation``), made once."""
+    if (value, kind) not in made:
+        with gm.graph.inserting_after(value):
+            if kind == "dynamic-token":
+                made[value, kind] = gm.graph.call_function(torch.ops.slimkit.token_fake_quant.default,
+                                                           (value, int(value.meta["val"].shape[-1])))
+            else:
+                made[value, kind] = gm.graph.call_function(torch.ops.slimkit.dynamic_fake_quant.default, (value,))
+    return made[value, kind]
 
 
 def _weight_limit(step: dict[str, Any], spec: dict[str, Any]) -> int:

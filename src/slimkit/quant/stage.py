@@ -22,9 +22,10 @@ class QuantizeStage(Stage, StaticQuantConfig):
     type: Literal["quantize"] = "quantize"
     needs_float_model: ClassVar[bool] = True
     # int8-static: int8 weights, uint8 activations calibrated once; int8-dynamic: linear layers with int8
-    # weights and uint8 activation ranges taken per batch at run time; int8-weight: weights only
-    # (activations stay float); int4-weight: 4-bit weights, one scale per group of group_size inputs
-    # (32 unless set), rounded by GPTQ unless `rounding` says otherwise; log: power-of-two weights, uint8 activations. Fewer weight bits with weight_bits.
+    # weights and uint8 activation ranges taken at run time (per token or per tensor: dynamic_scales);
+    # int8-weight: weights only (activations stay float); int4-weight: 4-bit weights, one scale per group of
+    # group_size inputs (32 unless set), rounded by GPTQ unless `rounding` says otherwise; log: power-of-two
+    # weights, uint8 activations. Fewer weight bits with weight_bits.
     scheme: Literal["int8-static", "int8-dynamic", "int8-weight", "int4-weight", "log"] = "int8-static"
     onnx: str = Field("model-int8.onnx", min_length=1, pattern=r"^[^/\\]+\.onnx$")
     qat: TrainConfig | None = None  # quantization-aware training after calibration (epochs, lr, ...)
@@ -72,6 +73,8 @@ class QuantizeStage(Stage, StaticQuantConfig):
                                  "reduce_range": cfg.reduces_range(),
                                  "qat_epochs": qat.epochs if qat else 0,
                                  "activations": cfg.activations, "group_size": cfg.group_size,
+                                 **({"dynamic_scales": "token" if cfg.dynamic_kind(model) == "dynamic-token"
+                                     else "tensor"} if cfg.activations == "dynamic" else {}),
                                  "activations_uint8": len(step["activations"]),
                                  "folded_batchnorm": len(step["folded_batchnorm"]), "observer": self.observer,
                                  "calibration_samples": len(calib)}
