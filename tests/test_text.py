@@ -139,6 +139,26 @@ def test_text_files_and_the_built_in_corpus(tmp_path):
         load_text(str(tmp_path / "missing.txt"))
 
 
+def test_the_stdlib_corpus_reads_every_docstring_paragraph_without_importing(monkeypatch):
+    import sys
+
+    from slimkit.data.text import _stdlib_texts, stdlib_corpus
+
+    _stdlib_texts.cache_clear()
+    for name in ("turtle", "antigravity", "this"):  # modules whose import has effects
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    corpus = stdlib_corpus()
+    assert not {"turtle", "antigravity", "this"} & set(sys.modules)
+    assert len(corpus) > 5 * len(docstring_corpus()) and len(set(corpus)) == len(corpus)
+    assert not set(corpus) & set(docstring_corpus())  # train on one, evaluate on the other
+    assert all(40 <= len(t) <= 400 and "\n" not in t and "  " not in t for t in corpus)
+    import json as json_module
+    later = [" ".join(p.split()) for p in json_module.dumps.__doc__.split("\n\n")[1:4]]
+    assert sum(p in corpus for p in later) >= 2  # not only first paragraphs
+    splits = load_text("stdlib:limit=1000")
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (600, 200, 200) and is_text_spec("stdlib")
+
+
 def test_embedding_scores_are_exact():
     reference = torch.eye(4, dtype=torch.float64)
     turned = reference.clone()

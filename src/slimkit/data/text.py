@@ -1,19 +1,25 @@
 """Text data: ``.txt`` (one text per line), ``.jsonl`` (``{"text": ..., "label": ...}`` per line) and the
-built-in ``docstrings`` corpus, split into train/val/test.
+built-in corpora, split into train/val/test.
 
-``docstrings`` is made from text present on every machine: the first paragraph of the docstrings of a
-fixed list of Python standard-library modules, so calibration, distillation and evaluation of text
-models need no download. Its texts depend on the Python version (3.11 and 3.12 document their modules
-differently); within one version they are the same on every machine.
+The built-in corpora are made from text present on every machine, so calibration, distillation and
+evaluation of text models need no download: ``docstrings``, the first paragraph of the docstrings of a
+fixed list of Python standard-library modules (1,356 texts on 3.11), and ``stdlib``, every other docstring
+paragraph of the standard library's Python source, read as source (nothing imported; about 8,500 texts),
+for training that needs more text: the two share no text, so a model trained on ``stdlib`` is fairly
+evaluated on ``docstrings``. Their texts depend on the Python version (3.11 and 3.12 document their
+modules differently); within one version they are the same on every machine.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
 import inspect
 import json
 import random
 import re
+import sysconfig
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +29,7 @@ from ..limits import MAX_CLASSES, echo_text
 from .datasets import SPLIT_FRACTIONS
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
-BUILT_IN = "docstrings"
+STDLIB_SKIPPED = ("site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo")  # tests, GUIs
 MAX_TEXTS = 200_000
 MAX_TEXT_CHARS = 20_000
 DOCSTRING_MODULES = (
@@ -63,15 +69,15 @@ def is_text_spec(spec: str) -> bool:
     wrong with them)."""
     text = str(spec)
     head = text.rsplit(":", 1)[0]
-    return BUILT_IN in (text, head) or any(Path(t).suffix in TEXT_SUFFIXES for t in (text, head))
+    return bool(set(BUILT_INS) & {text, head}) or any(Path(t).suffix in TEXT_SUFFIXES for t in (text, head))
 
 
 def load_text(spec: str, seed: int = 0) -> TextSplits:
-    """``docstrings``, a ``.txt`` or a ``.jsonl`` file, optionally followed by ``:limit=N`` (the first N texts
-    after a seeded shuffle): texts split 60/20/20 with a seeded shuffle."""
+    """``docstrings``, ``stdlib``, a ``.txt`` or a ``.jsonl`` file, optionally followed by ``:limit=N`` (the first N
+    texts after a seeded shuffle): texts split 60/20/20 with a seeded shuffle."""
     source, limit = _options(str(spec))
-    if source == BUILT_IN:
-        texts, labels = docstring_corpus(), None
+    if source in BUILT_INS:
+        texts, labels = BUILT_INS[source](), None
     else:
         path = Path(source)
         if not path.is_file():
@@ -91,6 +97,18 @@ def load_text(spec: str, seed: int = 0) -> TextSplits:
 def docstring_corpus() -> list[str]:
     """The first paragraph of every public docstring (module, classes, functions, methods) of
     ``DOCSTRING_MODULES``, whitespace collapsed, 40-400 characters, each once, in a stable order."""
+    return list(_docstring_texts())
+
+
+def stdlib_corpus() -> list[str]:
+    """Every docstring paragraph (40-400 characters, each once) of the standard library's Python source that is not
+    in ``docstring_corpus``, in file order, read with ``ast``: importing every module would run code
+    (``antigravity`` opens a browser). Tests and GUI modules are left out."""
+    return list(_stdlib_texts())
+
+
+@functools.lru_cache(maxsize=1)
+def _docstring_texts() -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for name in DOCSTRING_MODULES:
         try:
@@ -104,7 +122,32 @@ def docstring_corpus() -> list[str]:
             text = " ".join(doc.split("\n\n", 1)[0].split())
             if 40 <= len(text) <= 400 and not text.startswith(("Return self", "Implement ")):
                 seen.setdefault(text)
-    return list(seen)
+    return tuple(seen)
+
+
+def _paragraphs(doc: str) -> list[str]:
+    texts = (" ".join(part.split()) for part in doc.split("\n\n"))
+    return [t for t in texts if 40 <= len(t) <= 400 and not t.startswith((">>>", "Return self", "Implement "))]
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_texts() -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    taken = set(_docstring_texts())
+    seen: dict[str, None] = {}
+    for path in sorted(root.rglob("*.py")):
+        if set(path.relative_to(root).parts) & set(STDLIB_SKIPPED):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):  # (a few files are templates or deliberately invalid)
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for text in _paragraphs(ast.get_docstring(node) or ""):
+                    if text not in taken:
+                        seen.setdefault(text)
+    return tuple(seen)
 
 
 def _documented(module) -> list[object]:
@@ -126,7 +169,7 @@ OPTIONS = re.compile(r"^(?P<source>.+?):limit=(?P<limit>\d+)$")
 def _options(text: str) -> tuple[str, int | None]:
     match = OPTIONS.match(text)
     if match is None:
-        if ":" in text and not Path(text).suffix in TEXT_SUFFIXES and text != BUILT_IN:
+        if ":" in text and not Path(text).suffix in TEXT_SUFFIXES and text not in BUILT_INS:
             raise SlimkitError(f"data {echo_text(text)}: the one option of text data is :limit=N")
         return text, None
     limit = int(match["limit"])
@@ -183,3 +226,6 @@ def _jsonl(path: Path) -> tuple[list[str], list[int] | None]:
         missing = given.index(False) + 1
         raise SlimkitError(f"{path}: some lines have a \"label\" and some do not (record {missing} has none)")
     return texts, labels if given and all(given) else None
+
+
+BUILT_INS = {"docstrings": docstring_corpus, "stdlib": stdlib_corpus}
