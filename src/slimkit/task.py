@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from .data import Splits, make_loader
 from .errors import SlimkitError
@@ -114,7 +114,7 @@ class Task:
         agreement with the reference's predictions."""
         from .analyze.embedding import embed, embedding_scores, cosine_to_reference
         from .data.datasets import Splits
-        from .models.text import text_spec, tokenize
+        from .models.text import pools_tokens, text_spec, tokenize
 
         spec = text_spec(model)
         if spec is None:
@@ -140,7 +140,7 @@ class Task:
         def train_batches(cfg: TrainConfig):
             generator = torch.Generator().manual_seed(cfg.seed)
             return DataLoader(TensorDataset(x[0], reference[0]), batch_size=cfg.batch_size, shuffle=True,
-                              generator=generator)
+                              generator=generator, collate_fn=_trimmed_text_batch if pools_tokens(model) else None)
 
         return cls(name=splits.name, train_batches=train_batches, val_score=score("val"), test_score=score("test"),
                    example_inputs=x[2], loss_fn=_cosine_distance, metric="cosine", describe=describe,
@@ -172,6 +172,15 @@ class Task:
         batches = _Batches([inputs] if isinstance(inputs, torch.Tensor) else inputs, transform_fn)
         return cls(name=name, train_batches=lambda cfg: batches, val_score=_cannot_score, test_score=_cannot_score,
                    example_inputs=batches.example_inputs(), can_score=False, describe={"source": "inputs"})
+
+
+def _trimmed_text_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts and reference outputs stacked, the texts cut to the batch's longest (a pooled model's outputs do not
+    change)."""
+    from .models.text import trim_padding
+
+    texts, targets = default_collate(samples)
+    return trim_padding(texts), targets
 
 
 def _cosine_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

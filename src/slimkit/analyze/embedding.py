@@ -17,13 +17,22 @@ RETRIEVAL_K = 10
 
 @torch.no_grad()
 def embed(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """The model's outputs on ``inputs`` in eval mode, batch by batch, as float32 on the CPU."""
+    """The model's outputs on ``inputs`` in eval mode, batch by batch, as float32 on the CPU. Texts for a model
+    that pools over tokens run shortest first, each batch cut to its own longest text (the same outputs, in the
+    given order; thousands of texts padded to the longest of them would cost several times the time)."""
+    from ..models.text import pools_tokens, trim_padding
+
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    texts = pools_tokens(model) and inputs.dim() == 3
+    order = inputs[:, 1].ne(0).sum(-1).argsort(stable=True) if texts else torch.arange(len(inputs))
     try:
-        return torch.cat([prediction(model(inputs[i:i + batch_size].to(device))).float().cpu()
-                          for i in range(0, len(inputs), batch_size)])
+        outputs = []
+        for i in range(0, len(inputs), batch_size):
+            batch = inputs[order[i:i + batch_size]]
+            outputs.append(prediction(model((trim_padding(batch) if texts else batch).to(device))).float().cpu())
+        return torch.cat(outputs)[order.argsort()]
     finally:
         model.train(was_training)
 

@@ -23,6 +23,7 @@ from ..models.outputs import prediction
 from ..models.text import TEXT_INPUTS, NamedInputs, dynamic_dims, text_spec
 from ..io import atomic_path
 from ..outputs import ONNX_PRODUCER, claim_output
+from .nan_guards import drop_nan_guards
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -119,6 +120,7 @@ def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int
         except Exception as exc:  # the exporter raises many internal types; say which model failed, and why
             raise SlimkitError(f"ONNX export failed for {type(model).__name__}: {exporter_cause(exc)}") from None
         proto = program.model_proto
+        drop_nan_guards(proto)
         if strip:
             strip_debug_info(proto)
         proto.producer_name = ONNX_PRODUCER  # marks slimkit's files (so only they are replaced without --overwrite)

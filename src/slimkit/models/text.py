@@ -117,6 +117,20 @@ def tokenize(model: nn.Module, texts: list[str], max_length: int | None = None) 
     return torch.stack([enc["input_ids"], enc["attention_mask"], types], dim=1)
 
 
+def trim_padding(batch: torch.Tensor) -> torch.Tensor:
+    """A packed text batch without the trailing token positions no text of it uses (its attention mask is 0 in
+    every row): a batch taken from texts padded to the longest of thousands runs at its own longest."""
+    used = int(batch[:, 1].ne(0).any(0).nonzero().max()) + 1 if batch[:, 1].any() else batch.shape[-1]
+    return batch[..., :max(used, 2)]
+
+
+def pools_tokens(model: nn.Module) -> bool:
+    """Whether a text model's output has no token axis (a pooled embedding or class scores), so that padding
+    positions, masked everywhere, can be cut from its inputs without changing its outputs."""
+    spec = text_spec(model)
+    return spec is not None and spec.get("task", "sentence-embedding") != "base"
+
+
 def synthetic_inputs(model: nn.Module, shape: tuple[int, ...], batch: int,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Inputs of ``shape`` that ``model`` can run on, for tracing, counting and timing: for a text model, a
