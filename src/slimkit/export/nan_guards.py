@@ -12,16 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def _constant_values(graph) -> dict[str, np.ndarray]:
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            values.update({node.output[0]: numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"})
-    return values
-
-
 def _finite_constant(values: dict[str, np.ndarray], name: str) -> bool:
     return name in values and values[name].dtype.kind == "f" and bool(np.isfinite(values[name]).all())
 
@@ -29,13 +19,10 @@ def _finite_constant(values: dict[str, np.ndarray], name: str) -> bool:
 def drop_nan_guards(model) -> int:
     """Rewrite ``Where(IsNaN(Softmax(s + m)), 0, Softmax(s + m))`` as the softmax alone where the mask ``m`` is a
     choice between finite constants (or one); returns how many guards were removed."""
-    graph = model.graph
-    values = _constant_values(graph)
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    from .qdq import _index, _readers  # (qdq imports this module's importer)
+
+    graph, values, producers, _ = _index(model.graph)
+    readers = _readers(graph)
 
     def finite_mask(name: str) -> bool:
         node = producers.get(name)

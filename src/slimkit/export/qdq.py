@@ -116,6 +116,15 @@ def _index(graph):
     return graph, _constants(graph), {out: node for node in graph.node for out in node.output}, uses
 
 
+def _readers(graph) -> dict[str, list]:
+    """The nodes reading each value."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _plain_gemms(graph):
     """Gemm nodes computing ``A @ B^T + C`` (what the exporter emits for a 2-D linear layer)."""
     for node in list(graph.node):
@@ -312,10 +321,7 @@ def batched_linears_to_gemms(model) -> int:
     from onnx import helper, numpy_helper
 
     graph, consts, producers, uses = _index(model.graph)
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _readers(graph)
     count = 0
     for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
         transpose, x_dq = producers.get(matmul.input[1]), producers.get(matmul.input[0])

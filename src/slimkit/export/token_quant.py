@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .qdq import _attr, _drop_unread, _index, _insert_in_place_of, _ints
+from .qdq import _attr, _drop_unread, _index, _insert_in_place_of, _ints, _readers
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
 
@@ -96,10 +96,7 @@ def token_linears_to_integer(model) -> int:
     from onnx import helper, numpy_helper
 
     graph, consts, producers, _ = _index(model.graph)
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     count = 0
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and _attr(n, "block_size", 0)]:
         q = producers.get(dq.input[0])
