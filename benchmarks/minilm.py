@@ -67,17 +67,18 @@ def students(model: torch.nn.Module, calib: torch.Tensor, epochs: int) -> dict[s
     made: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     three, step = drop_layers(model, 3)
-    pairs_three = {layers[i]: layers[j] for i, j in enumerate(step["keep"])}
-    made["slimkit 3-layer student"] = {"model": three, "pairs": pairs_three, "started": started}
+    pairs = {layers[i]: layers[j] for i, j in enumerate(step["keep"])}
+    made["slimkit 3-layer student"] = {"model": three, "pairs": pairs, "seconds": time.perf_counter() - started}
     started = time.perf_counter()
     half, _ = prune_channels(model, calib[:64], 0.5, method="l1", exclude=["*pooler*"])
     made["slimkit 50% heads+FFN pruned"] = {"model": half, "pairs": {name: name for name in layers},
-                                           "started": started}
+                                           "seconds": time.perf_counter() - started}
     for label, entry in made.items():
+        started = time.perf_counter()
         cfg = DistillConfig(alpha=0.0, features=entry["pairs"], attention=entry["pairs"])
         trained, result = distill(entry.pop("model"), model, task, cfg,
                                   TrainConfig(epochs=epochs, lr=3e-4, batch_size=32), progress=False)
-        entry.update(model=trained, seconds=time.perf_counter() - entry.pop("started"),
+        entry.update(model=trained, seconds=entry["seconds"] + time.perf_counter() - started,
                      val_cosine=result.best_score, epochs=epochs)
         print(f"trained {label}: {entry['seconds']:.0f} s, validation cosine {result.best_score:.4f}", flush=True)
     return made
