@@ -431,3 +431,9 @@ def test_text_batches_run_at_their_own_longest_text(text_dir):
     for texts_batch, targets in task.train_batches(TrainConfig(batch_size=8)):
         assert texts_batch[:, 1, -1].any() and texts_batch.shape[-1] == texts_batch[:, 1].sum(-1).max()
         assert targets.shape == (len(texts_batch), 32)
+    from slimkit.quant.ptq import calibration_batches
+
+    calib = calibration_batches((b for b, _ in task.train_batches(TrainConfig(batch_size=8))), 20)  # 3 batches
+    with torch.no_grad():
+        alone = torch.cat([model(trim_padding(calib[i:i + 1])) for i in range(20)])
+        assert calib.shape[0] == 20 and torch.allclose(model(calib), alone, atol=1e-6)

@@ -124,6 +124,13 @@ def trim_padding(batch: torch.Tensor) -> torch.Tensor:
     return batch[..., :max(used, 2)]
 
 
+def concat_text_batches(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Packed text batches of different lengths (each cut to its own longest text) as one, padded to the longest
+    with id 0 and attention mask 0: masked positions, which a pooled model's outputs do not depend on."""
+    longest = max(batch.shape[-1] for batch in batches)
+    return torch.cat([nn.functional.pad(batch, (0, longest - batch.shape[-1])) for batch in batches])
+
+
 def pools_tokens(model: nn.Module) -> bool:
     """Whether a text model's output has no token axis (a pooled embedding or class scores), so that padding
     positions, masked everywhere, can be cut from its inputs without changing its outputs."""

@@ -590,7 +590,10 @@ def _remove_observers(gm: fx.GraphModule) -> None:
 
 
 def calibration_batches(inputs: Iterable[torch.Tensor], limit: int) -> torch.Tensor:
-    """The first ``limit`` samples of an iterable of input batches, as one tensor."""
+    """The first ``limit`` samples of an iterable of input batches, as one tensor (text batches cut to different
+    lengths padded to the longest)."""
+    from ..models.text import concat_text_batches
+
     taken, count = [], 0
     for x in inputs:
         taken.append(x[: limit - count])
@@ -599,5 +602,6 @@ def calibration_batches(inputs: Iterable[torch.Tensor], limit: int) -> torch.Ten
             break
     if not taken:
         raise SlimkitError("no calibration data")
-    return torch.cat(taken)
+    packed_text = all(x.dim() == 3 and x.shape[1] == 3 and not x.is_floating_point() for x in taken)
+    return concat_text_batches(taken) if packed_text else torch.cat(taken)
 
