@@ -24,6 +24,7 @@ from .qdq import _attr, _drop_unread, _index, _insert_in_place_of, _ints, _reade
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators
 
+
 @dataclass
 class _Linear:
     node: object  # the MatMul or Gemm
