@@ -74,12 +74,16 @@ def ort_ops(tmp_path):
     from collections import Counter
 
     import onnx
-    import onnxruntime as ort
 
-    def ops(path) -> Counter:
-        opts = ort.SessionOptions()
+    from slimkit.export.onnx import ort_session, ort_session_options
+
+    def ops(path, nodes: list | None = None) -> Counter:
+        """``nodes``: a list that receives the optimized graph's nodes."""
+        opts = ort_session_options()
         opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+        ort_session(path, opts=opts)
+        graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+        if nodes is not None:
+            nodes.extend(graph.node)
+        return Counter(n.op_type for n in graph.node)
     return ops

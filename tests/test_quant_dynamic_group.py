@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slimkit import SlimkitError, Task, load, parse_recipe, run_recipe, save
+from slimkit.analyze import machine
 from slimkit.data import calibration_subset
 from slimkit.export.qdq import export_int8_verified
 from slimkit.quant.gptq import gptq_quantize
@@ -121,13 +122,26 @@ def test_int4_group_weights_are_stored_as_4_bit_codes(name, digits, tmp_path, br
     assert torch.equal(load(tmp_path / "m")(digits.x_test), quantized(digits.x_test))
 
 
-def test_linear_int4_weights_run_as_matmul_nbits(ort_ops, digits, tmp_path, briefly_trained):
-    """The last layer's MatMul is fused into ONNX Runtime's 4-bit kernel (earlier ones become float Gemm first)."""
+@pytest.mark.parametrize("level", [0, 4])
+def test_linear_int4_weights_run_as_matmul_nbits(level, ort_ops, digits, tmp_path, briefly_trained, monkeypatch):
+    """The last layer's MatMul is fused into ONNX Runtime's 4-bit kernel (earlier ones become float Gemm first),
+    computing at the accuracy level slimkit's sessions choose for the CPU."""
+    monkeypatch.setattr(machine, "nbits_accuracy_level", lambda: level)
     model = briefly_trained("lenet300")
     cfg = StaticQuantConfig(activations="none", weight_bits=4, group_size=32)
     quantized, _ = quantize_static(model, calibration_subset(digits, 64), cfg)
     export_int8_verified(quantized, tmp_path / "g.onnx", digits.x_test)
-    assert ort_ops(tmp_path / "g.onnx")["MatMulNBits"] >= 1
+    nodes: list = []
+    assert ort_ops(tmp_path / "g.onnx", nodes)["MatMulNBits"] >= 1
+    levels = {onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {level}
+
+
+def test_nbits_accuracy_level_follows_int8_saturation(monkeypatch):
+    for saturates, level in ((True, 0), (False, 4)):
+        monkeypatch.setattr(machine, "int8_pairs_saturate", lambda s=saturates: s)
+        assert machine.nbits_accuracy_level() == level
 
 
 def test_schemes_in_recipes_and_cli(cli, trained_run, tmp_path):

@@ -45,6 +45,14 @@ def int8_pairs_saturate() -> bool:
     return x86 and "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
+def nbits_accuracy_level() -> int:
+    """The compute ONNX Runtime should use for 4-bit weights (MatMulNBits' ``accuracy_level``): 0 (float, the
+    weights dequantized in blocks) where ``int8_pairs_saturate``, else 4 (activations quantized to int8 per
+    block, the default of ONNX Runtime's QDQ fusion). Measured on all-MiniLM-L6-v2, 4-bit weights, AMD EPYC
+    with AVX2 only, ORT 1.32: level 4 ran 1.41x the fp32 model's time at 8 x 128 tokens and level 0 1.13x."""
+    return 0 if int8_pairs_saturate() else 4
+
+
 def machine_fingerprint(threads: int | None = None) -> dict[str, Any]:
     import torch
 

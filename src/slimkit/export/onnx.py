@@ -34,6 +34,7 @@ EXTERNAL_DATA_BYTES = 1 << 30
 # opset 20: GELU is one Gelu op (ONNX Runtime fuses it with the bias before it); at 18 it is five
 # elementwise passes over the widest activations of ViT, Swin and ConvNeXt
 DEFAULT_OPSET = 20
+NBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"  # the fused 4-bit MatMulNBits' compute
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,12 @@ class ExportResult:
     allowed_diff: float
 
 
-def ort_session(path: str | os.PathLike, threads: int = 1):
-    """An ONNX Runtime CPU session with a fixed number of threads (reproducible timing)."""
+def ort_session_options(threads: int = 1):
+    """Session options for reproducible timing (a fixed number of threads, sequential execution, every graph
+    optimization) with 4-bit weight kernels computing as fast as this CPU allows (``nbits_accuracy_level``)."""
     import onnxruntime as ort
+
+    from ..analyze.machine import nbits_accuracy_level
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -54,8 +58,17 @@ def ort_session(path: str | os.PathLike, threads: int = 1):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    opts.add_session_config_entry(NBITS_ACCURACY_KEY, str(nbits_accuracy_level()))
+    return opts
+
+
+def ort_session(path: str | os.PathLike, threads: int = 1, opts=None):
+    """An ONNX Runtime CPU session (``opts``: ``ort_session_options(threads)`` unless given)."""
+    import onnxruntime as ort
+
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=opts or ort_session_options(threads),
+                                    providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types per failure kind
         raise SlimkitError(f"{path}: ONNX Runtime cannot load this model ({exc})") from None
 

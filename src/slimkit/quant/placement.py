@@ -77,17 +77,12 @@ def _node_key(profiled: str) -> str:
 
 def profile_nodes(path: Path, x: torch.Tensor, threads: int, runs: int) -> dict[str, tuple[str, float]]:
     """``{ONNX node: (ONNX Runtime op, median ms per run)}`` from ONNX Runtime's profiler."""
-    from ..export.onnx import ort_feed
-    import onnxruntime as ort
+    from ..export.onnx import ort_feed, ort_session, ort_session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
+    opts = ort_session_options(threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = str(path.with_suffix(""))
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads, opts)
     feed = ort_feed(session, x)
     warmup = 3
     for _ in range(warmup + runs):
