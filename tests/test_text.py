@@ -431,9 +431,41 @@ def test_text_batches_run_at_their_own_longest_text(text_dir):
     for texts_batch, targets in task.train_batches(TrainConfig(batch_size=8)):
         assert texts_batch[:, 1, -1].any() and texts_batch.shape[-1] == texts_batch[:, 1].sum(-1).max()
         assert targets.shape == (len(texts_batch), 32)
-    from slimkit.quant.ptq import calibration_batches
+    from slimkit.data import first_samples
 
-    calib = calibration_batches((b for b, _ in task.train_batches(TrainConfig(batch_size=8))), 20)  # 3 batches
+    calib = first_samples((b for b, _ in task.train_batches(TrainConfig(batch_size=8))), 20)  # 3 batches
     with torch.no_grad():
         alone = torch.cat([model(trim_padding(calib[i:i + 1])) for i in range(20)])
         assert calib.shape[0] == 20 and torch.allclose(model(calib), alone, atol=1e-6)
+
+
+def test_dict_batches_of_named_inputs_go_through_the_verbs(text_dir, tmp_path):
+    """A Hugging Face DataLoader (a tokenizer's dict batches, each padded to its own longest text) is data for
+    every verb without a transform_fn; labels stay with a classifier's batches and leave an embedder's."""
+    from torch.utils.data import DataLoader
+
+    texts = docstring_corpus()[:48]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(text_dir)
+    collate = transformers.DataCollatorWithPadding(tokenizer)
+    encoded = [{**tokenizer(t, truncation=True, max_length=64), "labels": len(t) % 3} for t in texts]
+    loader = DataLoader(encoded, batch_size=8, collate_fn=collate)
+    first = next(iter(loader))
+    packed, labels = slimkit.pack_named_batch(first)
+    embedder = slimkit.load(text_dir)
+    assert torch.equal(packed, tokenize(embedder, texts[:8], max_length=64))
+    assert labels.tolist() == [len(t) % 3 for t in texts[:8]]
+    assert torch.equal(slimkit.pack_named_batch({"input_ids": first["input_ids"]})[:, 1], torch.ones_like(packed[:, 1]))
+    with pytest.raises(SlimkitError, match="attention_mask has shape"):
+        slimkit.pack_named_batch({"input_ids": first["input_ids"], "attention_mask": first["attention_mask"][:, :3]})
+
+    x = tokenize(embedder, texts)
+    quantized = slimkit.quantize(embedder, scheme="int8-dynamic", calib=loader)
+    assert quantized.slimkit_notes["quantize"]["calibration_samples"] == 48
+    assert embedding_scores(quantized(x), embedder(x))["cosine_min"] >= 0.99
+
+    classifier = slimkit.load(tiny_text_dir(tmp_path / "classifier", task="sequence-classification"))
+    pruned = slimkit.prune(classifier, data=loader, structured=True, sparsity=0.5, exclude=["*pooler*", "*classifier*"])
+    assert {layer.intermediate.dense.out_features for layer in pruned.encoder.bert.encoder.layer} == {32}
+    quantized = slimkit.quantize(pruned, scheme="int8-static", calib=loader)
+    agreement = (quantized(x).argmax(-1) == pruned(x).argmax(-1)).float().mean()
+    assert agreement >= 0.9

@@ -11,6 +11,7 @@ from .errors import SlimkitError
 from .export import export_onnx
 from .modelfile import load, new_model, save
 from .models import ZOO, build_model
+from .models.text import pack_named_batch
 from .pipeline import run_recipe
 from .recipe import Recipe, load_recipe, parse_recipe
 from .stages import Stage, StageContext, register_stage
@@ -25,5 +26,5 @@ __all__ = [
     "SlimkitError", "Splits", "Stage", "StageContext", "Task", "TrainConfig", "__version__", "build_model",
     "calibration_subset", "cluster", "count_macs", "count_params", "distill", "evaluate", "export_onnx",
     "factorize", "fit", "load", "load_data", "load_recipe", "make_loader", "measure_latency", "new_model",
-    "parse_recipe", "profile", "prune", "quantize", "register_stage", "run_recipe", "save", "train_model",
+    "pack_named_batch", "parse_recipe", "profile", "prune", "quantize", "register_stage", "run_recipe", "save", "train_model",
 ]

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from .data import Splits, make_loader
+from .data import Splits, first_samples, make_loader
 from .errors import SlimkitError
 from .models.outputs import prediction
+from .models.text import is_embedder, pack_named_batch, text_spec
 from .limits import first_line
 from .train.loop import Batch, LossFn, ScoreFn, TrainConfig, evaluate
 
@@ -114,7 +115,7 @@ class Task:
         agreement with the reference's predictions."""
         from .analyze.embedding import embed, embedding_scores, cosine_to_reference
         from .data.datasets import Splits
-        from .models.text import pools_tokens, text_spec, tokenize
+        from .models.text import pools_tokens, tokenize
 
         spec = text_spec(model)
         if spec is None:
@@ -220,10 +221,19 @@ def as_task(data: Any, transform_fn: Callable[[Any], Any] | None = None, model: 
                                "a DataLoader or a tensor of inputs)")
         return Task.from_inputs(torch.randn(8, *shape, generator=torch.Generator().manual_seed(0)),
                                 name="random inputs")
+    if model is not None and text_spec(model) is not None:
+        transform_fn = _then_packed(transform_fn, labels=not is_embedder(model))
     batches = _Batches([data] if isinstance(data, torch.Tensor) else data, transform_fn)
     if batches.labelled:
         return Task.from_loaders(data, transform_fn=transform_fn, name="batches")
     return Task.from_inputs(data, transform_fn)
+
+
+def _then_packed(transform_fn: Callable[[Any], Any] | None, labels: bool) -> Callable[[Any], Any]:
+    """``transform_fn`` (if any), then a dict batch of named text inputs packed for a text model."""
+    def transform(batch: Any) -> Any:
+        return pack_named_batch(transform_fn(batch) if transform_fn is not None else batch, labels)
+    return transform
 
 
 class _Batches:
@@ -254,15 +264,7 @@ class _Batches:
         return next(iter(self), (None, None))[1] is not None
 
     def example_inputs(self, limit: int = 64) -> torch.Tensor:
-        taken, count = [], 0
-        for x, _ in self:
-            taken.append(x[: limit - count])
-            count += len(taken[-1])
-            if count >= limit:
-                break
-        if not taken:
-            raise SlimkitError("the data holds no batches")
-        return torch.cat(taken)
+        return first_samples((x for x, _ in self), limit)
 
     def _split(self, batch: Any) -> tuple[torch.Tensor, Any]:
         if self.transform_fn is not None:

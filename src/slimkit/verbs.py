@@ -9,7 +9,8 @@ fields as keyword arguments), so a recipe stage and a Python call are one thing:
 
 Data (``data``, ``calib``) is anything ``task.as_task`` takes: ``Splits``, a ``Task``, a DataLoader or
 any iterable of batches (``transform_fn`` turns dict or tuple batches into inputs or
-``(inputs, labels)``), a tensor of inputs, or nothing where the method needs none. Methods that
+``(inputs, labels)``; a text model takes a tokenizer's dict batches without one), a tensor of inputs, or
+nothing where the method needs none. Methods that
 train (fine-tuning, AGP schedules, QAT, distillation) need labels and a validation score: pass
 ``Splits`` or ``Task.from_loaders(train, val)``.
 

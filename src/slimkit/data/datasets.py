@@ -13,6 +13,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -94,6 +95,23 @@ def calibration_subset(splits: Splits, n: int, seed: int = 0) -> torch.Tensor:
     x = splits.x_train
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: min(n, len(x))]
     return x[idx]
+
+
+def first_samples(inputs: Iterable[torch.Tensor], limit: int) -> torch.Tensor:
+    """The first ``limit`` samples of an iterable of input batches, as one tensor (packed text batches cut to
+    different lengths padded to the longest)."""
+    from ..models.text import concat_text_batches
+
+    taken, count = [], 0
+    for x in inputs:
+        taken.append(x[: limit - count])
+        count += len(taken[-1])
+        if count >= limit:
+            break
+    if not taken:
+        raise SlimkitError("the data holds no batches")
+    packed_text = all(x.dim() == 3 and x.shape[1] == 3 and not x.is_floating_point() for x in taken)
+    return concat_text_batches(taken) if packed_text else torch.cat(taken)
 
 
 DATA_OPTIONS = re.compile(r"^(?P<source>.+?):(?P<options>[a-z]+=\w+(?:,[a-z]+=\w+)*)$")

@@ -20,7 +20,7 @@ import functools
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -115,6 +115,26 @@ def tokenize(model: nn.Module, texts: list[str], max_length: int | None = None) 
     types = enc.get("token_type_ids")
     types = torch.zeros_like(enc["input_ids"]) if types is None else types
     return torch.stack([enc["input_ids"], enc["attention_mask"], types], dim=1)
+
+
+def pack_named_batch(batch: Any, labels: bool = True) -> Any:
+    """A tokenizer's or data collator's dict batch (``input_ids``, optional ``attention_mask`` and
+    ``token_type_ids``, optional ``labels`` or ``label``) as slimkit's packed batch, or ``(packed, labels)``
+    where it has labels and ``labels`` keeps them (a classifier's, not an embedder's); anything else as it is."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        return batch
+    ids = torch.as_tensor(batch["input_ids"])
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise SlimkitError(f"input_ids must be integer token ids [batch, tokens], got {ids.dtype} {list(ids.shape)}")
+    rows = [ids]
+    for name, default in (("attention_mask", torch.ones_like(ids)), ("token_type_ids", torch.zeros_like(ids))):
+        part = torch.as_tensor(batch[name]) if batch.get(name) is not None else default
+        if part.shape != ids.shape:
+            raise SlimkitError(f"{name} has shape {list(part.shape)}, input_ids {list(ids.shape)}")
+        rows.append(part.to(ids.dtype))
+    packed = torch.stack(rows, dim=1)
+    target = batch.get("labels", batch.get("label"))
+    return (packed, torch.as_tensor(target)) if labels and target is not None else packed
 
 
 def trim_padding(batch: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 from fnmatch import fnmatchcase
 import math
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -587,21 +587,3 @@ def _remove_observers(gm: fx.GraphModule) -> None:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(node.target)
-
-
-def calibration_batches(inputs: Iterable[torch.Tensor], limit: int) -> torch.Tensor:
-    """The first ``limit`` samples of an iterable of input batches, as one tensor (text batches cut to different
-    lengths padded to the longest)."""
-    from ..models.text import concat_text_batches
-
-    taken, count = [], 0
-    for x in inputs:
-        taken.append(x[: limit - count])
-        count += len(taken[-1])
-        if count >= limit:
-            break
-    if not taken:
-        raise SlimkitError("no calibration data")
-    packed_text = all(x.dim() == 3 and x.shape[1] == 3 and not x.is_floating_point() for x in taken)
-    return concat_text_batches(taken) if packed_text else torch.cat(taken)
-

@@ -8,11 +8,12 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from torch import nn
 
+from ..data import first_samples
 from ..errors import SlimkitError
 from ..stages import Stage, StageContext, register_stage
 from ..train.loop import TrainConfig
 from .placement import LatencyPlacement, choose_float_layers
-from .ptq import StaticQuantConfig, calibration_batches, quantize_static
+from .ptq import StaticQuantConfig, quantize_static
 
 QAT_FALLBACK = TrainConfig(epochs=2, lr=1e-4)  # from calibrated scales: a short, gentle fine-tune
 
@@ -43,7 +44,7 @@ class QuantizeStage(Stage, StaticQuantConfig):
         from ..export.qdq import export_int8_verified
 
         batches = ctx.task.train_batches(TrainConfig(seed=self.seed))
-        calib = calibration_batches((x for x, _ in batches), self.calib)
+        calib = first_samples((x for x, _ in batches), self.calib)
         cfg = self.quant_config()
         if self.size_budget is not None:
             from .mixed import allocate_bits
