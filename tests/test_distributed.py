@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+import torch
 import yaml
 
 from slimkit.modelfile.store import read_safetensors
@@ -178,3 +180,51 @@ def test_distributed_helpers_share_rank_0s_results_files_and_failures(tmp_path):
                                 else ["model/w.bin", "stage.json"])  # only the named entries travel
         assert out["weights"] == b"\x00\x01weights".hex()
         assert "ranks disagree on the model after a diverged stage" in out["diverged"]
+
+
+def test_text_training_runs_data_parallel(cli, tmp_path):
+    """A text model's recovery training under torchrun: each rank trains on its share of every global batch of
+    texts (cut to the share's longest text), and 2 ranks end where 1 process ends."""
+    pytest.importorskip("transformers")
+    from test_text import tiny_text_dir
+
+    model = tiny_text_dir(tmp_path / "hf")
+    config = json.loads((model / "config.json").read_text())  # dropout draws differ between 1 and 2 processes
+    (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                   "attention_probs_dropout_prob": 0.0}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "ddp-text", "model": {"path": str(model)}, "data": "docstrings:limit=64",
+        "evaluate": {"latency": False},
+        "stages": [{"type": "prune", "structured": True, "sparsity": 0.5, "exclude": ["*pooler*"],
+                    "finetune": {"epochs": 2, "batch_size": 8, "lr": 1e-3}}]}))
+    args = ["run", str(recipe), "--no-progress"]
+    _single(cli, args, tmp_path / "one")
+    ddp = subprocess.run([*TORCHRUN, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr
+    one, two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+    # a key bias adds the same score to every key of a query, which softmax ignores: its gradient is rounding
+    # noise, which Adam scales up to steps of the learning rate's size, differently in 1 and 2 processes
+    noise = {name for name in one if name.endswith("attention.self.key.bias")}
+    assert noise and all(float(one[name].abs().max()) < 3e-3 for name in noise)
+    for name in set(one) - noise:
+        np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    histories = [json.loads((tmp_path / run / "report.json").read_text())["stages"][1]["notes"]["training"]
+                 ["prune step1"]["history"] for run in ("one", "two")]
+    assert [len(h) for h in histories] == [2, 2] and histories[0][1]["train_loss"] < histories[0][0]["train_loss"]
+    for a, b in zip(*histories):  # the same losses and validation scores, epoch by epoch
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and abs(a["val_score"] - b["val_score"]) < 1e-4
+
+
+def test_a_text_batch_is_shared_between_ranks_and_trimmed_per_share():
+    from slimkit.task import text_batch_share
+
+    texts = torch.zeros(4, 3, 10, dtype=torch.int64)
+    for row, length in enumerate((2, 7, 3, 4)):
+        texts[row, :, :length] = 1
+    samples = [(texts[i], torch.full((2,), float(i))) for i in range(4)]
+    whole = text_batch_share(samples, trim=True)
+    assert whole[0].shape == (4, 3, 7)
+    shares = [text_batch_share(samples, trim=True, rank=r, size=2) for r in range(2)]
+    assert [s[0].shape[-1] for s in shares] == [7, 4] and [s[1][:, 0].tolist() for s in shares] == [[0, 1], [2, 3]]
+    assert text_batch_share(samples, trim=False, rank=1, size=2)[0].shape == (2, 3, 10)

@@ -10,6 +10,7 @@ score a model: its scores are NaN and training on it is refused.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -22,6 +23,7 @@ from .errors import SlimkitError
 from .models.outputs import prediction
 from .models.text import is_embedder, pack_named_batch, text_spec
 from .limits import first_line
+from .train.distributed import rank_share, world
 from .train.loop import Batch, LossFn, ScoreFn, TrainConfig, evaluate
 
 if TYPE_CHECKING:
@@ -140,8 +142,10 @@ class Task:
 
         def train_batches(cfg: TrainConfig):
             generator = torch.Generator().manual_seed(cfg.seed)
+            rank, size = world()
+            collate = functools.partial(text_batch_share, trim=pools_tokens(model), rank=rank, size=size)
             return DataLoader(TensorDataset(x[0], reference[0]), batch_size=cfg.batch_size, shuffle=True,
-                              generator=generator, collate_fn=_trimmed_text_batch if pools_tokens(model) else None)
+                              generator=generator, collate_fn=collate)
 
         return cls(name=splits.name, train_batches=train_batches, val_score=score("val"), test_score=score("test"),
                    example_inputs=x[2], loss_fn=_cosine_distance, metric="cosine", describe=describe,
@@ -175,13 +179,17 @@ class Task:
                    example_inputs=batches.example_inputs(), can_score=False, describe={"source": "inputs"})
 
 
-def _trimmed_text_batch(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Texts and reference outputs stacked, the texts cut to the batch's longest (a pooled model's outputs do not
-    change)."""
+def text_batch_share(samples: list[tuple[torch.Tensor, torch.Tensor]], trim: bool, rank: int = 0,
+                     size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a global batch of texts and reference outputs (all of it when alone; under torchrun
+    every rank draws the same global batches), the texts cut to the share's longest where ``trim`` (a pooled
+    model's outputs do not change)."""
     from .models.text import trim_padding
 
     texts, targets = default_collate(samples)
-    return trim_padding(texts), targets
+    share = rank_share(len(texts), rank, size)
+    texts, targets = texts[share], targets[share]
+    return (trim_padding(texts) if trim else texts), targets
 
 
 def _cosine_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,11 @@ class TextModel(nn.Module):
         self.encoder = encoder
         self.task, self.pooling, self.normalize, self.max_length = task, pooling, normalize, max_length
         self.uses_token_types = getattr(encoder.config, "type_vocab_size", 0) > 0
+        pooler = getattr(encoder, "pooler", None)
+        if task != "sequence-classification" and isinstance(pooler, nn.Module):
+            # the head reads the hidden states, never the pooler: it gets no gradient, and data-parallel
+            # training (DDP) would wait for one forever unless it is frozen
+            pooler.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -59,6 +59,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_over_ranks(*values: float) -> list[float]:
+    """Each value summed over all ranks (the values themselves when alone)."""
+    if world()[1] == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 T = TypeVar("T")
 
 

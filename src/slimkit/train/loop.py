@@ -28,7 +28,7 @@ from ..errors import SlimkitError
 from ..models.outputs import prediction
 from ..io import write_bytes_atomic
 from ..limits import first_line
-from .distributed import barrier, from_main, world
+from .distributed import barrier, from_main, sum_over_ranks, world
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -306,6 +306,7 @@ def _train_one_epoch(model, runner, loader, opt, sched, scaler, loss_fn, cfg: Tr
             on_step(first_step + i + 1, total_steps)
         total += loss.item() * len(y)
         count += len(y)
+    total, count = sum_over_ranks(total, count)  # the epoch's loss over the global batches, not this rank's share
     return total / max(1, count)
 
 
