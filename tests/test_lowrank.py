@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import slimkit
 from slimkit import SlimkitError, Task, count_macs, count_params, load, parse_recipe, run_recipe, save
 from slimkit.lowrank import FactorizeConfig, factorize
 from slimkit.lowrank.svd import _factors, _matrix
@@ -57,7 +58,7 @@ def test_rank_choice_by_energy_and_budget(digits, briefly_trained):
     model = briefly_trained("lenet5")
     _, step, rows = factorize(model, digits.x_test, FactorizeConfig(budget=0.5, budget_of="macs"))
     assert sum(r["macs_after"] for r in rows) <= 0.5 * sum(r["macs_before"] for r in rows)
-    with pytest.raises(ValueError, match="exactly one of rank, energy or budget"):
+    with pytest.raises(ValueError, match="exactly one of rank, energy, budget or min_score"):
         FactorizeConfig(rank=4, energy=0.9)
     with pytest.raises(SlimkitError, match="no layer got smaller"):
         factorize(briefly_trained("lenet300"), digits.x_test, FactorizeConfig(energy=1.0))
@@ -84,3 +85,27 @@ def test_factorize_stage_with_finetuning(trained_run, digits, tmp_path):
     assert report["summary"]["params_ratio"] > 1.1 and report["summary"]["macs_ratio"] > 1.1
     assert report["final"]["accuracy"] >= notes["score_before_finetune"] - 0.05
     assert Task.classification(digits).test_score(load(tmp_path / "r")) == pytest.approx(report["final"]["accuracy"])
+
+
+def test_min_score_takes_the_lowest_energy_that_keeps_the_measured_score(digits, briefly_trained):
+    """Bisection on the validation score: the chosen factorization scores at least min_score, one bisection step
+    lower it would not have, and an unreachable score is an error that lists what was tried."""
+    from slimkit.lowrank.search import factorize_for_score
+
+    model, task = briefly_trained("lenet300"), Task.classification(digits)
+    baseline = task.val_score(model)
+    target = baseline - 0.08  # lenet300 at 90% energy loses about 0.03-0.09 before fine-tuning
+    factorized, step, rows, search = factorize_for_score(model, digits.x_test, FactorizeConfig(min_score=target),
+                                                         task.val_score, target)
+    assert search["score"] == task.val_score(factorized) >= target and step["layers"]
+    assert sum(r["params_after"] for r in rows) < sum(r["params_before"] for r in rows)
+    scored = [t for t in search["tried"] if t["score"] is not None]
+    assert all(t["score"] < target for t in scored if t["energy"] < search["energy"])
+    assert all(r["energy"] >= search["energy"] - 1e-9 for r in rows)
+    assert count_params(model)[0] > count_params(factorized)[0]  # the model passed in is not changed
+    with pytest.raises(SlimkitError, match="no factorization keeps the validation score >= 1.5"):
+        factorize_for_score(model, digits.x_test, FactorizeConfig(min_score=1.5), task.val_score, 1.5)
+    with pytest.raises(SlimkitError, match="min_score chooses ranks by a measured score"):
+        factorize(model, digits.x_test, FactorizeConfig(min_score=0.9))
+    stage = slimkit.factorize(model, min_score=target, data=task)
+    assert stage.slimkit_notes["factorize"]["energy"] == search["energy"]

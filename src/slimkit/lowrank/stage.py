@@ -6,8 +6,10 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
+from ..errors import SlimkitError
 from ..stages import Stage, StageContext, register_stage
 from ..train.loop import RecoveryConfig, TrainConfig
+from .search import factorize_for_score
 from .svd import FactorizeConfig, factorize
 
 
@@ -19,8 +21,16 @@ class FactorizeStage(Stage, FactorizeConfig):
 
     def apply(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         cfg = FactorizeConfig(**self.model_dump(include=set(FactorizeConfig.model_fields)))
-        model, _, rows = factorize(model, ctx.task.example_inputs, cfg)
-        ctx.notes["factorize"] = {"layers": rows, "score_before_finetune": ctx.task.val_score(model)}
+        if cfg.min_score is None:
+            model, _, rows = factorize(model, ctx.task.example_inputs, cfg)
+            ctx.notes["factorize"] = {"layers": rows, "score_before_finetune": ctx.task.val_score(model)}
+        else:
+            if not ctx.task.can_score:
+                raise SlimkitError("min_score needs data with a validation score (labelled data or a Task)")
+            model, _, rows, search = factorize_for_score(model, ctx.task.example_inputs, cfg, ctx.task.val_score,
+                                                         cfg.min_score)
+            ctx.notes["factorize"] = {"layers": rows, "score_before_finetune": search["score"],
+                                      "energy": search["energy"], "energies_tried": search["tried"]}
         if self.finetune.epochs:
             ctx.fit(model, TrainConfig(**self.finetune.model_dump()), "factorize finetune")
         return model

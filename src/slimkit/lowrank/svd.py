@@ -29,6 +29,7 @@ from ..plan import StepSchema, register_plan_op
 from ..select import select_layers
 
 PLAN_OP = "factorize"
+RANK_RULES = ("rank", "energy", "budget", "min_score")  # how ranks are chosen: exactly one
 
 
 class FactorizedLayer(Config):
@@ -47,21 +48,24 @@ class FactorizeConfig(Config):
     budget: float | None = Field(None, gt=0, lt=1)
     budget_of: Literal["params", "macs"] = "params"  # what the budget is a fraction of
     conv: Literal["channel", "spatial"] = "channel"
+    # the lowest validation score the factorized model may have before fine-tuning: the energy of all selected
+    # layers is then the lowest that keeps it (lowrank.search), measured on the task
+    min_score: float | None = None
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
     def _default_energy(cls, data: Any) -> Any:
-        """Without rank, energy or budget, keep 90% of each layer's singular energy."""
-        if isinstance(data, dict) and all(data.get(k) is None for k in ("rank", "energy", "budget")):
+        """Without rank, energy, budget or min_score, keep 90% of each layer's singular energy."""
+        if isinstance(data, dict) and all(data.get(k) is None for k in RANK_RULES):
             return {**data, "energy": 0.9}
         return data
 
     def model_post_init(self, __context: Any) -> None:
-        given = [k for k in ("rank", "energy", "budget") if getattr(self, k) is not None]
+        given = [k for k in RANK_RULES if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of rank, energy or budget (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of rank, energy, budget or min_score (got {', '.join(given) or 'none'})")
 
 
 def _matrix(module: nn.Module, kind: str) -> torch.Tensor:
@@ -154,6 +158,9 @@ def _ranks(candidates: list[dict[str, Any]], cfg: FactorizeConfig) -> None:
 def factorize(model: nn.Module, example: torch.Tensor, cfg: FactorizeConfig,
               ) -> tuple[nn.Module, dict[str, Any], list[dict[str, Any]]]:
     """Factorize the selected layers in place; returns the model, its plan step and per-layer rows."""
+    if cfg.min_score is not None:
+        raise SlimkitError("min_score chooses ranks by a measured score: use lowrank.search.factorize_for_score, "
+                           "or the factorize stage or verb with data to score on")
     layers = [(n, m, _kind(m, cfg.conv)) for n, m in select_layers(model, cfg.include, cfg.exclude)]
     layers = [(n, m, k) for n, m, k in layers if k is not None]
     sizes = _output_sizes(model, example, [n for n, _, _ in layers])
