@@ -62,6 +62,15 @@ def test_rank_choice_by_energy_and_budget(digits, briefly_trained):
         FactorizeConfig(rank=4, energy=0.9)
     with pytest.raises(SlimkitError, match="no layer got smaller"):
         factorize(briefly_trained("lenet300"), digits.x_test, FactorizeConfig(energy=1.0))
+    _, _, rows = factorize(briefly_trained("lenet5"), digits.x_test, FactorizeConfig(energy=0.8))
+    ratios = sorted(r["macs_after"] / r["macs_before"] for r in rows if r["rank"] is not None)
+    assert ratios[0] < ratios[-1]
+    threshold = (ratios[0] + ratios[-1]) / 2
+    _, _, thrifty = factorize(briefly_trained("lenet5"), digits.x_test,
+                              FactorizeConfig(energy=0.8, min_saving=1 - threshold))
+    for row, kept in zip(rows, thrifty):  # the same ranks where the MACs fall below the threshold; the rest whole
+        saves = row["rank"] is not None and row["macs_after"] <= threshold * row["macs_before"]
+        assert kept["rank"] == (row["rank"] if saves else None)
 
 
 @pytest.mark.parametrize("name, cfg", [("vit", FactorizeConfig(energy=0.9)),
