@@ -80,6 +80,7 @@ def test_a_text_models_dynamic_int8_quantizes_per_token_on_integer_gemms(ort_ops
     assert check["sqnr_db"] > 30  # ONNX Runtime's integers against the simulation
     ops = ort_ops(tmp_path / "q.onnx")
     assert ops["MatMulIntegerToFloat"] == 12 and not ops["DynamicQuantizeLinear"]  # the pooler is not read
+    assert ops["MultiHeadAttention"] == 2 and not ops["Softmax"]  # each layer's attention fused (texts padded below)
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     weights = [inits[n.input[1]] for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
@@ -108,6 +109,7 @@ def test_one_range_per_batch_remains_a_choice_for_text_models(ort_ops, text_mode
     export_int8_verified(quantized, tmp_path / "t.onnx", calib, reference=text_model)
     ops = ort_ops(tmp_path / "t.onnx")
     assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == 12 and not ops["QuantizeLinear"]
+    assert ops["Softmax"] == 2 and not ops["MultiHeadAttention"]  # standard ONNX stays standard (portable)
 
 
 def test_dynamic_scales_choice_and_its_errors(cli, small_model_dir, tmp_path):

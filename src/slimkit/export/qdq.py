@@ -499,6 +499,7 @@ def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: i
 
     from ..quant.meta_kernels import ensure_fake_quant_meta_kernels
     from ..quant.ops import OPSET_NEEDED, onnx_translations
+    from .attention_fusion import fuse_attention
     from .token_quant import token_linears_to_integer
 
     ensure_fake_quant_meta_kernels()
@@ -516,6 +517,7 @@ def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: i
     batched_linears_to_gemms(proto)
     quantize_biases(proto)
     shield_float_layers(proto)
+    fuse_attention(proto)
     if not keep_names:
         shorten_names(proto)
     save_onnx(proto, path)
