@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.data import DataLoader, TensorDataset
 
 from .data import Splits, first_samples, make_loader
+from .data.datasets import global_batch_share
 from .errors import SlimkitError
 from .models.outputs import prediction
-from .models.text import is_embedder, pack_named_batch, text_spec
+from .models.text import is_embedder, pack_named_batch, text_spec, trim_padding
 from .limits import first_line
-from .train.distributed import rank_share, world
+from .train.distributed import world
 from .train.loop import Batch, LossFn, ScoreFn, TrainConfig, evaluate
 
 if TYPE_CHECKING:
@@ -184,11 +185,7 @@ def text_batch_share(samples: list[tuple[torch.Tensor, torch.Tensor]], trim: boo
     """This rank's share of a global batch of texts and reference outputs (all of it when alone; under torchrun
     every rank draws the same global batches), the texts cut to the share's longest where ``trim`` (a pooled
     model's outputs do not change)."""
-    from .models.text import trim_padding
-
-    texts, targets = default_collate(samples)
-    share = rank_share(len(texts), rank, size)
-    texts, targets = texts[share], targets[share]
+    texts, targets = global_batch_share(samples, augment=False, rank=rank, size=size)
     return (trim_padding(texts) if trim else texts), targets
 
 

@@ -20,6 +20,14 @@ MS_DOMAIN = "com.microsoft"
 HEADS_FIRST = [0, 2, 1, 3]  # [batch, tokens, heads, dim] <-> [batch, heads, tokens, dim]
 
 
+def _matching(node, op_type: str, perm: list[int] | None):
+    if node is None or node.op_type != op_type:
+        return None
+    if perm is not None and [list(a.ints) for a in node.attribute if a.name == "perm"] != [perm]:
+        return None
+    return node
+
+
 class _Graph:
     """Producers, readers and constants of an ONNX graph, for matching."""
 
@@ -43,18 +51,13 @@ class _Graph:
         return None
 
     def made_by(self, name: str, op_type: str, perm: list[int] | None = None):
-        node = self.producers.get(name)
-        if node is None or node.op_type != op_type:
-            return None
-        if perm is not None and [list(a.ints) for a in node.attribute if a.name == "perm"] != [perm]:
-            return None
-        return node
+        """The node producing ``name`` if it is an ``op_type`` (with permutation ``perm``), else None."""
+        return _matching(self.producers.get(name), op_type, perm)
 
     def only_reader(self, name: str, op_type: str, perm: list[int] | None = None):
+        """The one node reading ``name`` if it is an ``op_type`` (with permutation ``perm``), else None."""
         readers = self.readers.get(name, [])
-        if len(readers) != 1:
-            return None
-        return self.made_by(readers[0].output[0], op_type, perm) if readers[0].output else None
+        return _matching(readers[0], op_type, perm) if len(readers) == 1 else None
 
     def scaled(self, name: str) -> tuple[float, str]:
         """(scalar constant factor, the value it multiplies) of ``name``, or (1, ``name``)."""
@@ -107,7 +110,7 @@ def _attention(g: _Graph, softmax):
     if [a.i for a in softmax.attribute if a.name == "axis"] not in ([-1], [3]):
         return None
     summed = g.made_by(softmax.input[0], "Add")
-    scores = summed and next((g.made_by(i, "MatMul") for i in summed.input if g.made_by(i, "MatMul")), None)
+    scores = summed and next(filter(None, (g.made_by(i, "MatMul") for i in summed.input)), None)
     if scores is None:
         return None
     mask = next(i for i in summed.input if i != scores.output[0])
