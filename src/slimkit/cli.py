@@ -99,13 +99,16 @@ def _torch_device(name: str):
         raise SlimkitError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
-def _input_shape(model, task) -> tuple[int, ...]:
+def _input_shape(model, task):
+    """The per-sample input shape (or the spec of several inputs) of the task's data, else as the model records."""
+    from .inputs import recorded_signature
+
     if task is not None:
         return task.input_shape
-    shape = model.slimkit_meta.get("input_shape")
-    if not shape:
+    recorded = recorded_signature(model.slimkit_meta)
+    if not recorded:
         raise SlimkitError("the model does not record its input shape; pass --data")
-    return tuple(shape)
+    return recorded
 
 
 @app.command()

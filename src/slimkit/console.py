@@ -52,6 +52,10 @@ def plain_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
 def one_line_warnings(stream: IO[str] | None = None) -> Iterator[None]:
     """slimkit's own warnings as ``warning: message`` lines (other packages' warnings keep their format)."""
     with warnings.catch_warnings():
+        # torch 2.13 warns about its own deprecated pytree API whenever a captured graph is copied: nothing a
+        # user of slimkit can act on
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
         original = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):

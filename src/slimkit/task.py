@@ -11,8 +11,9 @@ score a model: its scores are NaN and training on it is refused.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -21,8 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from .data import Splits, first_samples, make_loader
 from .data.datasets import global_batch_share
 from .errors import SlimkitError
+from .inputs import InputSpec, Inputs, MultiInput, as_inputs, call, describe, recorded_signature, signature
 from .models.outputs import prediction
-from .models.text import is_embedder, pack_named_batch, text_spec, trim_padding
+from .models.text import is_embedder, pack_named_batch, synthetic_inputs, text_spec, trim_padding
 from .limits import first_line
 from .train.distributed import world
 from .train.loop import Batch, LossFn, ScoreFn, TrainConfig, evaluate
@@ -37,14 +39,15 @@ class Task:
 
     ``train_batches(cfg)`` returns a re-iterable of ``(x, target)`` batches for a
     training config (its batch size, seed, augmentation); ``example_inputs`` are
-    held-out inputs used to verify exports and to time latency.
+    held-out inputs used to verify exports and to time latency (a ``MultiInput`` for a
+    model that takes several tensors).
     """
 
     name: str
     train_batches: Callable[[TrainConfig], Iterable[Batch]]
     val_score: ScoreFn
     test_score: ScoreFn
-    example_inputs: torch.Tensor
+    example_inputs: Inputs
     loss_fn: LossFn | None = None
     metric: str = "accuracy"
     splits: Splits | None = None
@@ -53,23 +56,24 @@ class Task:
     extra_scores: Callable[[nn.Module], dict[str, float]] | None = None  # more test-split measures, per stage
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.example_inputs.shape[1:])
+    def input_shape(self) -> tuple[int, ...] | InputSpec:
+        """One input's per-sample shape, or the spec of several inputs."""
+        return signature(self.example_inputs)
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse, naming both shapes, a model that cannot run on this task's inputs, or (classification)
         has fewer outputs than the data has classes: a clear error before any work, not one deep in a loss."""
         x = self.example_inputs[:2]
-        recorded = getattr(model, "slimkit_meta", {}).get("input_shape")
+        recorded = recorded_signature(getattr(model, "slimkit_meta", {}))
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                out = prediction(model(x.to(next((p.device for p in model.parameters()), x.device))))
+                out = prediction(call(model, x.to(next((p.device for p in model.parameters()), torch.device("cpu")))))
         except Exception as exc:  # noqa: BLE001 - whatever the model's own code raises on inputs it cannot take
-            built_for = f" (it was built for {list(recorded)})" if recorded else ""
-            raise SlimkitError(f"the model cannot run on this data: inputs are {list(x.shape[1:])}{built_for}: "
-                               f"{type(exc).__name__}: {first_line(exc)}") from None
+            built_for = f" (it was built for {_describe_signature(recorded)})" if recorded else ""
+            raise SlimkitError(f"the model cannot run on this data: inputs are {describe(x)}{built_for}: "
+                               f"{type(exc).__name__}: {first_line(exc)}{_several_inputs_hint(model, x)}") from None
         finally:
             model.train(was_training)
         if self.splits is None:
@@ -172,12 +176,35 @@ class Task:
                    can_score=val is not None, describe={"source": "loaders"})
 
     @classmethod
-    def from_inputs(cls, inputs: torch.Tensor | Iterable, transform_fn: Callable[[Any], Any] | None = None,
+    def from_inputs(cls, inputs: Inputs | Mapping | Iterable, transform_fn: Callable[[Any], Any] | None = None,
                     name: str = "inputs") -> "Task":
-        """Inputs without labels: calibration data and example inputs, nothing to train on or to score."""
-        batches = _Batches([inputs] if isinstance(inputs, torch.Tensor) else inputs, transform_fn)
+        """Inputs without labels: calibration data and example inputs, nothing to train on or to score. One
+        batch (a tensor, or a dict of a model's named inputs) or batches of them."""
+        batches = _Batches(_one_batch_or_many(inputs), transform_fn)
         return cls(name=name, train_batches=lambda cfg: batches, val_score=_cannot_score, test_score=_cannot_score,
                    example_inputs=batches.example_inputs(), can_score=False, describe={"source": "inputs"})
+
+
+def _describe_signature(sig: tuple[int, ...] | InputSpec) -> str:
+    if isinstance(sig, InputSpec):
+        return ", ".join(f"{t.name} {t.shape}" for t in sig.tensors)
+    return str(list(sig))
+
+
+def _several_inputs_hint(model: nn.Module, x: Inputs) -> str:
+    """How to give a model that takes several tensors its batches, when it was given one tensor."""
+    if isinstance(x, MultiInput):
+        return ""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ""
+    required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) < 2:
+        return ""
+    names = ", ".join(required)
+    return (f" (the model takes {len(required)} inputs, {names}: give batches as (({names}), labels), "
+            f"a dict of them by name, or a transform_fn that returns one of those)")
 
 
 def text_batch_share(samples: list[tuple[torch.Tensor, torch.Tensor]], trim: bool, rank: int = 0,
@@ -220,18 +247,22 @@ def as_task(data: Any, transform_fn: Callable[[Any], Any] | None = None, model: 
     if isinstance(data, Splits):
         return Task.classification(data)
     if data is None:
-        shape = getattr(model, "slimkit_meta", {}).get("input_shape")
-        if not shape:
+        recorded = recorded_signature(getattr(model, "slimkit_meta", {}))
+        if not recorded:
             raise SlimkitError("no data given and the model records no input_shape: pass data (a Task, Splits, "
                                "a DataLoader or a tensor of inputs)")
-        return Task.from_inputs(torch.randn(8, *shape, generator=torch.Generator().manual_seed(0)),
-                                name="random inputs")
+        return Task.from_inputs(synthetic_inputs(model, recorded, 8), name="random inputs")
     if model is not None and text_spec(model) is not None:
         transform_fn = _then_packed(transform_fn, labels=not is_embedder(model))
-    batches = _Batches([data] if isinstance(data, torch.Tensor) else data, transform_fn)
+    batches = _Batches(_one_batch_or_many(data), transform_fn)
     if batches.labelled:
         return Task.from_loaders(data, transform_fn=transform_fn, name="batches")
     return Task.from_inputs(data, transform_fn)
+
+
+def _one_batch_or_many(data: Any) -> Iterable:
+    """``data`` as batches: a tensor or a dict of named tensors is one batch, anything else holds batches."""
+    return [data] if isinstance(data, (torch.Tensor, MultiInput, Mapping)) else data
 
 
 def _then_packed(transform_fn: Callable[[Any], Any] | None, labels: bool) -> Callable[[Any], Any]:
@@ -255,7 +286,7 @@ class _Batches:
                                f"{type(source).__name__}") from None
         self.source, self.transform_fn = source, transform_fn
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+    def __iter__(self) -> Iterator[tuple[Inputs, Any]]:
         return (self._split(batch) for batch in self.source)
 
     def __len__(self) -> int:
@@ -268,16 +299,35 @@ class _Batches:
     def labelled(self) -> bool:
         return next(iter(self), (None, None))[1] is not None
 
-    def example_inputs(self, limit: int = 64) -> torch.Tensor:
+    def example_inputs(self, limit: int = 64) -> Inputs:
         return first_samples((x for x, _ in self), limit)
 
-    def _split(self, batch: Any) -> tuple[torch.Tensor, Any]:
+    def _split(self, batch: Any) -> tuple[Inputs, Any]:
         if self.transform_fn is not None:
             batch = self.transform_fn(batch)
-        if isinstance(batch, torch.Tensor):
+        if isinstance(batch, (torch.Tensor, MultiInput)):
             return batch, None
-        if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], torch.Tensor):
-            return batch[0], batch[1] if len(batch) == 2 else None
-        raise SlimkitError(f"a batch is a {type(batch).__name__}, not inputs or (inputs, target): pass "
-                           "transform_fn=... that returns the model's input tensor, or (inputs, target) (for dict "
-                           "batches, e.g. lambda b: (b['pixel_values'], b['labels']))")
+        if isinstance(batch, Mapping):  # named inputs, labels under "labels" or "label" (Hugging Face's way)
+            label_keys = [key for key in LABEL_KEYS if key in batch]
+            inputs = {key: value for key, value in batch.items() if key not in label_keys}
+            return MultiInput(inputs), batch[label_keys[0]] if label_keys else None
+        if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and _is_inputs(batch[0]):
+            return as_inputs(batch[0]), batch[1] if len(batch) == 2 else None
+        raise SlimkitError(f"a batch is a {type(batch).__name__}{_sizes(batch)}, not inputs or (inputs, target): "
+                           "inputs are a tensor, a tuple of tensors or a dict of them (by name); pass "
+                           "transform_fn=... that returns inputs or (inputs, target), e.g. lambda b: ((b[0], b[1]), "
+                           "b[2]) for a model taking two tensors, or lambda b: (b['pixel_values'], b['labels'])")
+
+
+LABEL_KEYS = ("labels", "label")
+
+
+def _is_inputs(value: Any) -> bool:
+    if isinstance(value, (torch.Tensor, MultiInput)):
+        return True
+    values = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    return bool(values) and all(isinstance(v, torch.Tensor) for v in values)
+
+
+def _sizes(batch: Any) -> str:
+    return f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""

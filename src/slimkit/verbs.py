@@ -34,6 +34,7 @@ from torch import nn
 from .config import describe_errors
 from .distillation.stage import DistillStage
 from .errors import SlimkitError
+from .inputs import remember_signature
 from .lowrank.stage import FactorizeStage
 from .pruning.stage import PruneStage
 from .quant.stage import QuantizeStage
@@ -104,5 +105,6 @@ def _run(cls: type[Stage], model: nn.Module, config, fields: dict[str, Any], dat
         ctx = StageContext(task, Path(folder), Path(folder) / stage.type, progress=progress, baseline=teacher,
                            device=torch.device(device) if device else None)
         result = apply_stage(stage, copy_model(model), ctx)
+    remember_signature(result, task.input_shape)
     result.slimkit_notes = ctx.notes
     return result

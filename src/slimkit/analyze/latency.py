@@ -15,6 +15,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..inputs import Inputs, call
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -49,13 +51,13 @@ def time_call(fn: Callable[[], object], warmup: int = 3, min_repeats: int = 10, 
     return Timing(statistics.median(samples), q[0], q[2], len(samples))
 
 
-def torch_latency(model: nn.Module, x: torch.Tensor, threads: int, **kw) -> Timing:
+def torch_latency(model: nn.Module, x: Inputs, threads: int, **kw) -> Timing:
     model.eval()
     with torch_threads(threads), torch.inference_mode():
-        return time_call(lambda: model(x), **kw)
+        return time_call(lambda: call(model, x), **kw)
 
 
-def ort_latency(session, x: torch.Tensor, **kw) -> Timing:
+def ort_latency(session, x: Inputs, **kw) -> Timing:
     from ..export.onnx import ort_feed
 
     feed = ort_feed(session, x)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..io import dir_bytes
+from ..inputs import call
 from ..models.text import synthetic_inputs
 from .machine import machine_fingerprint
 from .latency import Timing, ort_latency, torch_latency
@@ -81,7 +82,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dic
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
     try:
         with counter, _mha_fastpath(False):
-            model(synthetic_inputs(model, input_shape, 1))
+            call(model, synthetic_inputs(model, input_shape, 1))
     finally:
         model.train(was_training)
     root = type(model).__name__

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import SlimkitError
+from ..inputs import Inputs, concat
 from ..limits import MAX_CLASSES, echo_text
 from .augment import draw_shifts, random_shift, shift_collate, stack_batch
 
@@ -97,8 +98,8 @@ def calibration_subset(splits: Splits, n: int, seed: int = 0) -> torch.Tensor:
     return x[idx]
 
 
-def first_samples(inputs: Iterable[torch.Tensor], limit: int) -> torch.Tensor:
-    """The first ``limit`` samples of an iterable of input batches, as one tensor (packed text batches cut to
+def first_samples(inputs: Iterable[Inputs], limit: int) -> Inputs:
+    """The first ``limit`` samples of an iterable of input batches, as one batch (packed text batches cut to
     different lengths padded to the longest)."""
     from ..models.text import concat_text_batches
 
@@ -110,8 +111,9 @@ def first_samples(inputs: Iterable[torch.Tensor], limit: int) -> torch.Tensor:
             break
     if not taken:
         raise SlimkitError("the data holds no batches")
-    packed_text = all(x.dim() == 3 and x.shape[1] == 3 and not x.is_floating_point() for x in taken)
-    return concat_text_batches(taken) if packed_text else torch.cat(taken)
+    packed_text = all(isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] == 3 and not x.is_floating_point()
+                      for x in taken)
+    return concat_text_batches(taken) if packed_text else concat(taken)
 
 
 DATA_OPTIONS = re.compile(r"^(?P<source>.+?):(?P<options>[a-z]+=\w+(?:,[a-z]+=\w+)*)$")

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from ..config import Config
 from ..errors import SlimkitError
+from ..inputs import call, from_call
 from ..models.outputs import prediction
 from .losses import attention_loss, feature_loss, kd_loss
 
@@ -99,9 +100,9 @@ class Distiller(nn.Module):
     def _probe(self, example: torch.Tensor) -> None:
         """Run both models once: check the mapped shapes, and make projections where widths differ."""
         was = (self.student.training, self.teacher.training)
-        example = example.to(next((p.device for p in self.student.parameters()), example.device))
-        self.student.eval()(example)
-        self.teacher.eval()(example)
+        example = example.to(next((p.device for p in self.student.parameters()), torch.device("cpu")))
+        call(self.student.eval(), example)
+        call(self.teacher.eval(), example)
         self.student.train(was[0])
         self.teacher.train(was[1])
         for side, keys in (("student", [*self.cfg.features, *("attention:" + k for k in self.cfg.attention)]),
@@ -136,14 +137,15 @@ class Distiller(nn.Module):
             self.teacher.eval()  # a frozen teacher stays in eval mode (BatchNorm statistics, dropout)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = prediction(self.student(x))
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        x = from_call(args, kwargs)  # the student's inputs, one tensor or several
+        logits = prediction(call(self.student, x))
         if self.training:
             if self.cfg.mutual:
-                teacher_logits = prediction(self.teacher(x))
+                teacher_logits = prediction(call(self.teacher, x))
             else:
                 with torch.no_grad():
-                    teacher_logits = prediction(self.teacher(x))
+                    teacher_logits = prediction(call(self.teacher, x))
             self._outputs = (logits, teacher_logits)
         return logits
 

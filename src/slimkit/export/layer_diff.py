@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from ..errors import SlimkitError
+from ..inputs import Inputs, flat
 
 # A quantizer diverges when its codes part far more than everything before it did: rounding noise grows
 # gradually with depth (a random-weight resnet18 at 32 px, by hand: at most 6 steps and 9% of codes by its
@@ -81,7 +82,7 @@ def _pair_by_scale(ours: list[fx.Node], theirs: list[Any], constants: dict[str, 
     return paired
 
 
-def _deployed_codes(proto, names: list[str], inputs: torch.Tensor) -> list[np.ndarray]:
+def _deployed_codes(proto, names: list[str], inputs: Inputs) -> list[np.ndarray]:
     """The file's QuantizeLinear outputs, made graph outputs, as ONNX Runtime computes them."""
     import onnx
 
@@ -102,7 +103,7 @@ def _deployed_codes(proto, names: list[str], inputs: torch.Tensor) -> list[np.nd
         Path(tmp).unlink(missing_ok=True)
 
 
-def _simulated_values(gm: fx.GraphModule, nodes: list[fx.Node], inputs: torch.Tensor) -> list[torch.Tensor]:
+def _simulated_values(gm: fx.GraphModule, nodes: list[fx.Node], inputs: Inputs) -> list[torch.Tensor]:
     wanted, values = set(nodes), {}
 
     class Capture(fx.Interpreter):
@@ -113,11 +114,11 @@ def _simulated_values(gm: fx.GraphModule, nodes: list[fx.Node], inputs: torch.Te
             return out
 
     with torch.no_grad():
-        Capture(gm).run(inputs)
+        Capture(gm).run(*flat(inputs))
     return [values[n] for n in nodes]
 
 
-def int8_layer_diff(model: fx.GraphModule, path: str | os.PathLike, inputs: torch.Tensor) -> list[dict[str, Any]]:
+def int8_layer_diff(model: fx.GraphModule, path: str | os.PathLike, inputs: Inputs) -> list[dict[str, Any]]:
     """Per activation quantizer, in graph order: the share of int8 codes where ONNX Runtime running ``path``
     differs from slimkit's simulation ``model``, and the largest difference in quantization steps."""
     import onnx

@@ -13,19 +13,20 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..inputs import Inputs, MultiInput, call, export_arguments, graph_input_names
 from ..models.outputs import prediction
 from ..models.text import TEXT_INPUTS, NamedInputs, dynamic_dims, text_spec
 from ..io import atomic_path
 from ..outputs import ONNX_PRODUCER, claim_output
 from .nan_guards import drop_nan_guards
 
-INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_ATOL = 1e-5  # ONNX Runtime vs torch: at most atol + rtol x the largest output magnitude
 DEFAULT_RTOL = 1e-4
@@ -73,28 +74,39 @@ def ort_session(path: str | os.PathLike, threads: int = 1, opts=None):
         raise SlimkitError(f"{path}: ONNX Runtime cannot load this model ({exc})") from None
 
 
-def ort_feed(session, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """The session's inputs from one batch: a text model's packed batch as its named inputs, else ``x``."""
+def ort_feed(session, x: Inputs) -> dict[str, np.ndarray]:
+    """The session's inputs from one batch: several inputs in the graph's order, a text model's packed batch as
+    its named inputs, else ``x``."""
     names = [i.name for i in session.get_inputs()]
+    if isinstance(x, MultiInput):
+        return {name: t.contiguous().numpy() for name, t in zip(names, x.tensors)}
     if len(names) > 1 and x.dim() == 3 and x.shape[1] == len(names):
         return {name: part.contiguous().numpy() for name, part in zip(names, x.unbind(1))}
     return {names[0]: x.numpy()}
 
 
-def run_ort(session, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+def run_ort(session, x: Inputs, batch_size: int = 256) -> np.ndarray:
     outs = [session.run(None, ort_feed(session, x[i : i + batch_size]))[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs)
 
 
-def export_signature(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, tuple, list[str], tuple]:
-    """(module, args, input names, dynamic shapes) to export ``model`` with: a text model's packed sample as
-    its named inputs (``input_ids``, ``attention_mask``, ``token_type_ids``), dynamic in batch and tokens; any
-    other model as it is, dynamic in the batch."""
+@torch.no_grad()
+def run_torch(model: nn.Module, x: Inputs, batch_size: int = 256) -> torch.Tensor:
+    """``model``'s predictions on ``x``, in batches."""
+    return torch.cat([prediction(call(model, x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+
+
+def export_signature(model: nn.Module, sample: Inputs) -> tuple[nn.Module, tuple, dict, list[str], Any]:
+    """(module, args, kwargs, input names, dynamic shapes) to export ``model`` with: a text model's packed
+    sample as its named inputs (``input_ids``, ``attention_mask``, ``token_type_ids``), dynamic in batch and
+    tokens; several inputs one graph input each, named as the model names them; any other model as it is;
+    all dynamic in the batch."""
     dims = dynamic_dims(model, sample)
-    if text_spec(model) is None or sample.dim() != 3:
-        return model, (sample,), [INPUT_NAME], (dims,)
+    if text_spec(model) is None or isinstance(sample, MultiInput) or sample.dim() != 3:
+        args, kwargs, dynamic = export_arguments(sample, dims)
+        return model, args, kwargs, graph_input_names(model, sample), dynamic
     axes = {0: dims[0], 1: dims[2]}
-    return NamedInputs(model), tuple(sample.unbind(1)), list(TEXT_INPUTS), (axes,) * len(TEXT_INPUTS)
+    return NamedInputs(model), tuple(sample.unbind(1)), {}, list(TEXT_INPUTS), (axes,) * len(TEXT_INPUTS)
 
 
 @contextlib.contextmanager
@@ -120,14 +132,14 @@ def exporter_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"[:500]
 
 
-def _export_graph(model: nn.Module, path: Path, sample: torch.Tensor, opset: int,
+def _export_graph(model: nn.Module, path: Path, sample: Inputs, opset: int,
                   translations: dict | None = None, strip: bool = True) -> None:
     with _quiet_exporter():
         warnings.simplefilter("ignore")
-        module, args, names, dynamic = export_signature(model, sample)
+        module, args, kwargs, names, dynamic = export_signature(model, sample)
         try:
             program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=opset, input_names=names, output_names=[OUTPUT_NAME],
+                module, args, kwargs=kwargs, dynamo=True, opset_version=opset, input_names=names, output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic, verbose=False, custom_translation_table=translations,
             )
         except Exception as exc:  # the exporter raises many internal types; say which model failed, and why
@@ -241,8 +253,8 @@ def shorten_names(proto) -> None:
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
-    sample: torch.Tensor,
-    verify_on: torch.Tensor | None = None,
+    sample: Inputs,
+    verify_on: Inputs | None = None,
     atol: float = DEFAULT_ATOL,
     opset: int = DEFAULT_OPSET,
     *,
@@ -259,8 +271,7 @@ def export_onnx(
     check = verify_on if verify_on is not None else sample
     with claim_output(path, "onnx", overwrite=overwrite), atomic_onnx_path(path) as tmp:
         _export_graph(model, tmp, sample[:2] if len(sample) >= 2 else sample, opset)
-        with torch.no_grad():
-            expected = torch.cat([prediction(model(check[i : i + 256])) for i in range(0, len(check), 256)]).numpy()
+        expected = run_torch(model, check).numpy()
         got = run_ort(ort_session(tmp), check)
         diff = float(np.max(np.abs(got - expected))) if expected.size else 0.0
         scale = float(np.max(np.abs(expected))) if expected.size else 0.0

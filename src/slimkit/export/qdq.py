@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ..errors import SlimkitError
-from ..models.outputs import prediction
+from ..inputs import Inputs
 from ..models.text import is_embedder
 from ..outputs import claim_output
-from .onnx import DEFAULT_OPSET, _export_graph, atomic_onnx_path, save_onnx, shorten_names
+from .onnx import DEFAULT_OPSET, _export_graph, atomic_onnx_path, run_torch, save_onnx, shorten_names
 
 
 def _constants(graph) -> dict[str, np.ndarray]:
@@ -481,7 +481,7 @@ def _topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Tensor, opset: int = DEFAULT_OPSET) -> Path:
+def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: Inputs, opset: int = DEFAULT_OPSET) -> Path:
     """Export a fake-quantized model as a QDQ ONNX file with integer weights and int32 biases
     (opset 21 where weights are block-quantized)."""
     path = Path(path)
@@ -490,7 +490,7 @@ def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: torch.Te
     return path
 
 
-def write_qdq(model: torch.nn.Module, path: Path, sample: torch.Tensor, opset: int = DEFAULT_OPSET,
+def write_qdq(model: torch.nn.Module, path: Path, sample: Inputs, opset: int = DEFAULT_OPSET,
               keep_names: bool = False) -> None:
     """``export_qdq`` into a path the caller makes atomic (a temporary file: its side file's name is recorded
     in the model, so the file is written where ONNX Runtime will load it). ``keep_names`` keeps the exporter's
@@ -551,9 +551,8 @@ def agreement(reference: np.ndarray, other: np.ndarray, neighbours: bool = False
     return float((reference.argmax(-1) == other.argmax(-1)).mean())
 
 
-def _outputs(model: torch.nn.Module, inputs: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([prediction(model(inputs[i : i + 256])) for i in range(0, len(inputs), 256)]).double().numpy()
+def _outputs(model: torch.nn.Module, inputs: Inputs) -> np.ndarray:
+    return run_torch(model, inputs).double().numpy()
 
 
 def activations_in_float(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -577,7 +576,7 @@ def without_quantizers(gm: torch.fx.GraphModule, quantizers: set) -> torch.fx.Gr
     return reference
 
 
-def compare_with_runtime(model: torch.nn.Module, path: str | os.PathLike, inputs: torch.Tensor,
+def compare_with_runtime(model: torch.nn.Module, path: str | os.PathLike, inputs: Inputs,
                          reference: torch.nn.Module | None = None) -> dict[str, Any]:
     """ONNX Runtime's integer model against slimkit's simulation (top-1 agreement, SQNR), and both against a
     reference: the float model when given, else the simulation with float activations."""
@@ -624,7 +623,7 @@ def agreement_slack(check: dict[str, Any]) -> float:
     return max(AGREEMENT_SLACK, 3 * math.sqrt(k) / n)
 
 
-def export_int8_verified(model: torch.nn.Module, path: str | os.PathLike, inputs: torch.Tensor, *,
+def export_int8_verified(model: torch.nn.Module, path: str | os.PathLike, inputs: Inputs, *,
                          reference: torch.nn.Module | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Export QDQ and check what ONNX Runtime runs against slimkit's simulation and against ``reference`` (the
     float model; by default the simulation with float activations); a file that is worse than the simulation
@@ -657,7 +656,7 @@ def _saturation_hint(model: torch.nn.Module) -> str:
             "which saturate with 8-bit weight codes: quantize with reduce_range (7-bit codes)")
 
 
-def _where_it_parts(model: torch.nn.Module, path: Path, inputs: torch.Tensor) -> str:
+def _where_it_parts(model: torch.nn.Module, path: Path, inputs: Inputs) -> str:
     from .layer_diff import first_divergence, int8_layer_diff
 
     if not isinstance(model, torch.fx.GraphModule):

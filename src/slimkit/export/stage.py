@@ -10,9 +10,8 @@ from torch import nn
 
 from ..stages import Stage, StageContext, register_stage
 from ..errors import SlimkitError
-from ..models.outputs import prediction
 from ..io import atomic_path
-from .onnx import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, onnx_bytes
+from .onnx import DEFAULT_ATOL, DEFAULT_RTOL, export_onnx, onnx_bytes, run_torch
 from ..quant.ptq import is_quantized
 from .qdq import export_int8_verified
 
@@ -70,9 +69,8 @@ class ExportStage(Stage):
             save(model, Path(tmp) / "model")
             with atomic_path(ctx.out_dir / filename) as packed:
                 table = pack(Path(tmp) / "model", packed)
-                with torch.no_grad():
-                    if not torch.equal(prediction(load(packed)(x)), prediction(model(x))):
-                        raise SlimkitError(f"{filename}: the packed model's outputs differ from the model's")
+                if not torch.equal(run_torch(load(packed), x), run_torch(model, x)):
+                    raise SlimkitError(f"{filename}: the packed model's outputs differ from the model's")
         table.pop("streams")
         ctx.notes["slim"] = table
         ctx.notes["export"] = {"file": filename, "format": "slim", "runtime": "slimkit.load",

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import SlimkitError
+from ..inputs import call
 from ..plan import StepSchema, register_plan_op
 from ..select import select_layers
 
@@ -117,7 +118,7 @@ def _output_sizes(model: nn.Module, example: torch.Tensor, names: list[str]) -> 
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model.eval()(example[:1])
+            call(model.eval(), example[:1])
     finally:
         for h in hooks:
             h.remove()

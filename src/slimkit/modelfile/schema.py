@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..config import describe_errors
 from ..errors import SlimkitError
+from ..inputs import InputSpec
 from ..limits import MAX_INPUT_ELEMENTS, MAX_META_BYTES, MAX_MODEL_ELEMENTS, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, \
     echo, echo_text
 
@@ -55,6 +56,7 @@ class ModelMeta(BaseModel):
     tensors: dict[str, TensorEncoding] = Field(default_factory=dict)
     files: dict[str, Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]] = Field(default_factory=dict)
     input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=MAX_TENSOR_DIMS)
+    inputs: InputSpec | None = None  # a model taking several tensors: their names, shapes and dtypes
     num_classes: int | None = Field(None, ge=1)
     data: str | None = None
 

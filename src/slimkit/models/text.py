@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..inputs import InputSpec, Inputs
 from ..limits import MAX_MODEL_ELEMENTS, echo_text
 
 TASKS = ("sentence-embedding", "sequence-classification", "base")
@@ -163,11 +164,14 @@ def pools_tokens(model: nn.Module) -> bool:
     return spec is not None and spec.get("task", "sentence-embedding") != "base"
 
 
-def synthetic_inputs(model: nn.Module, shape: tuple[int, ...], batch: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def synthetic_inputs(model: nn.Module, shape: tuple[int, ...] | InputSpec, batch: int,
+                     generator: torch.Generator | None = None) -> Inputs:
     """Inputs of ``shape`` that ``model`` can run on, for tracing, counting and timing: for a text model, a
-    packed batch of random token ids without padding; otherwise standard normal floats."""
+    packed batch of random token ids without padding; for several inputs, ``InputSpec.synthetic``; otherwise
+    standard normal floats."""
     generator = generator or torch.Generator().manual_seed(0)
+    if isinstance(shape, InputSpec):
+        return shape.synthetic(batch, generator)
     spec = text_spec(model)
     if spec is None:
         return torch.randn(batch, *shape, generator=generator)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..inputs import Inputs, export_arguments
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,13 @@ def where(node) -> str:
     return f"in {path}" if path else "in the model's own forward"
 
 
-def _export(model: nn.Module, example: torch.Tensor, training: bool):
+def _export(model: nn.Module, example: Inputs, training: bool):
     with torch.no_grad():
         was_training = model.training
         model.train(training)
         try:
-            return torch.export.export(model, (example,), strict=False)
+            args, kwargs, _ = export_arguments(example, {})
+            return torch.export.export(model, args, kwargs, strict=False)
         except Exception as exc:  # export raises many internal types: name the model and the first line
             raise SlimkitError(f"cannot trace {type(model).__name__} for structured pruning: "
                                f"{str(exc).strip().splitlines()[0]}") from None
@@ -138,7 +140,7 @@ def _packed_attention(model: nn.Module) -> tuple[dict[str, tuple[str, int]], dic
 
 
 class _Analyzer:
-    def __init__(self, model: nn.Module, example: torch.Tensor):
+    def __init__(self, model: nn.Module, example: Inputs):
         self.model = model
         self.spaces: list[_Space] = []
         self.parent: list[int] = []
@@ -678,7 +680,7 @@ class _Analyzer:
         return out
 
 
-def channel_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[Group], dict[str, list[str]]]:
+def channel_groups(model: nn.Module, example: Inputs) -> tuple[list[Group], dict[str, list[str]]]:
     """Prunable channel groups of ``model`` and, for the rest, why they are pinned."""
     analyzer = _Analyzer(model, example)
     groups = analyzer.run()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..inputs import call
 from ..models.outputs import prediction
 from ..train.loop import Batch, LossFn
 from .mask import original_weight
@@ -66,7 +67,7 @@ def gradient_magnitudes(model: nn.Module, batches: Iterable[Batch], loss_fn: Los
             if i >= max_batches:
                 break
             model.zero_grad(set_to_none=True)
-            loss_fn(prediction(model(x)), y).backward()
+            loss_fn(prediction(call(model, x)), y).backward()
             for name, p in params.items():
                 if p.grad is not None:
                     grads[name] += p.grad.abs()

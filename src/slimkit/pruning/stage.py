@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import SlimkitError
+from ..inputs import call
 from ..stages import Stage, StageContext, register_stage
 from ..train.loop import RecoveryConfig, TrainConfig
 from .layers import drop_layers
@@ -123,7 +124,7 @@ class DropLayersStage(Stage):
         model, step = drop_layers(model, self.keep, self.container)
         try:
             with torch.no_grad():
-                model.eval()(ctx.task.example_inputs[:2])
+                call(model.eval(), ctx.task.example_inputs[:2])
         except (RuntimeError, ValueError, IndexError) as exc:
             raise SlimkitError(f"without blocks {sorted(set(range(step['original'])) - set(step['keep']))} of "
                                f"{step['container']} the model no longer runs (its blocks change the shape they "

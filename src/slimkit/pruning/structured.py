@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..errors import SlimkitError
+from ..inputs import Inputs, call, signature
 from ..limits import MAX_TENSOR_ELEMENTS
 from ..plan import StepSchema, register_plan_op
 from ..train.loop import Batch, LossFn
@@ -125,7 +126,7 @@ def _not_selected(group: Group, include: list[str], exclude: list[str]) -> str |
 
 def plan_channels(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Inputs,
     ratio: float,
     method: str = "l1",
     *,
@@ -307,7 +308,7 @@ def _global_removals(block_scores: list[torch.Tensor], widths: list[int], ratio:
 
 def prune_channels(
     model: nn.Module,
-    example: torch.Tensor,
+    example: Inputs,
     ratio: float,
     method: str = "l1",
     **kw: Any,
@@ -320,7 +321,7 @@ def prune_channels(
     """
     step, notes = plan_channels(model, example, ratio, method, **kw)
     with torch.no_grad():
-        expected = tuple(model.eval()(example[:2]).shape)
+        expected = tuple(call(model.eval(), example[:2]).shape)
     candidate = apply_plan(copy.deepcopy(model), step)
     failure = _forward_error(candidate, example, expected)
     if failure is not None:
@@ -344,21 +345,21 @@ def prune_channels(
     return candidate, notes
 
 
-def _reached(model: nn.Module, pruned: nn.Module, example: torch.Tensor, ratio: float, scope: str) -> dict[str, Any]:
+def _reached(model: nn.Module, pruned: nn.Module, example: Inputs, ratio: float, scope: str) -> dict[str, Any]:
     """What was asked and what it came to: parameters and MACs before and after."""
     from ..analyze import count_macs
 
-    shape = tuple(example.shape[1:])
+    shape = signature(example)
     params = [sum(p.numel() for p in m.parameters()) for m in (model, pruned)]
     macs = [count_macs(m, shape)[0] for m in (model, pruned)]
     return {"requested_ratio": ratio, "scope": scope, "params": params, "macs": macs,
             "params_kept": params[1] / max(1, params[0]), "macs_kept": macs[1] / max(1, macs[0])}
 
 
-def _forward_error(model: nn.Module, example: torch.Tensor, expected: tuple[int, ...]) -> str | None:
+def _forward_error(model: nn.Module, example: Inputs, expected: tuple[int, ...]) -> str | None:
     try:
         with torch.no_grad():
-            shape = tuple(model.eval()(example[:2]).shape)
+            shape = tuple(call(model.eval(), example[:2]).shape)
     except Exception as exc:  # any failure of the pruned forward pass means the group is unsafe
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None if shape == expected else f"output shape changed from {expected} to {shape}"

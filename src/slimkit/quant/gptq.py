@@ -14,6 +14,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ..errors import SlimkitError
+from ..inputs import Inputs, call
 
 
 class HessianRecorder(nn.Module):
@@ -71,7 +72,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     return q.reshape(weight.shape).to(weight.dtype)
 
 
-def record_hessians(gm: fx.GraphModule, ops: list[fx.Node], weight_name, calib: torch.Tensor,
+def record_hessians(gm: fx.GraphModule, ops: list[fx.Node], weight_name, calib: Inputs,
                     batch_size: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run calibration data through ``gm``; (input Hessian, input column mean) of each ungrouped weighted op."""
     recorders = {}
@@ -95,7 +96,7 @@ def record_hessians(gm: fx.GraphModule, ops: list[fx.Node], weight_name, calib: 
     gm.recompile()
     with torch.no_grad():
         for start in range(0, len(calib), batch_size):
-            gm(calib[start : start + batch_size])
+            call(gm, calib[start : start + batch_size])
     hessians = {}
     for name, (recorder, node) in recorders.items():
         node.replace_all_uses_with(node.args[0])

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..inputs import Inputs
 from ..task import Task
 from .ptq import StaticQuantConfig, quantize_static
 
 
-def allocate_bits(model: nn.Module, task: Task, calib: torch.Tensor, budget: float,
+def allocate_bits(model: nn.Module, task: Task, calib: Inputs, budget: float,
                   cfg: StaticQuantConfig | None = None, low: int = 4, high: int = 8) -> dict[str, Any]:
     """``{"layer_bits": {layer: bits}, "sensitivity": [...], "weight_fraction": achieved}``."""
     cfg = cfg or StaticQuantConfig()

@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import fx, nn
 
 from ..config import Config
+from ..inputs import Inputs, concat
 from .ptq import WEIGHTED, StaticQuantConfig, quantize_static
 
 
@@ -75,7 +76,7 @@ def _node_key(profiled: str) -> str:
         name = shorter
 
 
-def profile_nodes(path: Path, x: torch.Tensor, threads: int, runs: int) -> dict[str, tuple[str, float]]:
+def profile_nodes(path: Path, x: Inputs, threads: int, runs: int) -> dict[str, tuple[str, float]]:
     """``{ONNX node: (ONNX Runtime op, median ms per run)}`` from ONNX Runtime's profiler."""
     from ..export.onnx import ort_feed, ort_session, ort_session_options
 
@@ -98,7 +99,7 @@ def profile_nodes(path: Path, x: torch.Tensor, threads: int, runs: int) -> dict[
     return {key: (ops[key], statistics.median(samples[-runs:])) for key, samples in times.items()}
 
 
-def _per_layer(path: Path, layers: dict[str, str], x: torch.Tensor, threads: int, runs: int) -> dict[str, list]:
+def _per_layer(path: Path, layers: dict[str, str], x: Inputs, threads: int, runs: int) -> dict[str, list]:
     """``{graph node of a weighted layer: [ONNX Runtime ops, ms per run]}``. A fused kernel is named after the
     node it absorbed last (conv + ReLU: the ReLU), or after its output value, so each profiled kernel is traced
     back through the file's own graph, at most three producers up, to the conv or linear it belongs to (conv
@@ -129,12 +130,12 @@ def _per_layer(path: Path, layers: dict[str, str], x: torch.Tensor, threads: int
     return result
 
 
-def _two(x: torch.Tensor) -> torch.Tensor:
+def _two(x: Inputs) -> torch.Tensor:
     """Two samples to export with: a batch of one makes the exporter fix the batch size at 1."""
-    return torch.cat([x, x])[:2] if len(x) < 2 else x[:2]
+    return concat([x, x])[:2] if len(x) < 2 else x[:2]
 
 
-def layer_times(quantized: fx.GraphModule, x: torch.Tensor, threads: int, runs: int) -> list[dict[str, Any]]:
+def layer_times(quantized: fx.GraphModule, x: Inputs, threads: int, runs: int) -> list[dict[str, Any]]:
     """Each weighted layer's kernel time in ONNX Runtime as int8 (the QDQ file) and as float (the same graph
     without its quantizers), in ms per run at ``x``'s batch."""
     from ..export.onnx import DEFAULT_OPSET, _export_graph
@@ -159,7 +160,7 @@ def layer_times(quantized: fx.GraphModule, x: torch.Tensor, threads: int, runs: 
     return rows
 
 
-def _timer(quantized: nn.Module, x: torch.Tensor, threads: int, path: Path):
+def _timer(quantized: nn.Module, x: Inputs, threads: int, path: Path):
     """A function measuring ``quantized``'s int8 file end to end in ONNX Runtime (median ms)."""
     from ..analyze.latency import ort_latency
     from ..export.onnx import ort_session
@@ -177,7 +178,7 @@ def _speedup(best, trial, rounds: int) -> tuple[float, float, list[float]]:
     return (statistics.median(b for b, _ in pairs), statistics.median(t for _, t in pairs), [t / b for b, t in pairs])
 
 
-def choose_float_layers(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig,
+def choose_float_layers(model: nn.Module, calib: Inputs, cfg: StaticQuantConfig,
                         placement: LatencyPlacement) -> dict[str, Any]:
     """The layers to keep in float because ONNX Runtime runs the model faster so: ``{"exclude": [...],
     "layers": per-layer kernel times, "trials": [...]}``. Candidates are tried one at a time, largest
@@ -187,7 +188,7 @@ def choose_float_layers(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantC
     are calibrated on a few samples only."""
     x = calib[: placement.batch]
     if len(x) < placement.batch:
-        x = x.repeat((placement.batch + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[: placement.batch]
+        x = concat([x] * ((placement.batch + len(x) - 1) // len(x)))[: placement.batch]
     few = calib[:PLACEMENT_CALIBRATION]
     quantized, _ = quantize_static(model, few, cfg)
     rows = layer_times(quantized, x, placement.threads, placement.runs)

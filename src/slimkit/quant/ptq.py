@@ -37,6 +37,7 @@ from ..config import Config
 from ..errors import SlimkitError
 from ..limits import MAX_INPUT_ELEMENTS, MAX_TENSOR_DIMS
 from ..export.onnx import exporter_cause
+from ..inputs import InputSpec, Inputs, MultiInput, call, export_arguments
 from ..models.text import dynamic_dims, text_spec
 from ..plan import StepSchema, register_plan_op
 from .observers import OBSERVERS, Observer, make_observer
@@ -148,7 +149,8 @@ class QuantizeStaticStep(StepSchema):
     """A quantization plan step: everything needed to rebuild the fake-quantized graph from the float model."""
 
     op: Literal["quantize-static"] = PLAN_OP
-    input_shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1, max_length=MAX_TENSOR_DIMS)
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1, max_length=MAX_TENSOR_DIMS)
+    inputs: InputSpec | None = None  # a model taking several tensors: instead of input_shape
     input_dtype: Literal["float32", "float16", "bfloat16", "int64", "int32"] = "float32"  # token ids are integers
     folded_batchnorm: list[tuple[str, str]]
     weights: dict[str, QuantizedWeight] = Field(min_length=1)
@@ -162,7 +164,9 @@ class QuantizeStaticStep(StepSchema):
 
     @model_validator(mode="after")
     def _bounded_input(self) -> "QuantizeStaticStep":
-        if math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+        if (self.input_shape is None) == (self.inputs is None):
+            raise ValueError("a step records input_shape (one input) or inputs (several), exactly one of them")
+        if self.input_shape and math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
             raise ValueError(f"input_shape {self.input_shape} has more than {MAX_INPUT_ELEMENTS:,} elements")
         return self
 
@@ -172,10 +176,11 @@ def is_quantized(model: nn.Module) -> bool:
     return any(step.get("op") == PLAN_OP for step in getattr(model, "slimkit_meta", {}).get("plan", []))
 
 
-def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[list[str]]]:
+def fold_batchnorm(model: nn.Module, example: Inputs) -> tuple[nn.Module, list[list[str]]]:
     """A copy of ``model`` with every eval-mode BatchNorm that directly follows a conv folded into it."""
     model = copy.deepcopy(model).eval()
-    program = torch.export.export(model, (example[:2],), strict=False)
+    args, kwargs, _ = export_arguments(example[:2], {})
+    program = torch.export.export(model, args, kwargs, strict=False)
     params = program.graph_signature.inputs_to_parameters
     pairs = []
     for node in program.graph.nodes:
@@ -218,10 +223,10 @@ REWRITE_RTOL = 1e-3
 
 
 @torch.no_grad()
-def _same_outputs(original: nn.Module, rewritten: nn.Module, x: torch.Tensor) -> bool:
+def _same_outputs(original: nn.Module, rewritten: nn.Module, x: Inputs) -> bool:
     from ..models.outputs import prediction
 
-    expected, got = prediction(original(x)).double(), prediction(rewritten(x)).double()
+    expected, got = prediction(call(original, x)).double(), prediction(call(rewritten, x)).double()
     return bool((expected - got).abs().max() <= 1e-6 + REWRITE_RTOL * expected.abs().max())
 
 
@@ -257,13 +262,13 @@ def log_levels(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return quantized.reshape(weight.shape), scale.float()
 
 
-def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+def capture(model: nn.Module, example: Inputs) -> fx.GraphModule:
     try:
-        program = torch.export.export(model.eval(), (example[:2],), dynamic_shapes=(dynamic_dims(model, example),),
-                                      strict=False)
+        args, kwargs, dynamic = export_arguments(example[:2], dynamic_dims(model, example))
+        program = torch.export.export(model.eval(), args, kwargs, dynamic_shapes=dynamic, strict=False)
+        unlifted = program.module()  # fails on a submodule whose name a GraphModule uses itself (meta, graph, code)
     except Exception as exc:  # export raises many internal types
         raise SlimkitError(f"cannot capture {type(model).__name__} for quantization: {exporter_cause(exc)}") from None
-    unlifted = program.module()
     # a plain GraphModule: the unlifted program refuses .eval()/.train(), which every loop calls
     gm = fx.GraphModule(unlifted, unlifted.graph, class_name=f"Quantized{type(model).__name__}")
     spec = text_spec(model)
@@ -371,7 +376,7 @@ def weight_scales(weight: torch.Tensor, spec: dict[str, Any], cfg: StaticQuantCo
 
 
 @torch.no_grad()
-def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | None = None,
+def quantize_static(model: nn.Module, calib: Inputs, cfg: StaticQuantConfig | None = None,
                     batch_size: int = 64) -> tuple[fx.GraphModule, dict[str, Any]]:
     """Calibrate and convert; returns the fake-quantized graph module and its plan step (all the scales)."""
     cfg = cfg or StaticQuantConfig()
@@ -384,7 +389,7 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
         raise SlimkitError("nothing to quantize: no conv, linear or embedding layers were selected")
     observers = _insert_observers(gm, values, cfg)
     for i in range(0, len(calib), batch_size):
-        gm(calib[i : i + batch_size])
+        call(gm, calib[i : i + batch_size])
     activations = {node.name: list(obs.qparams()) for node, obs in observers.items()}
     _remove_observers(gm)
     unknown = set(cfg.layer_bits) - {_weight_name(op).rpartition(".")[0] for op in ops}
@@ -401,8 +406,7 @@ def quantize_static(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfi
         else:
             scales[name] = weight_scales(gm.get_parameter(name), spec, cfg)
     _round_weights(gm, ops, cfg, weights, scales, calib, batch_size)
-    step = {"op": PLAN_OP, "input_shape": list(calib.shape[1:]), "folded_batchnorm": pairs, "weights": weights,
-            **({} if calib.dtype == torch.float32 else {"input_dtype": str(calib.dtype).removeprefix("torch.")}),
+    step = {"op": PLAN_OP, **_input_fields(calib), "folded_batchnorm": pairs, "weights": weights,
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
             "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
     return _convert(gm, step, scales), step
@@ -424,8 +428,19 @@ def replay_static(model: nn.Module, step: dict[str, Any]) -> fx.GraphModule:
     return gm
 
 
-def plan_example(step: dict[str, Any]) -> torch.Tensor:
+def _input_fields(calib: Inputs) -> dict[str, Any]:
+    """What a plan step records of its calibration inputs to capture the graph again: one tensor's shape (and
+    dtype, if not float32: token ids), or every input's spec."""
+    if isinstance(calib, MultiInput):
+        return {"inputs": calib.spec().model_dump()}
+    return {"input_shape": list(calib.shape[1:]),
+            **({} if calib.dtype == torch.float32 else {"input_dtype": str(calib.dtype).removeprefix("torch.")})}
+
+
+def plan_example(step: dict[str, Any]) -> Inputs:
     """Inputs of the shape and dtype a plan step was calibrated on (token ids are integers), to capture with."""
+    if step.get("inputs"):
+        return InputSpec.model_validate(step["inputs"]).synthetic(2, fill="zeros")
     return torch.zeros(2, *step["input_shape"], dtype=getattr(torch, step.get("input_dtype", "float32")))
 
 
@@ -532,7 +547,7 @@ def round_onto_grids(gm: fx.GraphModule, step: dict[str, Any]) -> None:
 
 
 def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfig, weights: dict[str, dict[str, Any]],
-                   scales: dict[str, torch.Tensor], calib: torch.Tensor, batch_size: int) -> None:
+                   scales: dict[str, torch.Tensor], calib: Inputs, batch_size: int) -> None:
     """Put every weight on its grid (nearest, GPTQ or power-of-two levels), then correct biases if asked.
 
     GPTQ and bias correction use the statistics of each layer's calibration inputs (grouped

@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import SlimkitError
+from ..inputs import Inputs
 from ..pruning.mask import remove_masks, set_mask
 from .ops import expand_group_scale
 from .ptq import (ACT_SCHEME, StaticQuantConfig, _convert, _weight_arg, _weight_name, capture, plan_example,
@@ -60,7 +61,7 @@ class QATContext:
     folded: nn.Module
 
 
-def prepare_qat(model: nn.Module, calib: torch.Tensor, cfg: StaticQuantConfig | None = None,
+def prepare_qat(model: nn.Module, calib: Inputs, cfg: StaticQuantConfig | None = None,
                 learn_scale: bool = True) -> tuple[fx.GraphModule, QATContext]:
     """A trainable graph with quantizers initialised from calibration (and the context to convert it)."""
     cfg = cfg or StaticQuantConfig()

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import SlimkitError
+from ..inputs import MultiInput, call
 from ..models.outputs import prediction
 from ..io import write_bytes_atomic
 from ..limits import first_line
@@ -82,7 +83,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn | None =
     try:
         for x, y in loader:
             x, y = _to(x, device), _to(y, device)
-            logits = prediction(model(x))
+            logits = prediction(call(model, x))
             loss_sum += float(loss_fn(logits, y)) * len(y)
             correct += int((logits.argmax(dim=-1) == y).sum())
             total += len(y)
@@ -240,7 +241,7 @@ def _device_type(model: nn.Module) -> str:
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+    return value.to(device, non_blocking=True) if isinstance(value, (torch.Tensor, MultiInput)) else value
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -286,7 +287,7 @@ def _train_one_epoch(model, runner, loader, opt, sched, scaler, loss_fn, cfg: Tr
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(cfg.precision),
                             enabled=cfg.precision != "fp32"):
-            loss = loss_fn(prediction(runner(x)), y).float()
+            loss = loss_fn(prediction(call(runner, x)), y).float()
         if not torch.isfinite(loss):
             raise SlimkitError(f"training diverged: loss is {loss.item()} (try a lower lr)")
         if scaler is not None:

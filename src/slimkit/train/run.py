@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..inputs import remember_signature, signature_meta
 from ..io import write_json_atomic
 from ..outputs import claim_run
 from ..modelfile import new_model, save
@@ -38,7 +39,7 @@ def default_train_config(zoo_name: str | None, **overrides: Any) -> TrainConfig:
 
 def build_seeded(arch: dict[str, Any] | str, seed: int, task: "Task", trust_code: bool = False) -> nn.Module:
     """Initialise a model from ``seed`` without touching the caller's RNG."""
-    meta: dict[str, Any] = {"input_shape": list(task.input_shape), "data": task.name}
+    meta: dict[str, Any] = {**signature_meta(task.input_shape), "data": task.name}
     if task.splits is not None:
         meta["num_classes"] = task.splits.num_classes
     with torch.random.fork_rng(devices=[]):
@@ -78,6 +79,7 @@ def train_model(
         )
         metrics = {**task.metrics(model), "best_epoch": result.best_epoch, "epochs": cfg.epochs,
                    "train_seconds": time.perf_counter() - started, "config": cfg.to_dict(), "history": result.history}
+        remember_signature(model, task.input_shape)
         save(model, out / MODEL_SUBDIR)
         write_json_atomic(out / METRICS_FILE, metrics)
     return metrics
