@@ -210,3 +210,33 @@ def test_malformed_recorded_inputs_are_named_errors(trained, tmp_path):
         meta_file.write_text(json.dumps({**meta, "inputs": inputs}))
         with pytest.raises(SlimkitError, match=message):
             load(tmp_path / "m", trust_code=True, verify=False)
+
+
+def test_a_recipe_on_a_two_input_model_reports_and_times_it(trained, tmp_path):
+    model, task = trained
+    save(model, tmp_path / "m")
+    recipe = slimkit.parse_recipe({
+        "model": {"path": str(tmp_path / "m"), "trust_code": True},
+        "stages": [{"type": "prune", "structured": True, "sparsity": 0.3, "finetune": {"epochs": 2, "lr": 3e-3}},
+                   {"type": "quantize", "scheme": "int8-static", "calib": 64}],
+        "evaluate": {"latency": True, "threads": 1}})
+    report = slimkit.run_recipe(recipe, tmp_path / "run", task=task, progress=False)
+    assert report["data"]["input_shape"]["tensors"][0] == {"name": "image", "shape": [1, 8, 8], "dtype": "float32"}
+    assert report["final"]["macs"] < report["baseline"]["macs"] == MACS
+    assert {"ort_b1", "torch_b1"} <= set(report["final"]["latency_ms"])
+    assert report["final"]["accuracy"] >= 0.9 * report["baseline"]["accuracy"]
+    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+
+
+def test_a_quantization_step_records_one_kind_of_inputs(trained, tmp_path):
+    model, task = trained
+    save(slimkit.quantize(model, {"scheme": "int8-static", "calib": 32}, task), tmp_path / "q")
+    meta_file = tmp_path / "q" / "slimkit.json"
+    meta = json.loads(meta_file.read_text())
+    step = meta["plan"][-1]
+    assert "input_shape" not in step and [t["name"] for t in step["inputs"]["tensors"]] == ["input_0", "input_1"]
+    for broken, message in [({**step, "input_shape": [1, 8, 8]}, "exactly one of them"),
+                            ({k: v for k, v in step.items() if k != "inputs"}, "exactly one of them")]:
+        meta_file.write_text(json.dumps({**meta, "plan": [*meta["plan"][:-1], broken]}))
+        with pytest.raises(SlimkitError, match=message):
+            load(tmp_path / "q", trust_code=True, verify=False)

@@ -142,8 +142,10 @@ def test_training_needs_labels_and_configs_are_checked(trained_run, digits):
         slimkit.prune(model, sparsity=0.5, finetune={"epochs": 1}, data=digits.x_train)
     with pytest.raises(SlimkitError, match="sparsty: unknown key \\(did you mean 'sparsity'\\?\\)"):
         slimkit.prune(model, sparsty=0.5)
-    with pytest.raises(SlimkitError, match="a batch is a dict"):
-        slimkit.quantize(model, calib=[{"x": digits.x_train[:8]}])
+    with pytest.raises(SlimkitError, match="inputs are pixel_values .* unexpected keyword argument 'pixel_values'"):
+        slimkit.quantize(model, calib=[{"pixel_values": digits.x_train[:8]}])  # dict keys name forward's arguments
+    with pytest.raises(SlimkitError, match="a batch is a str"):
+        slimkit.quantize(model, calib=["not a batch"])
     with pytest.raises(SlimkitError, match="expected a torch.nn.Module"):
         slimkit.prune("runs/model", sparsity=0.5)
     with pytest.raises(SlimkitError, match="records no input_shape"):

@@ -220,12 +220,16 @@ def remember_signature(model: nn.Module, sig: "tuple[int, ...] | InputSpec") -> 
     compressed on their own data), so that its saved directory can be traced, counted and exported without
     data."""
     meta = getattr(model, "slimkit_meta", None)
-    if not isinstance(meta, dict) or recorded_signature(meta) is not None:
-        return
-    if isinstance(sig, InputSpec) and not sig.keyword:  # recorded under the names the model's forward gives them
-        names = positional_names(model, [t.name for t in sig.tensors])
-        sig = InputSpec(keyword=False, tensors=[t.model_copy(update={"name": n}) for t, n in zip(sig.tensors, names)])
-    model.slimkit_meta = {**meta, **signature_meta(sig)}
+    if isinstance(meta, dict) and recorded_signature(meta) is None:
+        model.slimkit_meta = {**meta, **signature_meta(named_for(model, sig))}
+
+
+def named_for(model: nn.Module, sig: "tuple[int, ...] | InputSpec") -> "tuple[int, ...] | InputSpec":
+    """``sig`` with positional inputs named as ``model``'s forward names them (``image``, not ``input_0``)."""
+    if not isinstance(sig, InputSpec) or sig.keyword:
+        return sig
+    names = positional_names(model, [t.name for t in sig.tensors])
+    return InputSpec(keyword=False, tensors=[t.model_copy(update={"name": n}) for t, n in zip(sig.tensors, names)])
 
 
 def signature_meta(sig: "tuple[int, ...] | InputSpec") -> dict[str, Any]:

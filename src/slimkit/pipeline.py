@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__
 from .analyze import count_macs, count_params, layer_stats, measure_latency
 from .analyze.machine import machine_fingerprint
-from .inputs import signature_json
+from .inputs import named_for, signature_json
 from .io import dir_bytes, write_json_atomic
 from .outputs import claim_run
 from .limits import check_threads
@@ -253,7 +253,8 @@ def _report(recipe, task: Task, entries, final, baseline_model, model, artifacts
         "slimkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "recipe": recipe.to_dict(),
-        "data": {"name": task.name, "metric": task.metric, "input_shape": signature_json(task.input_shape), **task.describe},
+        "data": {"name": task.name, "metric": task.metric, **task.describe,
+                 "input_shape": signature_json(named_for(baseline_model, task.input_shape))},
         "architecture": meta.get("architecture"),
         "baseline": dict(base),
         "final": dict(final),
