@@ -71,8 +71,8 @@ def test_export_onnx(cli, trained_run, tmp_path):
     proc = cli("export", trained_run, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert proc.returncode == 0, proc.stderr
     assert "max abs diff" in proc.stdout and (tmp_path / "m.onnx").stat().st_size > 4 * 50_000
-    assert_user_error(cli("export", trained_run, "--format", "tflite", "--out", tmp_path / "m.tfl"),
-                      "supported formats")
+    assert_user_error(cli("export", trained_run, "--format", "tflite-int4", "--out", tmp_path / "m.tfl"),
+                      "unknown format 'tflite-int4'; known: ")
 
 
 def test_misspelled_recipe_key(cli, tmp_path):

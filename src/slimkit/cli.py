@@ -208,8 +208,12 @@ def analyze(
 def export(
     path: Path = typer.Argument(..., help="model directory or run directory"),
     out: Path = typer.Option(..., "--out", help="file to write"),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch), onnx-int8 (a quantized model) or "
-                                                      "huggingface (a float text model: a directory transformers loads)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch), onnx-int8 (a quantized model), "
+                                                      "huggingface (a float text model: a directory transformers "
+                                                      "loads), openvino[-int8] (IR), executorch[-int8] (.pte, "
+                                                      "XNNPACK), tflite, tflite-fp16, tflite-int8 (LiteRT)"),
+    batch: int = typer.Option(1, "--batch", min=1, max=4096, help="executorch and tflite files: the batch size "
+                                                                  "they take (fixed at export)"),
     rtol: float = typer.Option(1e-4, "--rtol", min=0, help="fp32: allowed difference from torch, relative to the "
                                                             "largest output (plus --atol)"),
     atol: float = typer.Option(1e-5, "--atol", min=0),
@@ -225,9 +229,17 @@ def export(
     from .modelfile import resolve_model_dir
     from .quant.ptq import is_quantized
 
-    if fmt not in ("onnx", "onnx-int8", "huggingface"):
-        raise SlimkitError(f"--format {fmt!r}: supported formats: onnx, onnx-int8, huggingface")
     check_disjoint(out, [resolve_model_dir(path), _data_path(data)])
+    if fmt not in ("onnx", "onnx-int8", "huggingface"):
+        from .export.targets import export_to, get_target
+
+        target = get_target(fmt)
+        model, task = _load_for_data(path, arch, trust_code, data)
+        result = export_to(model, fmt, out, _check_inputs(model, task), batch=batch, overwrite=overwrite, rtol=rtol,
+                           atol=atol)
+        typer.echo(f"wrote {out} ({result['bytes']:,} bytes); {target.runtime} vs {result['check']['against']} on "
+                   f"{result['check']['samples']} samples: {_describe_check(result['check'])}")
+        return
     if fmt == "huggingface":
         from .export.huggingface import export_huggingface
         from .modelfile import load
@@ -250,6 +262,11 @@ def export(
     result = export_onnx(model, out, check[:2], verify_on=check, atol=atol, rtol=rtol, overwrite=overwrite)
     typer.echo(f"wrote {out} ({onnx_bytes(out):,} bytes); ONNX Runtime vs torch on {result.samples_checked} "
                f"samples: max abs diff {result.max_abs_diff:.2e}")
+
+
+def _describe_check(check: dict) -> str:
+    words = f"top-1 agreement {check['top1_agreement']:.4f}, SQNR {check['sqnr_db']:.1f} dB"
+    return f"max abs diff {check['max_abs_diff']:.2e}, {words}"
 
 
 @app.command("diff-int8")

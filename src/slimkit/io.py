@@ -129,6 +129,32 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_files(target: str | os.PathLike, side_suffixes: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a path with ``target``'s name in a fresh temporary directory beside it, for a file that comes with
+    side files of the same stem (OpenVINO's ``NAME.bin``); when the block succeeds the side files written there
+    replace theirs first, then the file replaces ``target``."""
+    target = named_path(target)
+    tmp = _temp_path(target)
+    with os_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and not target.is_symlink():
+            raise SlimkitError(f"{target} is a directory; expected a file name")
+        remove_stale_temps(target)
+        tmp.mkdir()
+    try:
+        with os_errors(target):
+            yield tmp / target.name
+            _follow_umask(tmp)
+            for suffix in side_suffixes:
+                side = tmp / target.with_suffix(suffix).name
+                if side.exists():
+                    os.replace(side, target.with_suffix(suffix))
+            os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory; when the block succeeds it replaces ``target`` whole."""
     target = named_path(target)

@@ -33,10 +33,14 @@ MODEL_META = "slimkit.json"  # a model directory's own marker
 RUN_KINDS = ("train", "recipe")
 DIR_KINDS = ("model", "sensitivity", "huggingface", *RUN_KINDS)
 KIND_NAMES = {"model": "model directory", "slim": ".slim file", "onnx": "ONNX file", "sensitivity": "sensitivity folder",
-              "huggingface": "Hugging Face directory", "train": "training run", "recipe": "recipe run"}
+              "huggingface": "Hugging Face directory", "train": "training run", "recipe": "recipe run",
+              "tflite": "LiteRT file", "executorch": "ExecuTorch program", "openvino": "OpenVINO model"}
 # what an earlier run leaves in its folder; --overwrite clears these (of any run kind) before a new run starts
 RUN_LAYOUT = {"train": ("model", "checkpoint", "metrics.json"),
-              "recipe": ("baseline", "stages", "model", "report.json", "report.html", "model.onnx", "model.slim")}
+              "recipe": ("baseline", "stages", "model", "report.json", "report.html", "model.onnx", "model.slim",
+                         "model-openvino.xml", "model-openvino.bin", "model-openvino-int8.xml",
+                         "model-openvino-int8.bin", "model-executorch.pte", "model-executorch-int8.pte",
+                         "model-tflite.tflite", "model-tflite-fp16.tflite", "model-tflite-int8.tflite")}
 ONNX_PRODUCER = "slimkit"  # slimkit's ONNX files name it as their producer
 
 

@@ -578,12 +578,18 @@ def without_quantizers(gm: torch.fx.GraphModule, quantizers: set) -> torch.fx.Gr
 
 def compare_with_runtime(model: torch.nn.Module, path: str | os.PathLike, inputs: Inputs,
                          reference: torch.nn.Module | None = None) -> dict[str, Any]:
-    """ONNX Runtime's integer model against slimkit's simulation (top-1 agreement, SQNR), and both against a
-    reference: the float model when given, else the simulation with float activations."""
+    """ONNX Runtime's integer model against slimkit's simulation: ``compare_outputs``."""
     from .onnx import ort_session, run_ort
 
+    return compare_outputs(model, run_ort(ort_session(path), inputs), inputs, reference)
+
+
+def compare_outputs(model: torch.nn.Module, deployed: np.ndarray, inputs: Inputs,
+                    reference: torch.nn.Module | None = None) -> dict[str, Any]:
+    """A runtime's outputs of an integer file against slimkit's simulation (top-1 agreement, SQNR), and both
+    against a reference: the float model when given, else the simulation with float activations."""
     simulated = _outputs(model, inputs)
-    deployed = run_ort(ort_session(path), inputs).astype(np.float64)
+    deployed = np.asarray(deployed, dtype=np.float64)
     if reference is None and isinstance(model, torch.fx.GraphModule):
         reference, kind = activations_in_float(model), "the int8 weights with float activations"
     else:
