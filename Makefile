@@ -1,7 +1,8 @@
 # The two set-up commands: `make demo` runs the built-in example, `make test` runs the tests.
 # Each creates .venv on first use. torch is pinned here (a CPU build) so that pip does not
 # fetch a multi-GB CUDA build, and torchvision to the release built for that torch; the package
-# itself only asks for torch>=2.4 (and torchvision>=0.19 in its vision extra).
+# itself only asks for torch>=2.4 (and torchvision>=0.19 in its vision extra). The tests need the deploy extra
+# (OpenVINO, ExecuTorch, LiteRT), so the set-up installs it; its tests skip, saying why, where it is missing.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.slimkit-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" "$(TORCHVISION_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,deploy]" "$(TORCH_PIN)" "$(TORCHVISION_PIN)"
 	touch $(STAMP)
 
 demo: $(STAMP)

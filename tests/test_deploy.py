@@ -161,3 +161,49 @@ def test_one_recipe_exports_several_runtimes_each_verified(fmts, briefly_trained
     html = (tmp_path / "run" / "report.html").read_text()
     assert all(f"model-{f}" in html for f in fmts[1:]) and "LiteRT" in html and "ExecuTorch" in html
     assert json.loads((tmp_path / "run" / "report.json").read_text())["stages"][-1]["notes"]["exports"] == exports
+
+
+@pytest.mark.parametrize("runtimes", [pytest.param("torch,ort,openvino,tflite,executorch",
+                                                   marks=[m for f in ("openvino", "tflite", "executorch")
+                                                          for m in needs(f)])])
+def test_bench_compares_runtimes_side_by_side(runtimes, trained_run, digits, tmp_path, cli):
+    quantized = slimkit.quantize(slimkit.load(trained_run), {"scheme": "int8-static", "calib": 128}, digits)
+    save(quantized, tmp_path / "int8")
+    proc = cli("bench", trained_run, tmp_path / "int8", "--runtimes", runtimes, "--batch", "1,4", "--rounds", "1",
+               "--data", "digits", "--json", "--html", tmp_path / "bench.html")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("{"), proc.stdout[:500]
+    result = json.loads(proc.stdout)
+    rows = {(r["model"], r["runtime"]): r for r in result["rows"]}
+    assert len(rows) == 10 and not any("skipped" in r for r in rows.values())
+    float_accuracy = Task.classification(digits).test_score(slimkit.load(trained_run))
+    for (model, runtime), row in rows.items():
+        assert set(row["latency_ms"]) == {"b1", "b4"} and 0 < row["latency_ms"]["b1"]["median"] <= \
+            row["latency_ms"]["b1"]["p90"]
+        if model == "int8":  # the int8 files and the simulation decide alike; the float files as torch does
+            assert abs(row["accuracy"] - rows[("int8", "torch")]["accuracy"]) <= 0.005
+            assert row["vs_baseline"]["b1"] == pytest.approx(
+                row["latency_ms"]["b1"]["median"] / rows[(trained_run.name, runtime)]["latency_ms"]["b1"]["median"])
+        else:
+            assert row["accuracy"] == pytest.approx(float_accuracy, abs=1e-9)
+        if runtime != "torch":
+            assert row["bytes"] > 0 and row["check"]["top1_agreement"] >= 0.99
+    assert rows[("int8", "torch")]["simulation"] and rows[("int8", "ort")]["bytes"] < rows[(trained_run.name,
+                                                                                               "ort")]["bytes"] / 3
+    page = (tmp_path / "bench.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "executorch-int8" in page and "interleaved rounds" in page
+    assert cli("bench", trained_run, "--runtimes", "torch,coreml", "--data", "digits").returncode == 2
+
+
+def test_bench_flags_what_is_slower_than_the_baseline_in_the_same_runtime():
+    from slimkit.analyze.bench import _flag_slower
+
+    def row(model, runtime, b1, b8):
+        return {"model": model, "runtime": runtime, "latency_ms": {"b1": {"median": b1}, "b8": {"median": b8}}}
+
+    rows = [row("fp32", "ort", 2.0, 8.0), row("fp32", "tflite", 1.0, 4.0), row("int8", "ort", 1.0, 9.0),
+            row("int8", "tflite", 1.5, 2.0), {"model": "int8", "runtime": "executorch", "skipped": "not installed"}]
+    _flag_slower(rows, [1, 8])
+    assert rows[2]["vs_baseline"] == {"b1": 0.5, "b8": 1.125} and rows[2]["slower_than_baseline"] == [8]
+    assert rows[3]["vs_baseline"] == {"b1": 1.5, "b8": 0.5} and rows[3]["slower_than_baseline"] == [1]
+    assert "vs_baseline" not in rows[0] and "vs_baseline" not in rows[4]

@@ -205,6 +205,60 @@ def analyze(
 
 
 @app.command()
+def bench(
+    paths: list[Path] = typer.Argument(..., help="model or run directories; the first is the baseline"),
+    runtimes: str = typer.Option("torch,ort,openvino,tflite,executorch", "--runtimes",
+                                 help="comma-separated: torch, ort, openvino, tflite, executorch"),
+    batch: str = typer.Option("1,8", "--batch", help="comma-separated batch sizes"),
+    data: Optional[str] = DataOpt,
+    threads: int = typer.Option(1, "--threads", min=1, help="threads every runtime may use"),
+    rounds: int = typer.Option(3, "--rounds", min=1, max=50, help="interleaved timing rounds"),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="write the HTML report (table and plots) here"),
+    as_json: bool = JsonOpt,
+    overwrite: bool = OverwriteOpt,
+    trust_code: bool = TrustOpt,
+) -> None:
+    """Every model in every runtime it runs in, side by side: accuracy, file bytes, latency (median, p90)."""
+    from .analyze.bench import bench as run_bench
+    from .limits import check_threads
+    from .modelfile import resolve_model_dir
+    from .outputs import claim_output, check_disjoint
+    from .report.bench import bench_rows, write_bench_html
+
+    check_threads(threads)
+    batches = _int_list(batch, "--batch")
+    if html_out is not None:
+        check_disjoint(html_out, [*(resolve_model_dir(p) for p in paths), _data_path(data)])
+    models, task = {}, None
+    for path in paths:
+        model, model_task = _load_for_data(path, None, trust_code, data)
+        name = path.name if path.name != "model" else path.parent.name
+        models[name if name not in models else str(path)] = model
+        task = task or model_task
+    if task is None:
+        raise SlimkitError("slimkit bench measures accuracy on data: pass --data (the models record none)")
+    result = run_bench(models, task, [r.strip() for r in runtimes.split(",") if r.strip()], batches, threads, rounds)
+    if html_out is not None:
+        with claim_output(html_out, "html", overwrite=overwrite):
+            write_bench_html(result, html_out)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    header, rows = bench_rows(result)
+    print_table(f"slimkit bench ({threads} thread{'s' if threads > 1 else ''})", header, rows)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SlimkitError(f"{option} {text!r}: expected comma-separated whole numbers, e.g. 1,8") from None
+    if not values or any(v < 1 or v > 4096 for v in values):
+        raise SlimkitError(f"{option} {text!r}: expected batch sizes from 1 to 4096")
+    return values
+
+
+@app.command()
 def export(
     path: Path = typer.Argument(..., help="model directory or run directory"),
     out: Path = typer.Option(..., "--out", help="file to write"),

@@ -34,7 +34,8 @@ RUN_KINDS = ("train", "recipe")
 DIR_KINDS = ("model", "sensitivity", "huggingface", *RUN_KINDS)
 KIND_NAMES = {"model": "model directory", "slim": ".slim file", "onnx": "ONNX file", "sensitivity": "sensitivity folder",
               "huggingface": "Hugging Face directory", "train": "training run", "recipe": "recipe run",
-              "tflite": "LiteRT file", "executorch": "ExecuTorch program", "openvino": "OpenVINO model"}
+              "tflite": "LiteRT file", "executorch": "ExecuTorch program", "openvino": "OpenVINO model",
+              "html": "HTML report"}
 # what an earlier run leaves in its folder; --overwrite clears these (of any run kind) before a new run starts
 RUN_LAYOUT = {"train": ("model", "checkpoint", "metrics.json"),
               "recipe": ("baseline", "stages", "model", "report.json", "report.html", "model.onnx", "model.slim",

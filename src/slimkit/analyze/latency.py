@@ -24,6 +24,7 @@ class Timing:
     p25_ms: float
     p75_ms: float
     repeats: int
+    p90_ms: float = float("nan")
 
 
 @contextlib.contextmanager
@@ -48,7 +49,7 @@ def time_call(fn: Callable[[], object], warmup: int = 3, min_repeats: int = 10, 
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     q = statistics.quantiles(samples, n=4)
-    return Timing(statistics.median(samples), q[0], q[2], len(samples))
+    return Timing(statistics.median(samples), q[0], q[2], len(samples), statistics.quantiles(samples, n=10)[8])
 
 
 def torch_latency(model: nn.Module, x: Inputs, threads: int, **kw) -> Timing:

@@ -10,6 +10,7 @@ no further from the float model than the simulation is). ``slimkit export``, the
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -78,9 +79,10 @@ class Target:
 
         for module in self.modules:
             try:
-                importlib.import_module(module)
-            except Exception as exc:  # noqa: BLE001 - a broken install fails in many ways
-                return f"{module} does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                with quiet_native():  # their imports print notices about optional GPU kernels
+                    importlib.import_module(module)
+            except (SlimkitError, ImportError) as exc:
+                return f"{module} does not import ({str(exc).splitlines()[0][:200]})"
         return None
 
 
@@ -93,7 +95,7 @@ def register_target(target: Target) -> Target:
 
 
 def get_target(name: str) -> Target:
-    from . import executorch, openvino, tflite  # noqa: F401 - each registers its targets
+    from . import executorch, openvino, ort, tflite  # noqa: F401 - each registers its targets
 
     if name not in TARGETS:
         raise SlimkitError(f"unknown format {name!r}; known: {', '.join(sorted(TARGETS))}")
@@ -184,8 +186,10 @@ def quiet_native() -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    printed = io.StringIO()  # what Python code prints, wherever sys.stdout points (a captured stream too)
     try:
-        with tempfile.TemporaryFile(mode="w+b") as log:
+        with tempfile.TemporaryFile(mode="w+b") as log, contextlib.redirect_stdout(printed), \
+                contextlib.redirect_stderr(printed):
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             try:
@@ -194,7 +198,8 @@ def quiet_native() -> Iterator[None]:
                 raise
             except Exception as exc:  # converters raise many types; name the cause, with their log's tail
                 log.seek(0)
-                tail = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()][-3:]
+                text = log.read().decode(errors="replace") + printed.getvalue()
+                tail = [line for line in text.splitlines() if line.strip()][-3:]
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 raise SlimkitError(f"{type(exc).__name__}: {first}"
                                    + (f" (its log: {' | '.join(t[:200] for t in tail)})" if tail else "")) from None

@@ -160,3 +160,56 @@ def bit_map(mixed: dict[str, Any]) -> bytes:
 
     ax.legend(handles=[Patch(color=c, label=f"{b} bits") for b, c in palette.items()], fontsize=8, loc="lower right")
     return to_png(fig)
+
+
+def bench_latency(rows: list[dict[str, Any]], batches: list[int]) -> bytes:
+    """Median latency of every model in every runtime, one panel per batch size (log scale)."""
+    measured = [r for r in rows if "latency_ms" in r]
+    runtimes = list(dict.fromkeys(r["runtime"] for r in measured))
+    models = list(dict.fromkeys(r["model"] for r in measured))
+    fig = figure(3.2 * len(batches) + 1.5, 3.8)
+    width = 0.8 / max(1, len(models))
+    for k, batch in enumerate(batches):
+        ax = fig.add_subplot(1, len(batches), k + 1)
+        for j, model in enumerate(models):
+            xs, ys = [], []
+            for i, runtime in enumerate(runtimes):
+                row = next((r for r in measured if r["model"] == model and r["runtime"] == runtime), None)
+                if row is not None:
+                    xs.append(i + (j - (len(models) - 1) / 2) * width)
+                    ys.append(row["latency_ms"][f"b{batch}"]["median"])
+            ax.bar(xs, ys, width=width, label=model)
+        ax.set_xticks(range(len(runtimes)), runtimes, rotation=20)
+        ax.set_yscale("log")
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("median latency (ms, log scale)")
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.axes[-1].legend(fontsize=8)
+    return to_png(fig)
+
+
+def accuracy_vs_latency(rows: list[dict[str, Any]], batch: int) -> bytes:
+    """Each model in each runtime: test accuracy against median latency at one batch size (colour: runtime,
+    marker: model)."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    fig = figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    measured = [r for r in rows if "latency_ms" in r and "accuracy" in r]
+    runtimes = list(dict.fromkeys(r["runtime"] for r in measured))
+    models = list(dict.fromkeys(r["model"] for r in measured))
+    markers = "os^Dv<>ph*"
+    for row in measured:
+        ax.scatter([row["latency_ms"][f"b{batch}"]["median"]], [100 * row["accuracy"]], s=55, alpha=0.85,
+                   color=f"C{runtimes.index(row['runtime'])}", marker=markers[models.index(row["model"]) % 10],
+                   label=f"{row['model']} / {row['runtime']}")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"median latency at batch {batch} (ms, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs latency, every model in every runtime")
+    ax.grid(True, alpha=0.3)
+    if measured:
+        ax.legend(fontsize=7, ncol=2, loc="best")
+    return to_png(fig)
