@@ -50,6 +50,7 @@ def decomposed_qdq(quantized: fx.GraphModule, weights: Literal["codes", "quantiz
         raise SlimkitError(f"this quantized model uses {', '.join(unsupported)}, which ExecuTorch and LiteRT files "
                            "cannot carry: they carry static int8 (per-tensor activations, per-channel weights); "
                            "export it as onnx-int8")
+    _functional_ops(graph)
     counter = iter(range(1 << 30))
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is PER_TENSOR:
@@ -60,6 +61,21 @@ def decomposed_qdq(quantized: fx.GraphModule, weights: Literal["codes", "quantiz
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+INPLACE = {aten.add_.Tensor: aten.add.Tensor, aten.relu_.default: aten.relu.default,
+           aten.hardtanh_.default: aten.hardtanh.default, aten.mul_.Tensor: aten.mul.Tensor}
+
+
+def _functional_ops(graph: fx.Graph) -> None:
+    """In-place ops (torchvision's ``out += identity``, ``ReLU(inplace=True)``) as their functional twins where
+    nothing reads the overwritten input afterwards: the same values, and XNNPACK's partitioner found dependency
+    cycles around the in-place residual adds of resnet18 and mobilenet_v2."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in INPLACE and isinstance(node.args[0], fx.Node):
+            if all(order[user] <= order[node] for user in node.args[0].users):
+                node.target = INPLACE[node.target]
 
 
 def _op_name(node: fx.Node) -> str:

@@ -124,6 +124,9 @@ def export_to(model: nn.Module, fmt: str, path: str | os.PathLike, inputs: Input
     sample = inputs[:batch] if target.static_batch else inputs[:2]
     if target.static_batch and len(sample) < batch:
         raise SlimkitError(f"--batch {batch}: only {len(inputs)} inputs to export with")
+    if target.side_suffixes and path.suffix != target.suffix:
+        raise SlimkitError(f"{path}: a {target.runtime} model is a {target.suffix} file with its "
+                           f"{', '.join(target.side_suffixes)} beside it: name it NAME{target.suffix}")
     for suffix in target.side_suffixes:
         side = path.with_suffix(suffix)
         if side.exists() and not overwrite:
