@@ -205,3 +205,18 @@ def test_bench_flags_what_is_slower_than_the_baseline_in_the_same_runtime():
     assert rows[2]["vs_baseline"] == {"b1": 0.5, "b8": 1.125} and rows[2]["slower_than_baseline"] == [8]
     assert rows[3]["vs_baseline"] == {"b1": 1.5, "b8": 0.5} and rows[3]["slower_than_baseline"] == [1]
     assert "vs_baseline" not in rows[0] and "vs_baseline" not in rows[4]
+
+
+@pytest.mark.parametrize("fmt", formats(["executorch-int8"]))
+def test_a_torchvision_residual_network_lowers_to_int8_xnnpack(fmt, tmp_path):
+    """resnet18's residual adds read a block's input that its first convolution reads too, in place: one shared
+    dequantize node put it into two XNNPACK partitions (dependency cycles) until each reader got its own."""
+    task = Task.classification(slimkit.load_data("digits:size=32,channels=3"))
+    model = slimkit.new_model({"torchvision": "resnet18", "args": {"num_classes": 10}}, input_shape=[3, 32, 32],
+                              num_classes=10).eval()
+    quantized = slimkit.quantize(model, {"scheme": "int8-static", "calib": 16}, task)
+    x = task.example_inputs[:16]
+    export_to(quantized, fmt, tmp_path / "r18.pte", x)
+    simulated, deployed = run_torch(quantized, x).numpy(), get_target(fmt).open(tmp_path / "r18.pte", 1)(x)
+    assert np.median(np.abs(deployed - simulated)) <= 1e-5 * np.abs(simulated).max()
+    assert sqnr_db(simulated, deployed) >= 30

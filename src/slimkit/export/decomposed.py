@@ -58,6 +58,7 @@ def decomposed_qdq(quantized: fx.GraphModule, weights: Literal["codes", "quantiz
         elif node.op == "call_function" and node.target is PER_CHANNEL:
             _weight(gm, node, weights, next(counter))
     _keep_grid_through_pooling(graph)
+    _one_dequantize_per_reader(graph)
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -152,6 +153,21 @@ def _output_quantized(weight_quantizer: fx.Node) -> bool:
         node = next(iter(node.users))
         if node.target not in KEEP_GRID:
             return False
+
+
+def _one_dequantize_per_reader(graph: fx.Graph) -> None:
+    """Give every reader of a dequantized activation its own DequantizeLinear, as torch's pt2e convert does: a
+    residual block's input read by a convolution and by the add through one shared node put that node in two
+    delegate partitions at once, which XNNPACK's partitioner reports as dependency cycles (resnet18,
+    mobilenet_v2)."""
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not dequantize or len(node.users) < 2:
+            continue
+        for user in list(node.users)[1:]:
+            with graph.inserting_before(user):
+                copy_node = graph.call_function(dequantize, node.args, dict(node.kwargs))
+            user.replace_input_with(node, copy_node)
 
 
 def _keep_grid_through_pooling(graph: fx.Graph) -> None:
