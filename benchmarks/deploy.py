@@ -12,6 +12,7 @@ at batch 1 and 8 (median of interleaved rounds, fixed threads) as a ratio to the
   32 px), their parity and speed are the point. Trained models are cached in benchmarks/results/deploy/.
 
     python benchmarks/deploy.py [--models lenet5,resnet8,resnet18] [--threads 2] [--rounds 3]
+                                [--runtimes ort,executorch --out deploy-executorch.json]
 
 Prints Markdown tables and writes benchmarks/results/deploy.json.
 """
@@ -45,12 +46,12 @@ def trained(name: str, task: Task, epochs: int, lr: float) -> Any:
     return load(run).eval()
 
 
-def measure(name: str, model, task: Task, args) -> dict[str, Any]:
+def measure(name: str, model, task: Task, args, runtimes: list[str]) -> dict[str, Any]:
     calibration = slimkit.Task.from_inputs(task.example_inputs[:128]) if name in TORCHVISION else task
     started = time.perf_counter()
     quantized = slimkit.quantize(model, {"scheme": "int8-static", "calib": 128}, calibration)
     quantize_s = time.perf_counter() - started
-    result = bench({"fp32": model, "int8": quantized}, task, RUNTIMES, [1, 8], threads=args.threads,
+    result = bench({"fp32": model, "int8": quantized}, task, runtimes, [1, 8], threads=args.threads,
                    rounds=args.rounds, samples=64)
     return {"model": name, "data": task.name, "quantize_s": quantize_s, **result}
 
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of the torchvision models")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="a subset (ort is the reference, always run)")
+    parser.add_argument("--out", default="deploy.json", help="file name under benchmarks/results")
     args = parser.parse_args()
     digits = Task.classification(load_data("digits"))
     small, large = (Task.classification(load_data(f"digits:size={s},channels=3")) for s in (32, 224))
@@ -93,12 +96,13 @@ def main() -> None:
             model, task = trained(name, digits, 15, 3e-3), digits
         else:
             model, task = trained(name, small, args.epochs, 1e-3), large
-        entries.append(measure(name, model, task, args))
+        entries.append(measure(name, model, task, args, sorted({"ort", *args.runtimes.split(",")},
+                                                                  key=RUNTIMES.index)))
         print(table(entries[-1]), "\n", flush=True)
     machine = entries[0]["machine"] if entries else {}
     print(f"measured on {describe_machine(machine)}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "deploy.json").write_text(json.dumps({"entries": entries, "threads": args.threads}, indent=1))
+    (RESULTS / args.out).write_text(json.dumps({"entries": entries, "threads": args.threads}, indent=1))
 
 
 if __name__ == "__main__":
