@@ -45,11 +45,9 @@ def _write_int8(model: nn.Module, path: Path, sample: Inputs, batch: int) -> dic
 
 class ExecuTorchRunner(Runner):
     def __init__(self, path: Path, threads: int):
-        from executorch.extension.pybindings import portable_lib
+        """``threads`` is not applied: ExecuTorch's XNNPACK runs on one pool per process, as many threads as
+        cores, and resetting it while programs are loaded (``_unsafe_reset_threadpool``) crashed the process."""
         from executorch.runtime import Runtime
-
-        if portable_lib._threadpool_get_thread_count() != threads:  # XNNPACK's pool is per process
-            portable_lib._unsafe_reset_threadpool(threads)
 
         try:
             program = Runtime.get().load_program(str(path))
