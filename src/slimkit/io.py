@@ -108,15 +108,21 @@ def _follow_umask(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; it replaces ``target`` when the block succeeds."""
+def _file_target(target: str | os.PathLike) -> Path:
+    """``target`` checked to name a file (not a directory), its folder created, a killed writer's leftovers gone."""
     target = named_path(target)
     with os_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_dir() and not target.is_symlink():
             raise SlimkitError(f"{target} is a directory; expected a file name")
         remove_stale_temps(target)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; it replaces ``target`` when the block succeeds."""
+    target = _file_target(target)
     tmp = _temp_path(target, ".tmp")
     try:
         with os_errors(target):
@@ -133,13 +139,9 @@ def atomic_files(target: str | os.PathLike, side_suffixes: tuple[str, ...] = ())
     """Yield a path with ``target``'s name in a fresh temporary directory beside it, for a file that comes with
     side files of the same stem (OpenVINO's ``NAME.bin``); when the block succeeds the side files written there
     replace theirs first, then the file replaces ``target``."""
-    target = named_path(target)
+    target = _file_target(target)
     tmp = _temp_path(target)
     with os_errors(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_dir() and not target.is_symlink():
-            raise SlimkitError(f"{target} is a directory; expected a file name")
-        remove_stale_temps(target)
         tmp.mkdir()
     try:
         with os_errors(target):
