@@ -107,6 +107,11 @@ def flat(x: Inputs) -> tuple[torch.Tensor, ...]:
     return x.tensors if isinstance(x, MultiInput) else (x,)
 
 
+def rows_of(x: Inputs, size: int) -> Inputs:
+    """``size`` rows of ``x``: its first ones, repeated from the start when it has fewer."""
+    return concat([x] * -(-size // len(x)))[:size] if len(x) < size else x[:size]
+
+
 def concat(parts: list[Inputs]) -> Inputs:
     """Batches of the same inputs as one batch."""
     if all(isinstance(p, torch.Tensor) for p in parts):

@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import SlimkitError
-from ..inputs import Inputs, concat
+from ..inputs import Inputs, rows_of
 from ..task import Task
 from .latency import time_call, torch_threads
 
@@ -54,7 +54,7 @@ def bench(models: dict[str, nn.Module], task: Task, runtimes: list[str], batches
                     continue
                 row.update(_scores(task, runners[batches[-1]], inputs))
                 rows.append(row)
-                cells += [(row, b, runners[b], _batch(inputs, b)) for b in batches]
+                cells += [(row, b, runners[b], rows_of(inputs, b)) for b in batches]
         _time(cells, threads, rounds)
     _flag_slower(rows, batches)
     return {"rows": rows, "batches": batches, "threads": threads, "rounds": rounds, "samples": len(inputs),
@@ -73,7 +73,7 @@ def _runners(model: nn.Module, fmt: str | None, inputs: Inputs, batches: list[in
     runners = {}
     for b in batches if target.static_batch else batches[:1]:
         path = folder / f"b{b}{target.suffix}"
-        result = export_to(model, fmt, path, inputs if len(inputs) >= b else _batch(inputs, b), batch=b)
+        result = export_to(model, fmt, path, inputs if len(inputs) >= b else rows_of(inputs, b), batch=b)
         row.setdefault("bytes", result["bytes"])
         row.setdefault("check", result["check"])
         runners[b] = target.open(path, threads)
@@ -96,11 +96,6 @@ class _TorchRunner:
 
     def __call__(self, x: Inputs) -> np.ndarray:
         return self.run(x)
-
-
-def _batch(inputs: Inputs, size: int) -> Inputs:
-    """``size`` rows of ``inputs`` (repeated when there are fewer)."""
-    return concat([inputs] * (-(-size // len(inputs))))[:size] if len(inputs) < size else inputs[:size]
 
 
 def _scores(task: Task, runner, inputs: Inputs) -> dict[str, Any]:

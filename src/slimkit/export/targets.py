@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import SlimkitError
-from ..inputs import Inputs, MultiInput, concat
+from ..inputs import Inputs, concat, flat, rows_of
 from ..io import atomic_files
 from ..outputs import claim_output
 
@@ -47,8 +47,7 @@ class Runner:
             part = x[start : start + size]
             rows = len(part)
             if self.batch and rows < self.batch:
-                part = concat([part] + [x[: self.batch - rows]] * ((self.batch - rows + len(x) - 1) // len(x)))
-                part = part[: self.batch]
+                part = concat([part, rows_of(x, self.batch - rows)])
             outs.append(np.asarray(self.run(part))[:rows])
         return np.concatenate(outs)
 
@@ -218,5 +217,4 @@ def quiet_native() -> Iterator[None]:
 
 def feed_arrays(x: Inputs) -> list[np.ndarray]:
     """The batch's tensors as contiguous arrays, in the order the exported graph takes them."""
-    tensors = x.tensors if isinstance(x, MultiInput) else (x,)
-    return [t.detach().contiguous().numpy() for t in tensors]
+    return [t.detach().contiguous().numpy() for t in flat(x)]

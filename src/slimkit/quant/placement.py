@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import fx, nn
 
 from ..config import Config
-from ..inputs import Inputs, concat
+from ..inputs import Inputs, rows_of
 from .ptq import WEIGHTED, StaticQuantConfig, quantize_static
 
 
@@ -132,7 +132,7 @@ def _per_layer(path: Path, layers: dict[str, str], x: Inputs, threads: int, runs
 
 def _two(x: Inputs) -> torch.Tensor:
     """Two samples to export with: a batch of one makes the exporter fix the batch size at 1."""
-    return concat([x, x])[:2] if len(x) < 2 else x[:2]
+    return rows_of(x, 2)
 
 
 def layer_times(quantized: fx.GraphModule, x: Inputs, threads: int, runs: int) -> list[dict[str, Any]]:
@@ -186,9 +186,7 @@ def choose_float_layers(model: nn.Module, calib: Inputs, cfg: StaticQuantConfig,
     interleaved with the best so far, gets faster in every round and by more than ``min_gain`` in the
     median round (five rounds all faster by chance: 1 in 32). Timing does not depend on the scales, so the trial models
     are calibrated on a few samples only."""
-    x = calib[: placement.batch]
-    if len(x) < placement.batch:
-        x = concat([x] * ((placement.batch + len(x) - 1) // len(x)))[: placement.batch]
+    x = rows_of(calib, placement.batch)
     few = calib[:PLACEMENT_CALIBRATION]
     quantized, _ = quantize_static(model, few, cfg)
     rows = layer_times(quantized, x, placement.threads, placement.runs)
