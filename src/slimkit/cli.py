@@ -263,6 +263,8 @@ def export(
     path: Path = typer.Argument(..., help="model directory or run directory"),
     out: Path = typer.Option(..., "--out", help="file to write"),
     fmt: str = typer.Option("onnx", "--format", help="onnx (fp32, dynamic batch), onnx-int8 (a quantized model), "
+                                                      "onnx-tensorrt (a model quantized with "
+                                                      "--symmetric-activations: TensorRT's Q/DQ rules), "
                                                       "huggingface (a float text model: a directory transformers "
                                                       "loads), openvino[-int8] (IR), executorch[-int8] (.pte, "
                                                       "XNNPACK), tflite, tflite-fp16, tflite-int8 (LiteRT)"),
@@ -321,6 +323,34 @@ def export(
 def _describe_check(check: dict) -> str:
     words = f"top-1 agreement {check['top1_agreement']:.4f}, SQNR {check['sqnr_db']:.1f} dB"
     return f"max abs diff {check['max_abs_diff']:.2e}, {words}"
+
+
+@app.command("check-onnx")
+def check_onnx_cmd(
+    onnx_file: Path = typer.Argument(..., help="an ONNX file (read only)"),
+    target: str = typer.Option(..., "--target", help="tensorrt (its ONNX parser's operators and explicit-"
+                                                     "quantization rules), ort (ONNX Runtime loads it; int8 layers "
+                                                     "left in float) or openvino (its ONNX frontend converts it)"),
+    strict: bool = typer.Option(False, "--strict", help="warnings fail the check too"),
+    shown: int = typer.Option(20, "--show", min=1, help="findings listed (--json lists all)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check an ONNX file against a runtime's rules; every finding names its node. Exit 1 on errors."""
+    from .export.onnx_rules import check_onnx, summarize
+
+    findings = check_onnx(onnx_file, target)
+    failed = any(f.severity == "error" or strict for f in findings)
+    if as_json:
+        typer.echo(json.dumps({"file": str(onnx_file), "target": target, "passed": not failed,
+                               "findings": [f.as_dict() for f in findings]}, indent=2))
+    else:
+        for finding in findings[:shown]:
+            typer.echo(str(finding))
+        if len(findings) > shown:
+            typer.echo(f"... and {len(findings) - shown} more (--show N, or --json for all)")
+        typer.echo(f"{onnx_file} for {target}: {summarize(findings)}: {'fails' if failed else 'passes'}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("diff-int8")
@@ -414,6 +444,9 @@ def quantize(
         None, "--reduce-range/--full-range",
         help="7-bit weight codes, so that ONNX Runtime's integer kernels cannot saturate on x86 CPUs without VNNI "
              "(default: only on such a CPU)"),
+    symmetric_activations: bool = typer.Option(
+        False, "--symmetric-activations", help="int8-static: int8 activations with zero point 0 instead of uint8 "
+                                               "(TensorRT needs them; export with --format onnx-tensorrt)"),
     dynamic_scales: Optional[str] = typer.Option(
         None, "--dynamic-scales", help="int8-dynamic: activation ranges per token or per tensor (default: per token "
                                        "for text models, per tensor otherwise)"),
@@ -450,7 +483,7 @@ def quantize(
     source = load(path, trust_code=trust_code)
     stage = {"type": "quantize", "scheme": scheme, "calib": calib, "observer": observer,
              "per_channel": per_channel, "exclude": exclude, "embeddings": embeddings, "rounding": rounding,
-             "reduce_range": reduce_range,
+             "reduce_range": reduce_range, "symmetric_activations": symmetric_activations,
              "size_budget": size_budget, "bias_correction": bias_correction,
              "qat": {"epochs": qat_epochs, "lr": qat_lr} if qat_epochs else None, "qat_if_drop": qat_if_drop,
              "latency_placement": {"batch": deploy_batch, "threads": deploy_threads} if float_where_faster else None}

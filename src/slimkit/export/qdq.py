@@ -491,10 +491,12 @@ def export_qdq(model: torch.nn.Module, path: str | os.PathLike, sample: Inputs, 
 
 
 def write_qdq(model: torch.nn.Module, path: Path, sample: Inputs, opset: int = DEFAULT_OPSET,
-              keep_names: bool = False) -> None:
+              keep_names: bool = False, standard_only: bool = False) -> None:
     """``export_qdq`` into a path the caller makes atomic (a temporary file: its side file's name is recorded
     in the model, so the file is written where ONNX Runtime will load it). ``keep_names`` keeps the exporter's
-    node names (``node_<graph node>``), which ONNX Runtime's profiler reports, for attributing time."""
+    node names (``node_<graph node>``), which ONNX Runtime's profiler reports, for attributing time.
+    ``standard_only`` leaves out ONNX Runtime's forms (integer matrix products, int32 biases, fused attention,
+    gathered int8 rows): plain Q/DQ around standard operators, as TensorRT reads them."""
     import onnx
 
     from ..quant.meta_kernels import ensure_fake_quant_meta_kernels
@@ -511,13 +513,14 @@ def write_qdq(model: torch.nn.Module, path: Path, sample: Inputs, opset: int = D
     blocked_gemms_to_matmuls(proto)
     if fold_weight_quantizers(proto) == 0:
         raise SlimkitError(f"{type(model).__name__} has no quantized weights to export as int8")
-    token_linears_to_integer(proto)
-    dynamic_gemms_to_integer(proto)
-    gather_rows_before_dequantizing(proto)
-    batched_linears_to_gemms(proto)
-    quantize_biases(proto)
-    shield_float_layers(proto)
-    fuse_attention(proto)
+    if not standard_only:
+        token_linears_to_integer(proto)
+        dynamic_gemms_to_integer(proto)
+        gather_rows_before_dequantizing(proto)
+        batched_linears_to_gemms(proto)
+        quantize_biases(proto)
+        shield_float_layers(proto)
+        fuse_attention(proto)
     if not keep_names:
         shorten_names(proto)
     save_onnx(proto, path)

@@ -16,10 +16,10 @@ from ..quant.ptq import is_quantized
 from .qdq import export_int8_verified
 
 
-RUNTIME_FORMATS = ("openvino", "openvino-int8", "executorch", "executorch-int8", "tflite", "tflite-fp16",
-                   "tflite-int8")  # export/targets.py
-Format = Literal["onnx", "onnx-int8", "slim", "openvino", "openvino-int8", "executorch", "executorch-int8",
-                 "tflite", "tflite-fp16", "tflite-int8"]
+RUNTIME_FORMATS = ("onnx-tensorrt", "openvino", "openvino-int8", "executorch", "executorch-int8", "tflite",
+                   "tflite-fp16", "tflite-int8")  # export/targets.py
+Format = Literal["onnx", "onnx-int8", "onnx-tensorrt", "slim", "openvino", "openvino-int8", "executorch",
+                 "executorch-int8", "tflite", "tflite-fp16", "tflite-int8"]
 
 
 @register_stage

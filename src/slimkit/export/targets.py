@@ -94,7 +94,7 @@ def register_target(target: Target) -> Target:
 
 
 def get_target(name: str) -> Target:
-    from . import executorch, openvino, ort, tflite  # noqa: F401 - each registers its targets
+    from . import executorch, openvino, ort, tensorrt, tflite  # noqa: F401 - each registers its targets
 
     if name not in TARGETS:
         raise SlimkitError(f"unknown format {name!r}; known: {', '.join(sorted(TARGETS))}")

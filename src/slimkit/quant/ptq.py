@@ -6,7 +6,8 @@
    symmetric per-channel quantizer (8 bits, or fewer as int8 codes in a smaller
    range, or power-of-two levels), and the activations entering and leaving it get
    an asymmetric uint8 quantizer (leaving: after a directly following ReLU/ReLU6,
-   which the runtime fuses). A value feeding several ops is quantized once.
+   which the runtime fuses), or a symmetric int8 one with zero point 0 where the
+   target needs it (TensorRT). A value feeding several ops is quantized once.
 3. Observers watch those activations on calibration data; slimkit computes the
    scales and zero points. Weights are rounded to nearest, by GPTQ, or to
    power-of-two levels, optionally followed by bias correction.
@@ -44,7 +45,12 @@ from .observers import OBSERVERS, Observer, make_observer
 from .ops import expand_group_scale, group_count, group_fake_quant
 from .scheme import QScheme, log2_quantize, qparams
 
-ACT_SCHEME = QScheme(bits=8, symmetric=False, signed=False)  # uint8, as ONNX Runtime's x86 kernels prefer
+# Activation grids by the dtype a plan records: uint8 with a zero point (ONNX Runtime's x86 kernels prefer it, and
+# a ReLU's output uses all 256 levels) or int8 with zero point 0 (TensorRT accepts nothing else). Observers choose
+# the range with the scheme; quantizers clamp to the full range of the dtype, as QuantizeLinear saturates.
+ACTIVATION_SCHEMES = {"uint8": QScheme(bits=8, symmetric=False, signed=False),
+                      "int8": QScheme(bits=8, symmetric=True, signed=True)}
+ACTIVATION_LIMITS = {"uint8": (0, 255), "int8": (-128, 127)}
 aten = torch.ops.aten
 CONVS = {aten.conv2d.default, aten.conv1d.default}
 WEIGHTED = {*CONVS, aten.linear.default}
@@ -88,6 +94,9 @@ class StaticQuantConfig(Config):
     # embedding tables (a transformer's word and position embeddings) as int8 rows with one scale per row: no
     # integer kernel multiplies them, so they are weight-only whatever ``activations`` says
     embeddings: bool = True
+    # static activations as int8 with zero point 0 rather than uint8 with a zero point: what TensorRT's explicit
+    # quantization requires (export format onnx-tensorrt); ONNX Runtime runs both
+    symmetric_activations: bool = False
 
     def model_post_init(self, __context: Any) -> None:
         if self.observer not in OBSERVERS:
@@ -101,6 +110,9 @@ class StaticQuantConfig(Config):
                              "levels: integer kernels take one weight scale per output channel")
         if self.dynamic_scales is not None and self.activations != "dynamic":
             raise ValueError("dynamic_scales is for activations 'dynamic'")
+        if self.symmetric_activations and self.activations != "static":
+            raise ValueError("symmetric_activations is for static activations: run-time ranges are uint8 "
+                             "(ONNX's DynamicQuantizeLinear)")
         if self.weight_levels == "log" and (max([self.weight_bits, *self.layer_bits.values()]) > 4
                                             or self.rounding != "nearest"):
             raise ValueError("log weight levels take at most 4 bits (their codes 0, +/-1 ... +/-64 must fit "
@@ -133,6 +145,10 @@ class StaticQuantConfig(Config):
             return False
         return int8_pairs_saturate() if self.reduce_range is None else self.reduce_range
 
+    @property
+    def activation_dtype(self) -> Literal["uint8", "int8"]:
+        return "int8" if self.symmetric_activations else "uint8"
+
 
 class QuantizedWeight(Config):
     input: str  # the graph node feeding the layer (its activation quantizer, when static)
@@ -142,7 +158,7 @@ class QuantizedWeight(Config):
     table: bool = False  # an embedding table: one scale per row
 
 
-ActivationQParams = tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], Annotated[int, Field(ge=0, le=255)]]
+ActivationQParams = tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], Annotated[int, Field(ge=-128, le=255)]]
 
 
 class QuantizeStaticStep(StepSchema):
@@ -155,6 +171,7 @@ class QuantizeStaticStep(StepSchema):
     folded_batchnorm: list[tuple[str, str]]
     weights: dict[str, QuantizedWeight] = Field(min_length=1)
     activations: dict[str, ActivationQParams]
+    activation_dtype: Literal["uint8", "int8"] = "uint8"  # int8: zero points 0 (TensorRT)
     weight_bits: int = Field(8, ge=2, le=8)
     rounding: Literal["nearest", "gptq"] = "nearest"
     weight_levels: Literal["linear", "log"] = "linear"
@@ -168,6 +185,11 @@ class QuantizeStaticStep(StepSchema):
             raise ValueError("a step records input_shape (one input) or inputs (several), exactly one of them")
         if self.input_shape and math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
             raise ValueError(f"input_shape {self.input_shape} has more than {MAX_INPUT_ELEMENTS:,} elements")
+        low, high = ACTIVATION_LIMITS[self.activation_dtype]
+        off_grid = {name: zero for name, (_, zero) in self.activations.items()
+                    if not low <= zero <= high or (self.activation_dtype == "int8" and zero != 0)}
+        if off_grid:
+            raise ValueError(f"activation zero points outside the {self.activation_dtype} grid: {off_grid}")
         return self
 
 
@@ -408,7 +430,7 @@ def quantize_static(model: nn.Module, calib: Inputs, cfg: StaticQuantConfig | No
     _round_weights(gm, ops, cfg, weights, scales, calib, batch_size)
     step = {"op": PLAN_OP, **_input_fields(calib), "folded_batchnorm": pairs, "weights": weights,
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
-            "activations": activations, "observer": cfg.observer, "calibration_samples": len(calib)}
+            "activations": activations, "activation_dtype": cfg.activation_dtype, "observer": cfg.observer, "calibration_samples": len(calib)}
     return _convert(gm, step, scales), step
 
 
@@ -490,16 +512,21 @@ def _convert(gm: fx.GraphModule, step: dict[str, Any], scales: dict[str, torch.T
         if spec.get("activation"):
             op.replace_input_with(op.args[0], _runtime_quantizer(gm, op.args[0], spec["activation"], runtime_quantized))
     round_onto_grids(gm, step)
+    low, high = activation_limits(step)
     for name, (scale, zero) in step["activations"].items():
         value = nodes[name]
         with gm.graph.inserting_after(value):
-            node = gm.graph.call_function(torch.fake_quantize_per_tensor_affine,
-                                          (value, scale, zero, ACT_SCHEME.qmin, ACT_SCHEME.qmax))
+            node = gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (value, scale, zero, low, high))
         value.replace_all_uses_with(node, delete_user_cb=lambda user, n=node: user is not n)
     gm.graph.lint()
     gm.recompile()
     gm.requires_grad_(False)  # an inference artifact; also keeps fake-quant ops exportable (no autograd variant)
     return gm
+
+
+def activation_limits(step: dict[str, Any]) -> tuple[int, int]:
+    """The codes a plan step's activation quantizers clamp to (plans saved before int8 grids are uint8)."""
+    return ACTIVATION_LIMITS[step.get("activation_dtype", "uint8")]
 
 
 def _runtime_quantizer(gm: fx.GraphModule, value: fx.Node, kind: str,
@@ -585,7 +612,7 @@ def _round_weights(gm: fx.GraphModule, ops: list[fx.Node], cfg: StaticQuantConfi
 def _insert_observers(gm: fx.GraphModule, values: list[fx.Node], cfg: StaticQuantConfig) -> dict[fx.Node, Observer]:
     observers = {}
     for i, value in enumerate(values):
-        observer = make_observer(cfg.observer, ACT_SCHEME, seed=cfg.seed)
+        observer = make_observer(cfg.observer, ACTIVATION_SCHEMES[cfg.activation_dtype], seed=cfg.seed)
         name = f"_slimkit_observer_{i}"
         gm.add_submodule(name, _Observe(observer))
         with gm.graph.inserting_after(value):

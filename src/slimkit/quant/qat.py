@@ -22,7 +22,7 @@ from ..errors import SlimkitError
 from ..inputs import Inputs
 from ..pruning.mask import remove_masks, set_mask
 from .ops import expand_group_scale
-from .ptq import (ACT_SCHEME, StaticQuantConfig, _convert, _weight_arg, _weight_name, capture, plan_example,
+from .ptq import (activation_limits, StaticQuantConfig, _convert, _weight_arg, _weight_name, capture, plan_example,
                   quantize_static, weight_scales, weight_scheme)
 
 
@@ -92,7 +92,7 @@ def prepare_qat(model: nn.Module, calib: Inputs, cfg: StaticQuantConfig | None =
             set_mask(gm.get_submodule(owner), (weight != 0).float(), attr)
     for i, (name, (scale, zero)) in enumerate(step["activations"].items()):
         value = nodes[name]
-        module = LearnedFakeQuant(torch.tensor(scale), torch.tensor(float(zero)), ACT_SCHEME.qmin, ACT_SCHEME.qmax,
+        module = LearnedFakeQuant(torch.tensor(scale), torch.tensor(float(zero)), *activation_limits(step),
                                   learn_scale, activation=True)
         gm.add_submodule(f"_slimkit_aq_{i}", module)
         with gm.graph.inserting_after(value):
