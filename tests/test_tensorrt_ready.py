@@ -118,10 +118,13 @@ def test_check_onnx_names_the_nodes_of_an_onnx_runtime_file_that_tensorrt_refuse
     # the TensorRT-style file in ONNX Runtime: each Conv -> ReLU -> int8 quantizer runs in float, named
     export_to(symmetric, "onnx-tensorrt", tmp_path / "trt.onnx", digits.x_test[:64])
     ort_findings = check_onnx(tmp_path / "trt.onnx", "ort")
-    relu_convs = sum(1 for n in onnx.load(str(tmp_path / "trt.onnx")).graph.node if n.op_type == "Relu")
-    assert ort_findings and {f.rule for f in ort_findings} == {"float-conv"}
-    assert all(f.node.startswith("Conv '") and "Relu stays" in f.message for f in ort_findings)
-    assert len(ort_findings) <= relu_convs
+    nodes = onnx.load(str(tmp_path / "trt.onnx")).graph.node
+    producers = {o: n for n in nodes for o in n.output}
+    conv_relus = sum(1 for n in nodes if n.op_type == "Relu" and producers[n.input[0]].op_type == "Conv")
+    assert ort_findings and {f.rule for f in ort_findings} == {"float-layer"}
+    assert {f.node.split(" ")[0] for f in ort_findings} <= {"Conv", "Gemm"}
+    fused = [f for f in ort_findings if "(FusedConv in its optimized graph): int8 activations" in f.message]
+    assert len(fused) == conv_relus > 0  # ONNX Runtime's FusedConv: the ReLU kept, the Conv in float
 
 
 def _model(nodes, inits=(), opset=20, rank=4, domains=()):
@@ -197,6 +200,20 @@ def test_each_tensorrt_rule_fires_and_names_the_node(case, rule, node, tmp_path)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # read only
 
 
+def test_ort_names_a_quantized_layer_it_computes_in_float(tmp_path):
+    path = tmp_path / "float-conv.onnx"
+    scales = np.full(3, 0.1, np.float32)
+    onnx.save(_model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+                      helper.make_node("DequantizeLinear", ["q", "s", "z"], ["xd"], name="dq"),
+                      helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0, name="wdq"),
+                      helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv")],
+                     [("s", S), ("z", np.array(0, np.uint8)), ("w", W), ("ws", scales),
+                      ("wz", np.zeros(3, np.int8))]), str(path))
+    findings = check_onnx(path, "ort")
+    assert [(f.rule, f.node) for f in findings] == [("float-layer", "Conv 'conv'")]
+    assert findings[0].message.endswith("nothing quantizes its output (QLinearConv writes integers)")
+
+
 def test_ort_and_openvino_report_what_they_cannot_load_by_node(tmp_path):
     path = tmp_path / "custom.onnx"
     onnx.save(_model([helper.make_node("Relu", ["x"], ["r"], name="relu"),
@@ -239,7 +256,10 @@ def test_quantize_and_export_for_tensorrt_from_the_cli(resnet8, tmp_path, cli):
     proc = cli("quantize", model_dir, "--out", tmp_path / "q", "--symmetric-activations", "--calib", "64",
                "--no-latency", "--no-progress")
     assert proc.returncode == 0, proc.stderr
+    assert check_onnx(tmp_path / "q" / "model-int8.onnx", "tensorrt") == []  # the run's own file is TensorRT's
+    notes = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert "onnx-tensorrt" in json.dumps(notes)
     proc = cli("export", tmp_path / "q", "--format", "onnx-tensorrt", "--out", tmp_path / "trt.onnx")
     assert proc.returncode == 0, proc.stderr
-    assert "ONNX Runtime (TensorRT-ready) vs slimkit's int8 simulation on 360 samples" in proc.stdout
+    assert "ONNX reference (TensorRT-ready) vs slimkit's int8 simulation on 360 samples" in proc.stdout
     assert cli("check-onnx", tmp_path / "trt.onnx", "--target", "tensorrt").returncode == 0

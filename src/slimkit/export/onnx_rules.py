@@ -81,7 +81,26 @@ class _Graph:
                       for v in [*inferred.value_info, *inferred.input, *inferred.output]}
         self.types.update({init.name: init.data_type for init in self.graph.initializer})
         self.outputs = {o.name for o in self.graph.output}
-        self.inputs = {i.name for i in self.graph.input}
+
+    def ort_optimized(self) -> tuple[str | None, Any]:
+        """ONNX Runtime's load of the file: (why it failed, or None; the graph it optimized to, at the level
+        where it fuses Q/DQ into integer operators and before its CPU layout rewrites). Computed once."""
+        if not hasattr(self, "_ort"):
+            import onnx
+            import onnxruntime as ort
+
+            with tempfile.TemporaryDirectory() as tmp:
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+                options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+                try:
+                    ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+                    self._ort = (None, onnx.load(options.optimized_model_filepath))
+                except Exception as exc:  # ORT raises its own exception types; the message names the node
+                    text = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+                    self._ort = (text, None)
+        return self._ort
 
     def dtype_of(self, name: str) -> int | None:
         if name in self.types and self.types[name]:
@@ -277,14 +296,8 @@ def _tensorrt_types(g: _Graph) -> Iterator[Finding]:
 # --- ONNX Runtime -------------------------------------------------------------------------------------------
 
 def _ort_loads(g: _Graph) -> Iterator[Finding]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        ort.InferenceSession(str(g.path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types; the message names the node
-        text = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+    text, _ = g.ort_optimized()
+    if text is not None:
         yield Finding("error", "ort-load", _named_node(g, text), f"ONNX Runtime cannot load the file: {text}")
 
 
@@ -300,40 +313,48 @@ def _named_node(g: _Graph, text: str) -> str:
     return label(node) if node else ""
 
 
-def _ort_float_convs(g: _Graph) -> Iterator[Finding]:
-    """ONNX Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv; a Conv with quantized
-    input and weight whose output is not quantized runs in float (matrix products have float-output forms)."""
+FLOAT_LAYERS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"}
+
+
+def _ort_float_layers(g: _Graph) -> Iterator[Finding]:
+    """Layers whose input and weights are quantized but that ONNX Runtime's own optimized graph computes with
+    a float operator (read off the graph it builds: the layer's output, or that of the activation fused into
+    it, comes out of a float Conv/Gemm/MatMul). Typical causes: nothing quantizes the output of a Conv (its
+    integer QLinearConv writes int8), a ReLU/Clip before an int8 zero-point-0 quantizer, operators ONNX
+    Runtime's x86 kernels take only with uint8 activations."""
+    _, optimized = g.ort_optimized()
+    if optimized is None:
+        return
+    float_outputs = {out: node.op_type for node in optimized.graph.node if node.op_type in FLOAT_LAYERS
+                     for out in node.output}
     for node in g.graph.node:
-        if node.op_type != "Conv":
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         sources = [g.producer.get(name) for name in node.input[:2]]
         if not all(s is not None and s.op_type == "DequantizeLinear" for s in sources):
             continue
         readers = g.readers.get(node.output[0], [])
-        if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip"):
-            after = g.readers.get(readers[0].output[0], [])
-            if after and all(r.op_type == "QuantizeLinear" and _zero_at_minimum(g, r) for r in after):
-                continue  # ONNX Runtime folds the activation into the quantizer's clamp
-            if after and all(r.op_type == "QuantizeLinear" for r in after):
-                yield Finding("warning", "float-conv", label(node),
-                              f"its {readers[0].op_type} stays between it and the QuantizeLinear (the zero point is "
-                              "not the lowest code, as with int8 zero point 0): ONNX Runtime runs the Conv in "
-                              "float; uint8 activations let it fuse into QLinearConv")
-                continue
-        if not readers or any(r.op_type != "QuantizeLinear" for r in readers):
-            yield Finding("warning", "float-conv", label(node),
-                          "its input and weight are quantized but its output is not: ONNX Runtime runs it in "
-                          "float (QLinearConv needs a QuantizeLinear on the output)")
+        outputs = [node.output[0], *(readers[0].output[:1] if len(readers) == 1
+                                     and readers[0].op_type in ACTIVATIONS else [])]
+        kind = next((float_outputs[o] for o in outputs if o in float_outputs), None)
+        if kind is not None:
+            yield Finding("warning", "float-layer", label(node),
+                          f"its input and weights are quantized, but ONNX Runtime computes it in float ({kind} "
+                          "in its optimized graph)" + _float_layer_hint(g, node, readers))
 
 
-def _zero_at_minimum(g: _Graph, quantizer) -> bool:
-    """A quantizer whose zero point is its type's lowest code clamps negatives to 0 itself (a ReLU before it
-    changes nothing)."""
+def _float_layer_hint(g: _Graph, node, readers) -> str:
+    quantized_after = [r for r in readers if r.op_type == "QuantizeLinear"]
+    if len(readers) == 1 and readers[0].op_type in ACTIVATIONS:
+        quantized_after = [r for r in g.readers.get(readers[0].output[0], []) if r.op_type == "QuantizeLinear"]
+    if node.op_type == "Conv" and not quantized_after:
+        return ": nothing quantizes its output (QLinearConv writes integers)"
     from onnx import TensorProto
 
-    zero = g.constants.get(quantizer.input[2]) if len(quantizer.input) > 2 and quantizer.input[2] else None
-    lowest = {TensorProto.UINT8: 0, TensorProto.INT8: -128}.get(_quantized_dtype(g, quantizer))
-    return zero is not None and lowest is not None and bool(np.all(zero == lowest))
+    if any(_quantized_dtype(g, q) == TensorProto.INT8 for q in quantized_after):
+        return ": int8 activations (zero point 0) keep ONNX Runtime from fusing it here; uint8 ones let it"
+    return ""
 
 
 # --- OpenVINO -----------------------------------------------------------------------------------------------
@@ -373,7 +394,7 @@ Rule = Callable[[_Graph], Iterator[Finding]]
 RULES: dict[str, tuple[Rule, ...]] = {
     "tensorrt": (_tensorrt_opset, _tensorrt_operators, _tensorrt_quantizers, _tensorrt_integer_flow,
                  _tensorrt_weights, _tensorrt_constant_inputs, _tensorrt_pooling, _tensorrt_types),
-    "ort": (_ort_loads, _ort_float_convs),
+    "ort": (_ort_loads, _ort_float_layers),
     "openvino": (_openvino_converts,),
 }
 

@@ -29,10 +29,17 @@ def _write_int8(model: nn.Module, path: Path, sample: Inputs, batch: int) -> dic
 
 
 class OrtRunner(Runner):
-    def __init__(self, path: Path, threads: int):
-        from .onnx import ort_session
+    optimize = True
 
-        self.session = ort_session(path, threads)
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        from .onnx import ort_session, ort_session_options
+
+        opts = ort_session_options(threads)
+        if not self.optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort_session(path, opts=opts)
 
     def run(self, x: Inputs) -> np.ndarray:
         from .onnx import ort_feed

@@ -5,8 +5,9 @@ TensorRT takes int8 with zero point 0 only, so the model must be quantized with 
 (``symmetric_activations``; the uint8 grids ONNX Runtime prefers are refused by name); weights are int8 codes
 with per-output-channel scales; biases stay float (TensorRT quantizes them itself) and none of ONNX Runtime's
 own forms (integer matrix products, fused attention, int32 biases) are written. Every file is checked against
-TensorRT's rules (``onnx_rules``) before it is kept and run in ONNX Runtime against slimkit's simulation, as no
-TensorRT runs on a CPU: building an engine needs an NVIDIA GPU.
+TensorRT's rules (``onnx_rules``) before it is kept, and run operator by operator as ONNX defines them (ONNX
+Runtime with its fusions off) against slimkit's simulation, as no TensorRT runs on a CPU: building an engine
+needs an NVIDIA GPU.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ def _write(model: nn.Module, path: Path, sample: Inputs, batch: int) -> dict[str
     return {"tensorrt_rules": [str(f) for f in findings]}  # warnings only, if any
 
 
-register_target(Target(name="onnx-tensorrt", runtime="ONNX Runtime (TensorRT-ready)", suffix=".onnx",
-                       precision="int8", extra="", modules=("onnxruntime",), write=_write, open=OrtRunner,
+class ReferenceRunner(OrtRunner):
+    """ONNX Runtime with its graph optimizations off: every operator as the ONNX standard defines it, which is
+    what the file means to TensorRT. (Optimized, ONNX Runtime 1.32 dropped the ReLU6 before int8 zero-point-0
+    quantizers in torchvision's mobilenet_v2: its fusions are not the file's meaning.)"""
+
+    optimize = False
+
+
+register_target(Target(name="onnx-tensorrt", runtime="ONNX reference (TensorRT-ready)", suffix=".onnx",
+                       precision="int8", extra="", modules=("onnxruntime",), write=_write, open=ReferenceRunner,
                        side_suffixes=(".onnx.data",)))

@@ -65,9 +65,18 @@ class QuantizeStage(Stage, StaticQuantConfig):
                 quantized, step, qat = self._qat_if_needed(model, calib, cfg, ctx, (quantized, step), qat)
         meta = getattr(model, "slimkit_meta", {"plan": []})
         quantized.slimkit_meta = {**meta, "plan": [*meta.get("plan", []), step]}
-        check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs, reference=model)
+        if cfg.symmetric_activations:  # quantized for TensorRT: its file, checked against the ONNX reference
+            from ..export.targets import export_to
+
+            exported = export_to(quantized, "onnx-tensorrt", ctx.out_dir / self.onnx, ctx.task.example_inputs)
+            check = {k: v for k, v in exported["check"].items() if k != "against"}
+            fmt, runtime = exported["format"], exported["runtime"]
+        else:
+            check = export_int8_verified(quantized, ctx.out_dir / self.onnx, ctx.task.example_inputs,
+                                         reference=model)
+            fmt, runtime = "onnx-int8", "ONNX Runtime"
         ctx.artifacts["onnx"] = self.onnx
-        ctx.notes["export"] = {"file": self.onnx, "format": "onnx-int8", "runtime": "ONNX Runtime",
+        ctx.notes["export"] = {"file": self.onnx, "format": fmt, "runtime": runtime,
                                "bytes": onnx_bytes(ctx.out_dir / self.onnx),
                                "check": {"against": "slimkit's int8 simulation", **check}}
         ctx.notes["quantize"] = {**check, "weights_int8": len(step["weights"]), "weight_bits": cfg.weight_bits,
@@ -76,7 +85,8 @@ class QuantizeStage(Stage, StaticQuantConfig):
                                  "activations": cfg.activations, "group_size": cfg.group_size,
                                  **({"dynamic_scales": "token" if cfg.dynamic_kind(model) == "dynamic-token"
                                      else "tensor"} if cfg.activations == "dynamic" else {}),
-                                 "activations_uint8": len(step["activations"]),
+                                 "activations_quantized": len(step["activations"]),
+                                 "activation_dtype": cfg.activation_dtype,
                                  "folded_batchnorm": len(step["folded_batchnorm"]), "observer": self.observer,
                                  "calibration_samples": len(calib)}
         return quantized
