@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/slimkit run recipes/deep-compression.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
