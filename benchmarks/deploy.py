@@ -13,7 +13,7 @@ at batch 1 and 8 (median of interleaved rounds, fixed threads) as a ratio to the
   their parity and speed are the point. Trained models are cached in benchmarks/results/deploy/.
 
     python benchmarks/deploy.py [--models lenet5,resnet8,resnet18] [--threads 2] [--rounds 3]
-                                [--runtimes ort,executorch --out deploy-executorch.json]
+                                [--runtimes ort,executorch --out deploy-subset.json]
 
 Prints Markdown tables and writes benchmarks/results/deploy.json.
 """

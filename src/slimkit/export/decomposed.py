@@ -1,8 +1,9 @@
 """slimkit's int8 grids as torch's ``quantized_decomposed`` Q/DQ ops: the form ExecuTorch's XNNPACK backend
 and LiteRT's converter lower to integer kernels, so those files carry slimkit's own scales and zero points.
 
-A quantized slimkit graph fake-quantizes activations per tensor on uint8 ``[0, 255]`` and weights per output
-channel on symmetric int8. The rewrite is exact (the same grid values):
+A quantized slimkit graph fake-quantizes activations per tensor on uint8 ``[0, 255]`` (or on int8 with zero point
+0: symmetric activations, kept as they are) and weights per output channel on symmetric int8. The rewrite is
+exact (the same grid values):
 
 * an activation quantizer becomes ``quantize_per_tensor`` -> ``dequantize_per_tensor`` on int8, its zero point
   moved by -128 (uint8 code ``q`` is int8 code ``q - 128``);
