@@ -9,7 +9,7 @@ at batch 1 and 8 (median of interleaved rounds, fixed threads) as a ratio to the
 * torchvision at 224x224 (resnet18, mobilenet_v2, efficientnet_b0; random initialisation, nothing can be
   downloaded here): trained 10 epochs on digits at 32 px and 3 channels, their BatchNorm statistics
   re-estimated at 224 px, then run, quantized (128 calibration images) and timed at 224 px
-  (``digits:size=224,channels=3``); their accuracy at 224 says little (efficientnet_b0: 16%, trained at 32 px),
+  (``digits:size=224,channels=3``); their accuracy at 224 says little (10-14%: trained at 32 px),
   their parity and speed are the point. Trained models are cached in benchmarks/results/deploy/.
 
     python benchmarks/deploy.py [--models lenet5,resnet8,resnet18] [--threads 2] [--rounds 3]

@@ -12,6 +12,7 @@ what they cannot take is reported by node.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -82,25 +83,23 @@ class _Graph:
         self.types.update({init.name: init.data_type for init in self.graph.initializer})
         self.outputs = {o.name for o in self.graph.output}
 
+    @functools.cached_property
     def ort_optimized(self) -> tuple[str | None, Any]:
         """ONNX Runtime's load of the file: (why it failed, or None; the graph it optimized to, at the level
-        where it fuses Q/DQ into integer operators and before its CPU layout rewrites). Computed once."""
-        if not hasattr(self, "_ort"):
-            import onnx
-            import onnxruntime as ort
+        where it fuses Q/DQ into integer operators and before its CPU layout rewrites)."""
+        import onnx
+        import onnxruntime as ort
 
-            with tempfile.TemporaryDirectory() as tmp:
-                options = ort.SessionOptions()
-                options.log_severity_level = 3
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-                options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-                try:
-                    ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-                    self._ort = (None, onnx.load(options.optimized_model_filepath))
-                except Exception as exc:  # ORT raises its own exception types; the message names the node
-                    text = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
-                    self._ort = (text, None)
-        return self._ort
+        with tempfile.TemporaryDirectory() as tmp:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            try:
+                ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+                return None, onnx.load(options.optimized_model_filepath)
+            except Exception as exc:  # ORT raises its own exception types; the message names the node
+                return (str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__), None
 
     def dtype_of(self, name: str) -> int | None:
         if name in self.types and self.types[name]:
@@ -230,17 +229,18 @@ def _tensorrt_weights(g: _Graph) -> Iterator[Finding]:
     for node in g.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
             continue
-        dq, perm = g.producer.get(node.input[1]), None
+        dq, transpose = g.producer.get(node.input[1]), None
         if dq is not None and dq.op_type == "Transpose":  # a linear layer over tokens: DQ(W) -> Transpose -> MatMul
-            perm = next((list(a.ints) for a in dq.attribute if a.name == "perm"), None)
-            dq = g.producer.get(dq.input[0])
+            dq, transpose = g.producer.get(dq.input[0]), dq
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in g.constants:
             continue
         weight, scale = g.constants[dq.input[0]], g.constants.get(dq.input[1])
         if scale is not None and scale.ndim == 1 and scale.size > 1:
             axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % weight.ndim
-            axis = (perm or list(range(weight.ndim))[::-1]).index(axis) if dq is not g.producer.get(node.input[1]) \
-                else axis
+            if transpose is not None:  # where the scaled axis lands after the Transpose (default: reversed)
+                perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"),
+                            list(range(weight.ndim))[::-1])
+                axis = perm.index(axis)
             expected = _output_axis(node, weight.ndim)
             if axis != expected:
                 yield Finding("error", "weight-axis", label(dq),
@@ -296,7 +296,7 @@ def _tensorrt_types(g: _Graph) -> Iterator[Finding]:
 # --- ONNX Runtime -------------------------------------------------------------------------------------------
 
 def _ort_loads(g: _Graph) -> Iterator[Finding]:
-    text, _ = g.ort_optimized()
+    text, _ = g.ort_optimized
     if text is not None:
         yield Finding("error", "ort-load", _named_node(g, text), f"ONNX Runtime cannot load the file: {text}")
 
@@ -323,7 +323,7 @@ def _ort_float_layers(g: _Graph) -> Iterator[Finding]:
     it, comes out of a float Conv/Gemm/MatMul). Typical causes: nothing quantizes the output of a Conv (its
     integer QLinearConv writes int8), a ReLU/Clip before an int8 zero-point-0 quantizer, operators ONNX
     Runtime's x86 kernels take only with uint8 activations."""
-    _, optimized = g.ort_optimized()
+    _, optimized = g.ort_optimized
     if optimized is None:
         return
     float_outputs = {out: node.op_type for node in optimized.graph.node if node.op_type in FLOAT_LAYERS

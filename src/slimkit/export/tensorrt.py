@@ -26,17 +26,14 @@ from .targets import Target, register_target
 
 def tensorrt_refusal(model: nn.Module) -> str | None:
     """Why a quantized model cannot become a TensorRT-ready file, or None."""
-    from ..quant.ops import QUANTIZERS
+    from ..quant.ops import RUNTIME_ACTIVATION_QUANTIZERS
 
     graph = getattr(model, "graph", None)
     nodes = [n for n in graph.nodes if n.op == "call_function"] if graph is not None else []
     if any(n.target is torch.fake_quantize_per_tensor_affine and n.args[3] == 0 for n in nodes):
         return ("its activations are uint8 with zero points; TensorRT takes int8 with zero point 0: quantize "
                 "with symmetric_activations (slimkit quantize --symmetric-activations)")
-    runtime = sorted({getattr(n.target, "__name__", str(n.target)) for n in nodes if n.target in QUANTIZERS
-                      and n.target not in (torch.fake_quantize_per_tensor_affine,
-                                           torch.fake_quantize_per_channel_affine,
-                                           torch.ops.slimkit.group_fake_quant.default)})
+    runtime = sorted({n.target.__name__ for n in nodes if n.target in RUNTIME_ACTIVATION_QUANTIZERS})
     if runtime:
         return (f"it quantizes activations at run time ({', '.join(runtime)}); TensorRT needs calibrated scales: "
                 "quantize with static activations")

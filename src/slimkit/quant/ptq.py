@@ -430,7 +430,8 @@ def quantize_static(model: nn.Module, calib: Inputs, cfg: StaticQuantConfig | No
     _round_weights(gm, ops, cfg, weights, scales, calib, batch_size)
     step = {"op": PLAN_OP, **_input_fields(calib), "folded_batchnorm": pairs, "weights": weights,
             "weight_bits": cfg.weight_bits, "rounding": cfg.rounding, "weight_levels": cfg.weight_levels,
-            "activations": activations, "activation_dtype": cfg.activation_dtype, "observer": cfg.observer, "calibration_samples": len(calib)}
+            "activations": activations, "activation_dtype": cfg.activation_dtype, "observer": cfg.observer,
+            "calibration_samples": len(calib)}
     return _convert(gm, step, scales), step
 
 
