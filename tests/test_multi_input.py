@@ -15,8 +15,11 @@ import slimkit
 from slimkit import SlimkitError, Task, load, new_model, save
 from slimkit.cli import main
 from slimkit.export import ort_session, run_ort
+from slimkit.export.qdq import sqnr_db
+from slimkit.export.targets import export_to, get_target
 from slimkit.inputs import MultiInput, call, concat
 from slimkit.task import as_task
+from test_deploy import FLOAT_FORMATS, INT8_FORMATS, formats
 
 MODULE = '''
 import torch
@@ -182,6 +185,36 @@ def test_the_onnx_graph_takes_each_input_by_name_at_any_batch(trained, tmp_path)
         x = task.example_inputs[:n]
         with torch.no_grad():
             np.testing.assert_allclose(run_ort(session, x), call(model, x).numpy(), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def quantized(trained):
+    model, task = trained
+    return slimkit.quantize(model, {"scheme": "int8-static", "calib": 128}, task)
+
+
+@pytest.mark.parametrize("fmt", formats([f for f in FLOAT_FORMATS if f != "tflite-fp16"] + INT8_FORMATS))
+def test_each_runtime_file_takes_both_inputs(fmt, trained, quantized, digits, tmp_path):
+    model, task = trained
+    source = quantized if fmt.endswith("-int8") else model
+    target = get_target(fmt)
+    path = tmp_path / f"m{target.suffix}"
+    export_to(source, fmt, path, task.example_inputs, batch=4)
+    images = digits.x_test[:150]  # not the inputs it was verified on; 150 = 37 batches of 4 and a padded one
+    x, y = MultiInput((images, quadrant_ink(images))), digits.y_test[:150].numpy()
+    with torch.no_grad():
+        expected = call(source, x).numpy()
+    got = target.open(path, 1)(x)
+    if source is model:
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+        assert (got.argmax(1) == expected.argmax(1)).all()
+    else:  # slimkit's grids in the runtime's integer arithmetic
+        assert sqnr_db(expected, got) >= 30 and (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
+        assert abs((got.argmax(1) == y).mean() - (expected.argmax(1) == y).mean()) <= 0.01
+    with torch.no_grad():  # the side input reaches the file: changing only it changes the outputs as in torch
+        bright = MultiInput((images, quadrant_ink(images) + 1.0))
+        moved = call(source, bright).numpy() - expected
+    assert np.abs(moved).max() > 0.1 and sqnr_db(moved, target.open(path, 1)(bright) - got) >= 20
 
 
 def test_a_saved_two_input_model_is_analyzed_and_exported_without_data(trained, tmp_path, capsys):

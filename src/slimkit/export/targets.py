@@ -124,7 +124,7 @@ def export_to(model: nn.Module, fmt: str, path: str | os.PathLike, inputs: Input
     if target.static_batch and len(sample) < batch:
         raise SlimkitError(f"--batch {batch}: only {len(inputs)} inputs to export with")
     if target.side_suffixes and path.suffix != target.suffix:
-        raise SlimkitError(f"{path}: a {target.runtime} model is a {target.suffix} file with its "
+        raise SlimkitError(f"{path}: {target.runtime} reads a {target.suffix} file with its "
                            f"{', '.join(target.side_suffixes)} beside it: name it NAME{target.suffix}")
     for suffix in target.side_suffixes:
         side = path.with_suffix(suffix)
