@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/slimkit run recipes/deep-compression.yaml --out runs/demo --overwrite
 
+# Test files spread over up to 4 processes (2 on a 2-core machine), each file whole in one (its fixtures built
+# once); tests/conftest.py gives each process its share of the cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
