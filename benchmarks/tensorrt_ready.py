@@ -14,8 +14,7 @@ preference, ``onnx-int8``) and int8 activations with zero point 0 (``symmetric_a
   the TensorRT-ready file (median of interleaved rounds, fixed threads), as ratios to fp32.
 
 Models: lenet5, resnet8 (zoo, trained on digits) and resnet18, mobilenet_v2, efficientnet_b0
-(torchvision at 224 px, trained 10 epochs at 32 px and their BatchNorm statistics re-estimated at 224 px, as
-in ``deploy.py``; their accuracy at 224 says little).
+(torchvision at 224 px, trained 10 epochs at 32 px and fine-tuned 2 epochs at 224 px, as in ``deploy.py``).
 
     python benchmarks/tensorrt_ready.py [--models lenet5,resnet18] [--threads 2] [--rounds 3]
 
