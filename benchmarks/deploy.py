@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 import slimkit
 from slimkit import Task, TrainConfig, load, load_data, train_model
 from slimkit.analyze.bench import bench

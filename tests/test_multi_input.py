@@ -204,7 +204,8 @@ def test_each_runtime_file_takes_both_inputs(fmt, trained, quantized, digits, tm
     x, y = MultiInput((images, quadrant_ink(images))), digits.y_test[:150].numpy()
     with torch.no_grad():
         expected = call(source, x).numpy()
-    got = target.open(path, 1)(x)
+    runner = target.open(path, 1)
+    got = runner(x)
     if source is model:
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
         assert (got.argmax(1) == expected.argmax(1)).all()
@@ -214,7 +215,7 @@ def test_each_runtime_file_takes_both_inputs(fmt, trained, quantized, digits, tm
     with torch.no_grad():  # the side input reaches the file: changing only it changes the outputs as in torch
         bright = MultiInput((images, quadrant_ink(images) + 1.0))
         moved = call(source, bright).numpy() - expected
-    assert np.abs(moved).max() > 0.1 and sqnr_db(moved, target.open(path, 1)(bright) - got) >= 20
+    assert np.abs(moved).max() > 0.1 and sqnr_db(moved, runner(bright) - got) >= 20
 
 
 def test_a_saved_two_input_model_is_analyzed_and_exported_without_data(trained, tmp_path, capsys):
